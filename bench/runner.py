@@ -1,0 +1,116 @@
+"""Native runner vs transformers: single-model decode tokens/s and one forward over k query tokens.
+
+    python bench/runner.py [--models qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct]
+
+Decode: greedy, batch 1, a 64-token prompt, --new-tokens tokens; transformers runs ``generate``
+(static shapes, no sampling), the native runner a plain argmax loop. Forward over k: the cache holds
+the prompt, then k tokens are appended and rolled back (native: truncate; transformers: crop),
+median of --repeats runs. Writes bench/results/runner-<device>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from bench.env import header, header_markdown
+from se_engine import resolve
+from se_engine.model import Transformer
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_model(name: str, new_tokens: int, repeats: int, dtype: torch.dtype) -> dict:
+    hf = AutoModelForCausalLM.from_pretrained(resolve(name, dtype), dtype=dtype).eval()
+    native = Transformer.from_hf(hf, max_batch=1, max_len=512, dtype=dtype)
+    prompt = torch.randint(100, 10000, (1, 64), generator=torch.Generator().manual_seed(0))
+
+    def native_decode():
+        native.reset()
+        logits = native.forward(prompt, last_only=True)
+        for _ in range(new_tokens):
+            logits = native.forward(logits[:, -1].argmax(-1, keepdim=True))
+
+    def hf_decode():
+        with torch.inference_mode():
+            hf.generate(prompt, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False)
+
+    prefill = {"native": statistics.median(timed(lambda: (native.reset(), native.forward(prompt, last_only=True)))
+                                            for _ in range(repeats))}
+    with torch.inference_mode():
+        prefill["transformers"] = statistics.median(timed(lambda: hf(prompt, logits_to_keep=1)) for _ in range(repeats))
+    decode = {}
+    for label, fn in (("native", native_decode), ("transformers", hf_decode)):
+        fn()  # warm-up
+        total = statistics.median(timed(fn) for _ in range(max(1, repeats // 2)))
+        decode[label] = new_tokens / (total - prefill[label])
+
+    forward_k = {"native": {}, "transformers": {}}
+    native.reset()
+    native.forward(prompt)
+    cache = DynamicCache(config=hf.config)
+    with torch.inference_mode():
+        hf(prompt, past_key_values=cache, use_cache=True)
+    for k in range(1, 9):
+        draft = torch.randint(100, 10000, (1, k))
+
+        def native_k():
+            native.forward(draft)
+            native.truncate(torch.tensor([64]))
+
+        def hf_k():
+            with torch.inference_mode():
+                hf(draft, past_key_values=cache, use_cache=True)
+            cache.crop(-k)
+
+        for label, fn in (("native", native_k), ("transformers", hf_k)):
+            fn()
+            forward_k[label][k] = statistics.median(timed(fn) for _ in range(repeats)) * 1e3
+    return {"decode_tok_s": decode, "forward_ms": forward_k}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    dtype = torch.bfloat16
+    result = {**header(), "dtype": "bfloat16", "models": {}}
+    for name in args.models:
+        print(f"benchmarking {name} ...", flush=True)
+        result["models"][name] = bench_model(name, args.new_tokens, args.repeats, dtype)
+
+    lines = ["# Native runner vs transformers", "", header_markdown(result),
+             f"bf16, batch 1, 64-token prompt, {args.new_tokens} greedy tokens; median of {args.repeats} runs.", "",
+             "## Decode tokens/s (prefill excluded)", "", "| model | native | transformers generate | ratio |",
+             "|---|---|---|---|"]
+    for name, r in result["models"].items():
+        d = r["decode_tok_s"]
+        lines.append(f"| {name} | {d['native']:.1f} | {d['transformers']:.1f} | {d['native'] / d['transformers']:.2f}x |")
+    lines += ["", "## One forward over k query tokens on a 64-token cache (ms)", "",
+              "| model | runner | " + " | ".join(f"k={k}" for k in range(1, 9)) + " |", "|---|---|" + "---|" * 8]
+    for name, r in result["models"].items():
+        for label in ("native", "transformers"):
+            lines.append(f"| {name} | {label} | " + " | ".join(f"{r['forward_ms'][label][k]:.1f}" for k in range(1, 9)) + " |")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"runner-{device}.json").write_text(json.dumps(result, indent=2))
+    (out / f"runner-{device}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

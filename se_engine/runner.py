@@ -1,0 +1,82 @@
+"""Loading a model argument into a runner: the object every decoding method drives.
+
+A runner owns one model's KV cache for ``max_batch`` rows and exposes::
+
+    forward(tokens[B, k], num_tokens[B] | None, last_only) -> fp32 logits [B, k | 1, V]
+    truncate(lengths[B])        # O(1) rollback
+    reset()
+    lengths[B], max_batch, max_len, vocab_size
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from .errors import VocabularyMismatchError
+from .hf_runner import HFRunner
+from .model import Transformer
+from .sources import resolve
+
+
+class Runner(Protocol):
+    max_batch: int
+    max_len: int
+    vocab_size: int
+    lengths: Tensor
+
+    def forward(self, tokens: Tensor, num_tokens: Tensor | None = None, last_only: bool = False) -> Tensor: ...
+
+    def truncate(self, lengths: Tensor) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    runner: Runner
+    tokenizer: object  # a transformers tokenizer
+    num_params: int
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 everywhere: fastest on GPUs and on these AMX CPUs."""
+    return torch.bfloat16
+
+
+def load_model(name: str, *, runner: Literal["native", "hf"] = "native", dtype: torch.dtype | None = None,
+               device: torch.device | str = "cpu", max_batch: int = 1, max_len: int = 2048) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or default_dtype(device)
+    path = resolve(name, dtype)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    num_params = sum(p.numel() for p in hf_model.parameters())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if runner == "native":
+        model: Runner = Transformer.from_hf(hf_model, max_batch=max_batch, max_len=max_len, dtype=dtype,
+                                            device=device)
+        del hf_model
+    elif runner == "hf":
+        if max_batch != 1:
+            raise ValueError(f"runner='hf' serves batch 1 only, got max_batch={max_batch}")
+        model = HFRunner(hf_model, max_len=max_len)
+    else:
+        raise ValueError(f"runner must be 'native' or 'hf', got {runner!r}")
+    return LoadedModel(name=name, runner=model, tokenizer=tokenizer, num_params=num_params)
+
+
+def check_same_vocabulary(models: list[LoadedModel]) -> None:
+    """Ensembles mix distributions token by token: every model must index the same tokens."""
+    first = models[0]
+    first_vocab = first.tokenizer.get_vocab()
+    for other in models[1:]:
+        if other.runner.vocab_size != first.runner.vocab_size:
+            raise VocabularyMismatchError(
+                f"{other.name} has {other.runner.vocab_size} output logits, {first.name} has {first.runner.vocab_size}")
+        if other.tokenizer.get_vocab() != first_vocab:
+            raise VocabularyMismatchError(f"{other.name} and {first.name} use different tokenizer vocabularies")

@@ -1,0 +1,139 @@
+"""Ensemble specs, sampling parameters and the engine API: semantics and bad inputs."""
+
+import math
+
+import pytest
+import torch
+
+from se_engine import load_model
+from se_engine.engine import Engine
+from se_engine.ensemble import EnsembleSpec
+from se_engine.sampling import SamplingParams, process_logits, sample
+from triton_kernels.verify import verify_reference
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return [load_model(n, dtype=torch.float32, max_len=96) for n in ("tiny-random-llama", "tiny-random-qwen2")]
+
+
+def test_weighted_mixes_processed_probabilities():
+    a, b = torch.randn(3, 50), torch.randn(3, 50)
+    spec = EnsembleSpec.weighted([1, 3])  # normalised to 0.25 / 0.75
+    r = spec.target([a, b], 0.7, 10, 0.9)
+    expected = 0.25 * process_logits(a, 0.7, 10, 0.9) + 0.75 * process_logits(b, 0.7, 10, 0.9)
+    torch.testing.assert_close(r, expected)
+    greedy = spec.target([a, b], 0, 10, 0.9)
+    assert torch.equal(greedy.argmax(-1), (0.25 * a.softmax(-1) + 0.75 * b.softmax(-1)).argmax(-1))
+
+
+def test_contrastive_processes_the_combined_logits():
+    a, b = torch.randn(2, 40), torch.randn(2, 40)
+    r = EnsembleSpec.contrastive(0.3).target([a, b], 0.8, 0, 0.7)
+    torch.testing.assert_close(r, process_logits(a - 0.3 * b, 0.8, 0, 0.7))
+
+
+def test_custom_ensembles():
+    a, b = torch.randn(2, 30), torch.randn(2, 30)
+    spec = EnsembleSpec.custom(lambda ls: torch.maximum(ls[0], ls[1]), 2)
+    torch.testing.assert_close(spec.target([a, b], 1.0, 0, 1.0), torch.maximum(a, b).softmax(-1))
+    probs = EnsembleSpec.custom(lambda ps: ps[0] * ps[1], 2, on="probs").target([a, b], 1.0, 0, 1.0)
+    expected = a.softmax(-1) * b.softmax(-1)
+    torch.testing.assert_close(probs, expected / expected.sum(-1, keepdim=True))
+    with pytest.raises(ValueError, match="shape"):
+        EnsembleSpec.custom(lambda ls: ls[0][:, :3], 2).target([a, b], 1.0, 0, 1.0)
+
+
+def test_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    assert process_logits(logits, 1.0, 2, 1.0).nonzero()[:, 1].tolist() == [0, 1]
+    p = process_logits(logits, 1.0, 0, 0.7)  # 0.5 + 0.2 reaches 0.7: the first two
+    torch.testing.assert_close(p, torch.tensor([[5 / 7, 2 / 7, 0, 0, 0]]))
+
+
+def test_sample_follows_probabilities():
+    probs = torch.tensor([0.1, 0.6, 0.0, 0.3])
+    n = 20000
+    draws = sample(probs.expand(n, 4), torch.full((n,), 7), torch.arange(n), 3)
+    freq = torch.bincount(draws, minlength=4).float() / n
+    assert freq[2] == 0
+    assert (freq - probs).abs().max() < 4 * math.sqrt(0.25 / n)  # 4 sigma
+
+
+def test_verify_reference_ragged_batch_greedy():
+    """Two sequences of 3 and 2 positions; greedy: accept while the draft is the ensemble argmax."""
+    V = 11
+    a, b = torch.randn(5, V), torch.randn(5, V)
+    spec = EnsembleSpec.weighted([0.5, 0.5])
+    target = (0.5 * a.softmax(-1) + 0.5 * b.softmax(-1)).argmax(-1)
+    drafts = target.clone()
+    drafts[1] = (target[1] + 1) % V  # seq 0 rejects at its 2nd position
+    res = verify_reference([a, b], spec, drafts, torch.zeros(5, dtype=torch.long), torch.tensor([4, 5, 6, 9, 10]),
+                           torch.tensor([0, 3, 5]), [SamplingParams(temperature=0)] * 2, torch.tensor([1, 2]))
+    assert res.num_accepted.tolist() == [1, 2]
+    assert res.num_emitted.tolist() == [2, 2]
+    assert res.tokens[0, :2].tolist() == [int(target[0]), int(target[1])]
+    assert res.tokens[1].tolist() == [int(target[3]), int(target[4]), -1]
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: EnsembleSpec.weighted([0.5, -0.5]), ">= 0"),
+    (lambda: EnsembleSpec.weighted([0.5, float("nan")]), "finite"),
+    (lambda: EnsembleSpec.weighted([0, 0]), "all be zero"),
+    (lambda: EnsembleSpec.contrastive(1.5), r"alpha must be in \[0, 1\]"),
+    (lambda: EnsembleSpec.contrastive(-0.1), r"alpha must be in \[0, 1\]"),
+    (lambda: SamplingParams(temperature=-1), "temperature"),
+    (lambda: SamplingParams(top_p=0), "top_p"),
+    (lambda: SamplingParams(top_p=1.5), "top_p"),
+    (lambda: SamplingParams(top_k=-2), "top_k"),
+    (lambda: SamplingParams(max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_specs_and_params(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_engine_inputs(pair):
+    with pytest.raises(ValueError, match="defined over 3 models but 2"):
+        Engine(pair, EnsembleSpec.weighted([0.2, 0.3, 0.5]), "se")
+    with pytest.raises(ValueError, match="gammas must be 2 ints >= 1"):
+        Engine(pair, None, "se", [0, 1])
+    with pytest.raises(ValueError, match="gammas must be 2"):
+        Engine(pair, None, "se", [1])
+    with pytest.raises(ValueError, match="method must be one of"):
+        Engine(pair, None, "speculative")
+    with pytest.raises(ValueError, match="needs at least two models"):
+        Engine(pair[:1], None, "se")
+    engine = Engine(pair, None, "se")
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.generate("", SamplingParams())
+    with pytest.raises(ValueError, match="exceeds max_len=96"):
+        engine.generate([1] * 90, SamplingParams(max_new_tokens=10))
+
+
+def test_stop_strings_logprobs_and_stream(pair):
+    engine = Engine(pair, EnsembleSpec.weighted([0.5, 0.5]), "se", [3, 1])
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True, logprobs=True)
+    full = engine.generate("abc", params)[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 40 == len(full.logprobs)
+    assert all(lp <= 0 for lp in full.logprobs)
+    stop = full.text[10:13]
+    cut = engine.generate("abc", SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True, stop=(stop,)))[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+    streamed = "".join(c.text for c in engine.stream("abc", params))
+    assert streamed == full.text
+    seeded = [engine.generate("abc", SamplingParams(seed=5, max_new_tokens=20))[0].token_ids for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_uniforms_stay_below_one_and_one_hot_sampling_is_exact(monkeypatch):
+    """The largest hash value must map below 1.0: u == 1 gives E = 0 and a NaN race that once
+    made greedy (one-hot) sampling pick a zero-probability token."""
+    import se_engine.sampling as sampling
+
+    monkeypatch.setattr(sampling, "_key", lambda seed, pos, stream: torch.full_like(seed, 0xFFFFFFFF))
+    assert float(sampling.uniform(torch.tensor([1]), torch.tensor([0]), 1)[0]) < 1.0
+    one_hot = torch.zeros(1, 9)
+    one_hot[0, 4] = 1.0
+    monkeypatch.setattr(sampling, "uniform", lambda seed, pos, stream, n=None: torch.ones(1, n))
+    assert int(sampling.sample(one_hot, torch.tensor([1]), torch.tensor([0]), 3)[0]) == 4

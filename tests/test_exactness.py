@@ -1,0 +1,169 @@
+"""Exactness of the speculative methods: greedy identity and the distribution of sampled tokens."""
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chi2
+
+import triton_kernels.verify as verify_module
+from se_engine import load_model
+from se_engine.decode import SequenceDecoder
+from se_engine.engine import Engine
+from se_engine.ensemble import EnsembleSpec
+from se_engine.runner import LoadedModel
+from se_engine.sampling import STREAM_DRAFT, SamplingParams, process_logits
+from se_engine.sources import tiny_random_model, tiny_tokenizer
+from se_engine.model import Transformer
+
+NAMES = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return [load_model(n, dtype=torch.float32, max_len=160) for n in NAMES]
+
+
+GREEDY = [
+    (EnsembleSpec.weighted([0.5, 0.5]), 2),
+    (EnsembleSpec.weighted([0.8, 0.2]), 2),
+    (EnsembleSpec.weighted([0.1, 0.9]), 2),
+    (EnsembleSpec.contrastive(0.1), 2),
+    (EnsembleSpec.contrastive(0.5), 2),
+    (EnsembleSpec.weighted([0.2, 0.3, 0.5]), 3),
+    (EnsembleSpec.linear([1.0, -0.2, 0.5]), 3),
+]
+
+
+@pytest.mark.parametrize("spec,n", GREEDY, ids=lambda x: getattr(x, "kind", x))
+def test_greedy_identity(tiny, spec, n):
+    params = SamplingParams(temperature=0, max_new_tokens=48, ignore_eos=True)
+    gen = torch.Generator().manual_seed(n)
+    for _ in range(2):
+        prompt = torch.randint(0, 256, (int(torch.randint(3, 20, (1,), generator=gen)),), generator=gen).tolist()
+        expected = Engine(tiny[:n], spec, "ensemble").generate(prompt, params)[0].token_ids
+        assert len(expected) == 48
+        for method, gammas in [("ensemble_sd", None), ("se", None), ("se", [1] * n), ("se", [3] * n),
+                               ("se", list(range(2, n + 2)))]:
+            got = Engine(tiny[:n], spec, method, gammas).generate(prompt, params)[0].token_ids
+            assert got == expected, (method, gammas)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_se_with_gamma_one_never_uses_more_forwards(tiny, n):
+    spec = EnsembleSpec.weighted([1.0] * n)
+    for temperature in (0, 1):
+        for seed in range(3):
+            params = SamplingParams(temperature=temperature, seed=seed, max_new_tokens=40, ignore_eos=True)
+            prompt = [seed + 1, 7, 11, 13]
+            base = Engine(tiny[:n], spec, "ensemble").generate(prompt, params)[0].metrics
+            se = Engine(tiny[:n], spec, "se", [1] * n).generate(prompt, params)[0].metrics
+            assert sum(se.forwards) <= sum(base.forwards)
+            assert all(a <= b for a, b in zip(se.forwards, base.forwards)), (se.forwards, base.forwards)
+
+
+# ---------------------------------------------------------------- distribution test
+
+V = 7          # vocabulary of the enumerable models
+T = 3          # emitted tokens whose joint law is tested
+N = 3000       # samples per configuration
+ALPHA = 1e-3   # false-alarm rate of each chi-square test
+PROMPT = [1, 4, 2]
+
+
+@pytest.fixture(scope="module")
+def small():
+    out = []
+    for name in NAMES[:2]:
+        hf = tiny_random_model(name, vocab_size=V)
+        runner = Transformer.from_hf(hf, max_batch=1, max_len=32, dtype=torch.float32)
+        out.append(LoadedModel(name, runner, tiny_tokenizer(), sum(p.numel() for p in hf.parameters())))
+    return out
+
+
+def exact_joint(models, spec, params):
+    """P(x_1..x_T) of the plain ensemble, by enumerating every prefix."""
+    probs = {}
+    for seq in itertools.product(range(V), repeat=T):
+        p = 1.0
+        for t in range(T):
+            logits = []
+            for m in models:
+                m.runner.reset()
+                logits.append(m.runner.forward(torch.tensor([PROMPT + list(seq[:t])]))[0, -1:])
+            p *= float(spec.target(logits, params.temperature, params.top_k, params.top_p)[0, seq[t]])
+        probs[seq] = p
+    return probs
+
+
+def chi_square_pvalue(samples, probs):
+    counts = {}
+    for s in samples:
+        counts[s] = counts.get(s, 0) + 1
+    cells = sorted(probs, key=probs.get, reverse=True)
+    stat, df, pooled_e, pooled_o = 0.0, -1, 0.0, 0
+    for c in cells:  # cells with expected count < 5 are pooled into one
+        e, o = probs[c] * len(samples), counts.get(c, 0)
+        if e >= 5:
+            stat += (o - e) ** 2 / e
+            df += 1
+        else:
+            pooled_e, pooled_o = pooled_e + e, pooled_o + o
+    if pooled_e > 0:
+        stat += (pooled_o - pooled_e) ** 2 / max(pooled_e, 1e-12)
+        df += 1
+    impossible = sum(v for k, v in counts.items() if probs.get(k, 0) == 0)
+    return (0.0 if impossible else chi2.sf(stat, df)), stat, df
+
+
+def draw(models, spec, method, gammas, params):
+    engine = Engine(models, spec, method, gammas)
+    out = []
+    for seed in range(N):
+        p = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                           seed=seed, max_new_tokens=T, ignore_eos=True)
+        out.append(tuple(engine.generate(PROMPT, p)[0].token_ids))
+    return out
+
+
+SAMPLING = [
+    (EnsembleSpec.weighted([0.5, 0.5]), SamplingParams(temperature=1.0)),
+    (EnsembleSpec.weighted([0.3, 0.7]), SamplingParams(temperature=0.8, top_k=5, top_p=0.8)),
+    (EnsembleSpec.contrastive(0.3), SamplingParams(temperature=1.0, top_p=0.9)),
+]
+
+
+@pytest.mark.parametrize("spec,params", SAMPLING, ids=["weighted", "weighted-topk-topp", "contrastive-topp"])
+@pytest.mark.parametrize("method,gammas", [("se", [2, 1]), ("se", [1, 2]), ("ensemble_sd", [2, 1])])
+def test_sampled_tokens_follow_the_ensemble(small, spec, params, method, gammas):
+    probs = exact_joint(small, spec, params)
+    pvalue, stat, df = chi_square_pvalue(draw(small, spec, method, gammas, params), probs)
+    assert pvalue > ALPHA, f"chi2={stat:.1f} df={df} p={pvalue:.2e}"
+
+
+def test_distribution_test_catches_an_unverified_bonus(small, monkeypatch):
+    """Planted bug (the one of ensemble-weighted assisted generation): the scorer's own sample at
+    the extra position is emitted directly instead of opening a proposal that is verified."""
+    real_draft = SequenceDecoder._draft
+
+    def emit_bonus(self, m, count):
+        if not self.pending and self.frontier in self.logits[m]:
+            q = process_logits(self.logits[m][self.frontier][None], 1.0, 0, 1.0)[0]
+            self._commit([self._sample(q, STREAM_DRAFT + m)])
+            if self.finished:
+                return
+        real_draft(self, m, count)
+
+    monkeypatch.setattr(SequenceDecoder, "_draft", emit_bonus)
+    spec, params = SAMPLING[0]
+    pvalue, stat, df = chi_square_pvalue(draw(small, spec, "se", [1, 1], params), exact_joint(small, spec, params))
+    assert pvalue < ALPHA, f"planted bug not detected: chi2={stat:.1f} df={df} p={pvalue:.2e}"
+
+
+def test_distribution_test_catches_q_before_top_p(small, monkeypatch):
+    """Planted bug: the acceptance test uses the proposer's distribution before top-p filtering."""
+    real = verify_module.process_logits
+    monkeypatch.setattr(verify_module, "process_logits", lambda x, t, k, p: real(x, t, k, 1.0))
+    spec, params = SAMPLING[2]
+    pvalue, stat, df = chi_square_pvalue(draw(small, spec, "se", [2, 1], params), exact_joint(small, spec, params))
+    assert pvalue < ALPHA, f"planted bug not detected: chi2={stat:.1f} df={df} p={pvalue:.2e}"

@@ -64,16 +64,16 @@ def test_verify_reference_ragged_batch_greedy():
     """Two sequences of 3 and 2 positions; greedy: accept while the draft is the ensemble argmax."""
     V = 11
     a, b = torch.randn(5, V), torch.randn(5, V)
-    spec = EnsembleSpec.weighted([0.5, 0.5])
-    target = (0.5 * a.softmax(-1) + 0.5 * b.softmax(-1)).argmax(-1)
-    drafts = target.clone()
-    drafts[1] = (target[1] + 1) % V  # seq 0 rejects at its 2nd position
-    res = verify_reference([a, b], spec, drafts, torch.zeros(5, dtype=torch.long), torch.tensor([4, 5, 6, 9, 10]),
-                           torch.tensor([0, 3, 5]), [SamplingParams(temperature=0)] * 2, torch.tensor([1, 2]))
+    drafts = torch.tensor([3, 7, 1, 4, 9])
+    a[torch.arange(5), drafts] += 50.0  # the proposer (model 0) drafted its argmax
+    b[torch.arange(5), drafts] += 50.0  # ... and the ensemble agrees,
+    b[1, 2] += 100.0                    # except at seq 0's second position, where it wants token 2
+    res = verify_reference([a, b], EnsembleSpec.weighted([0.2, 0.8]), drafts, torch.zeros(5, dtype=torch.long),
+                           torch.tensor([4, 5, 6, 9, 10]), torch.tensor([0, 3, 5]),
+                           [SamplingParams(temperature=0)] * 2, torch.tensor([1, 2]))
     assert res.num_accepted.tolist() == [1, 2]
     assert res.num_emitted.tolist() == [2, 2]
-    assert res.tokens[0, :2].tolist() == [int(target[0]), int(target[1])]
-    assert res.tokens[1].tolist() == [int(target[3]), int(target[4]), -1]
+    assert res.tokens.tolist() == [[3, 2, -1], [4, 9, -1]]
 
 
 @pytest.mark.parametrize("make,match", [

@@ -15,6 +15,7 @@ setup(
     # Lower bounds only: the GPU machines run torch 2.11 / transformers 5.17, the CPU ones 2.13 / 5.2x.
     install_requires=[
         "torch>=2.5",
+        "triton>=3.2",  # the fused kernels; on the CPU they run under TRITON_INTERPRET=1 (tests)
         "transformers>=5.0",
         "accelerate",  # transformers needs it to load GGUF files
         "gguf>=0.10",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
 import sys
+from pathlib import Path
 
 import torch
 
@@ -49,3 +51,12 @@ def header_markdown(h: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in h["versions"].items())
     return (f"- command: `{h['command']}`\n- machine: {h['machine']}\n- date: {h['date']}\n"
             f"- versions: {versions}\n")
+
+
+def write_result(out: str | Path, stem: str, result: dict, markdown: str) -> None:
+    """Writes <out>/<stem>.json and .md and prints the markdown."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{stem}.md").write_text(markdown)
+    print(markdown)

@@ -11,15 +11,13 @@ median of --repeats runs. Writes bench/results/runner-<device>.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from bench.env import header, header_markdown
+from bench.env import header, header_markdown, write_result
 from se_engine import resolve
 from se_engine.model import Transformer
 
@@ -105,11 +103,7 @@ def main() -> None:
         for label in ("native", "transformers"):
             lines.append(f"| {name} | {label} | " + " | ".join(f"{r['forward_ms'][label][k]:.1f}" for k in range(1, 9)) + " |")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"runner-{device}.json").write_text(json.dumps(result, indent=2))
-    (out / f"runner-{device}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(args.out, f"runner-{device}", result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,19 +24,21 @@ Methods:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from triton_kernels.verify import verify_reference
+from triton_kernels.verify import Backend, sample_ensemble, verify
 
 from .ensemble import EnsembleSpec
 from .runner import Runner
-from .sampling import STREAM_DRAFT, STREAM_ENSEMBLE, SamplingParams, process_logits, sample
+from .sampling import STREAM_DRAFT, STREAM_ENSEMBLE, SamplingParams
 
 METHODS = ("single", "ensemble", "ensemble_sd", "se")
+_OWN = EnsembleSpec.weighted([1.0])  # a model's draft is a sample of the one-model "ensemble"
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Metrics:
     drafts_tested: list[int] = field(default_factory=list)
     drafts_accepted: list[int] = field(default_factory=list)
     verify_steps: int = 0
+    verify_s: float = 0.0  # wall time of verify steps, up to reading their result on the host
 
     @classmethod
     def zeros(cls, n: int) -> "Metrics":
@@ -70,6 +73,7 @@ class Metrics:
         self.tokens += other.tokens
         self.wall_s += other.wall_s
         self.verify_steps += other.verify_steps
+        self.verify_s += other.verify_s
         for name in ("forwards", "positions_scored", "drafts_tested", "drafts_accepted"):
             setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
 
@@ -77,7 +81,7 @@ class Metrics:
         return {"tokens": self.tokens, "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
                 "forwards": self.forwards, "positions_scored": self.positions_scored,
                 "drafts_tested": self.drafts_tested, "drafts_accepted": self.drafts_accepted,
-                "acceptance_rate": self.acceptance_rate, "verify_steps": self.verify_steps,
+                "acceptance_rate": self.acceptance_rate, "verify_steps": self.verify_steps, "verify_s": self.verify_s,
                 "mean_accepted_per_step": self.mean_accepted_per_step}
 
 
@@ -85,8 +89,10 @@ class SequenceDecoder:
     """Decodes one prompt; ``run()`` yields the lists of tokens committed at each step."""
 
     def __init__(self, runners: list[Runner], spec: EnsembleSpec | None, method: str, gammas: list[int],
-                 order: list[int], params: SamplingParams, seed: int, prompt: list[int], stop_ids: set[int]):
+                 order: list[int], params: SamplingParams, seed: int, prompt: list[int], stop_ids: set[int],
+                 backend: Backend = "auto"):
         self.runners, self.spec, self.method, self.gammas, self.order = runners, spec, method, gammas, order
+        self.backend = backend
         self.params, self.stop_ids = params, stop_ids
         self.device = runners[0].lengths.device
         self.seed = torch.tensor([seed], device=self.device)
@@ -120,31 +126,25 @@ class SequenceDecoder:
         self.metrics.forwards[m] += 1
         self.metrics.positions_scored[m] += len(tokens)
 
-    def _sample(self, dist: Tensor, stream: int) -> int:
+    def _sample(self, models: list[int], spec: EnsembleSpec, stream: int, want_logprob: bool = False) -> int:
+        """A token at the frontier from the ensemble `spec` of `models`, which all hold logits there."""
+        logits = [self.logits[m][self.frontier][None] for m in models]
         pos = torch.tensor([self.frontier], device=self.device)
-        return int(sample(dist[None], self.seed, pos, stream)[0])
-
-    def _ensemble_logits(self, pos: int) -> list[Tensor]:
-        return [self.logits[m][pos][None] for m in range(len(self.runners))]
+        token, logprob = sample_ensemble(logits, spec, pos, [self.params], self.seed, stream, want_logprob,
+                                         self.backend)
+        if logprob is not None:
+            self.logprobs.append(float(logprob[0]))
+        return int(token[0])
 
     def _sample_ensemble(self) -> int:
-        """A token at the frontier from r, when every model holds logits there."""
-        p = self.params
-        logits = self._ensemble_logits(self.frontier)
-        token = self._sample(self.spec.target(logits, p.temperature, p.top_k, p.top_p)[0], STREAM_ENSEMBLE)
-        if p.logprobs:
-            self.logprobs.append(float(self.spec.log_target(logits, p.temperature, p.top_k, p.top_p)[0, token]))
-        return token
+        return self._sample(list(range(len(self.runners))), self.spec, STREAM_ENSEMBLE, self.params.logprobs)
 
     def _draft(self, m: int, count: int) -> None:
         """Model m proposes `count` tokens from its own q; its last draft is left unfed."""
-        p = self.params
-        for i in range(count):
+        for _ in range(count):
             if self.frontier not in self.logits[m]:
                 self._feed(m)
-            q = process_logits(self.logits[m][self.frontier][None], p.temperature, p.top_k, p.top_p)[0]
-            token = self._sample(q, STREAM_DRAFT + m)
-            self.pending.append(token)
+            self.pending.append(self._sample([m], _OWN, STREAM_DRAFT + m))
             self.pending_by.append(m)
 
     def _commit(self, tokens: list[int]) -> list[int]:
@@ -177,12 +177,14 @@ class SequenceDecoder:
             t += 1
         if t == 0:
             return []
-        res = verify_reference(
+        start = time.perf_counter()
+        res = verify(
             [torch.stack([self.logits[m][c + j] for j in range(t)]) for m in range(n)], self.spec,
             torch.tensor(self.pending[:t], device=self.device), torch.tensor(self.pending_by[:t], device=self.device),
             torch.arange(c, c + t, device=self.device), torch.tensor([0, t], device=self.device), [self.params],
-            self.seed, want_logprobs=self.params.logprobs)
+            self.seed, want_logprobs=self.params.logprobs, max_n=t, backend=self.backend)
         a, emitted = int(res.num_accepted[0]), int(res.num_emitted[0])
+        self.metrics.verify_s += time.perf_counter() - start
         for j in range(min(t, a + 1)):
             self.metrics.drafts_tested[self.pending_by[j]] += 1
         for j in range(a):

@@ -10,6 +10,8 @@ from typing import Literal
 
 import torch
 
+from triton_kernels.verify import Backend, fused_unsupported
+
 from .decode import METHODS, Metrics, SequenceDecoder
 from .ensemble import EnsembleSpec
 from .runner import LoadedModel, check_same_vocabulary, load_model
@@ -42,17 +44,21 @@ class Engine:
     method: "single" | "ensemble" | "ensemble_sd" | "se".
     gammas: draft length per model, in model order (default: 4 for the cheapest model, 1 for the rest).
     proposer_order: model indices, first proposes first (default: fewest parameters first).
+    sampler: "auto" (the fused Triton kernels on CUDA where they apply, PyTorch otherwise), "torch",
+        or "triton" (every verify / sampling step fused; on CPU only under TRITON_INTERPRET=1).
     """
 
     def __init__(self, models: Sequence[str | LoadedModel], ensemble: EnsembleSpec | None = None,
                  method: Literal["single", "ensemble", "ensemble_sd", "se"] = "se",
                  gammas: Sequence[int] | None = None, *, proposer_order: Sequence[int] | None = None,
                  dtype: torch.dtype | None = None, device: str = "cpu", max_len: int = 2048,
-                 runner: Literal["native", "hf"] = "native"):
+                 runner: Literal["native", "hf"] = "native", sampler: Backend = "auto"):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if not models:
             raise ValueError("at least one model is needed")
+        if sampler not in ("auto", "torch", "triton"):
+            raise ValueError(f"sampler must be 'auto', 'torch' or 'triton', got {sampler!r}")
         n = len(models)
         if method == "single" and n != 1:
             raise ValueError(f"method 'single' runs one model, got {n}")
@@ -63,6 +69,8 @@ class Engine:
         elif ensemble is None:
             ensemble = EnsembleSpec.weighted([1.0] * n)
         ensemble.check_num_models(n)
+        if sampler == "triton" and (why := fused_unsupported(ensemble, [], n)):
+            raise ValueError(f"sampler='triton' cannot run this ensemble: {why}")
         self.models = [m if isinstance(m, LoadedModel) else
                        load_model(m, runner=runner, dtype=dtype, device=device, max_batch=1, max_len=max_len)
                        for m in models]
@@ -77,6 +85,7 @@ class Engine:
         if len(gammas) != n or any(not isinstance(g, int) or g < 1 for g in gammas):
             raise ValueError(f"gammas must be {n} ints >= 1 (one per model), got {gammas}")
         self.ensemble, self.method, self.gammas, self.order = ensemble, method, gammas, list(proposer_order)
+        self.sampler = sampler
         self.tokenizer = self.models[0].tokenizer
         self.max_len = min(m.runner.max_len for m in self.models)
 
@@ -103,7 +112,7 @@ class Engine:
         params = params or SamplingParams()
         ids, stop_ids, seed = self._prepare(prompt, params)
         decoder = SequenceDecoder([m.runner for m in self.models], self.ensemble, self.method, self.gammas,
-                                  self.order, params, seed, ids, stop_ids)
+                                  self.order, params, seed, ids, stop_ids, self.sampler)
         start, sent, text = time.perf_counter(), 0, ""
         finish = None
         for new in decoder.run():

@@ -12,7 +12,7 @@ from se_engine.decode import SequenceDecoder
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.runner import LoadedModel
-from se_engine.sampling import STREAM_DRAFT, SamplingParams, process_logits
+from se_engine.sampling import STREAM_DRAFT, SamplingParams
 from se_engine.sources import tiny_random_model, tiny_tokenizer
 from se_engine.model import Transformer
 
@@ -47,6 +47,27 @@ def test_greedy_identity(tiny, spec, n):
                                ("se", list(range(2, n + 2)))]:
             got = Engine(tiny[:n], spec, method, gammas).generate(prompt, params)[0].token_ids
             assert got == expected, (method, gammas)
+
+
+@pytest.mark.parametrize("spec,n", [GREEDY[0], GREEDY[6]], ids=["weighted", "linear-3"])
+def test_greedy_identity_with_the_triton_sampler(tiny, spec, n):
+    params = SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True)
+    prompt = [5, 17, 99, 3]
+    expected = Engine(tiny[:n], spec, "ensemble", sampler="torch").generate(prompt, params)[0].token_ids
+    for method, gammas in [("ensemble", None), ("ensemble_sd", None), ("se", [3] * n)]:
+        got = Engine(tiny[:n], spec, method, gammas, sampler="triton").generate(prompt, params)[0].token_ids
+        assert got == expected, (method, gammas)
+
+
+@pytest.mark.parametrize("spec,n", [GREEDY[3], GREEDY[5]], ids=["contrastive", "weighted-3"])
+def test_triton_sampler_draws_the_same_tokens(tiny, spec, n):
+    """Same counter-based randomness on both sides: sampled generations agree token for token."""
+    for seed in range(4):
+        params = SamplingParams(temperature=0.9, seed=seed, max_new_tokens=24, ignore_eos=True, logprobs=True)
+        ref = Engine(tiny[:n], spec, "se", [2] * n, sampler="torch").generate([seed, 8, 1], params)[0]
+        got = Engine(tiny[:n], spec, "se", [2] * n, sampler="triton").generate([seed, 8, 1], params)[0]
+        assert got.token_ids == ref.token_ids
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -116,8 +137,8 @@ def chi_square_pvalue(samples, probs):
     return (0.0 if impossible else chi2.sf(stat, df)), stat, df
 
 
-def draw(models, spec, method, gammas, params):
-    engine = Engine(models, spec, method, gammas)
+def draw(models, spec, method, gammas, params, sampler="torch"):
+    engine = Engine(models, spec, method, gammas, sampler=sampler)
     out = []
     for seed in range(N):
         p = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
@@ -141,6 +162,13 @@ def test_sampled_tokens_follow_the_ensemble(small, spec, params, method, gammas)
     assert pvalue > ALPHA, f"chi2={stat:.1f} df={df} p={pvalue:.2e}"
 
 
+def test_sampled_tokens_follow_the_ensemble_with_the_triton_sampler(small):
+    spec, params = SAMPLING[0]
+    samples = draw(small, spec, "se", [2, 1], params, sampler="triton")
+    pvalue, stat, df = chi_square_pvalue(samples, exact_joint(small, spec, params))
+    assert pvalue > ALPHA, f"chi2={stat:.1f} df={df} p={pvalue:.2e}"
+
+
 def test_distribution_test_catches_an_unverified_bonus(small, monkeypatch):
     """Planted bug (the one of ensemble-weighted assisted generation): the scorer's own sample at
     the extra position is emitted directly instead of opening a proposal that is verified."""
@@ -148,8 +176,7 @@ def test_distribution_test_catches_an_unverified_bonus(small, monkeypatch):
 
     def emit_bonus(self, m, count):
         if not self.pending and self.frontier in self.logits[m]:
-            q = process_logits(self.logits[m][self.frontier][None], 1.0, 0, 1.0)[0]
-            self._commit([self._sample(q, STREAM_DRAFT + m)])
+            self._commit([self._sample([m], EnsembleSpec.weighted([1.0]), STREAM_DRAFT + m)])
             if self.finished:
                 return
         real_draft(self, m, count)

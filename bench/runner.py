@@ -32,19 +32,22 @@ def bench_model(name: str, new_tokens: int, repeats: int, dtype: torch.dtype) ->
     hf = AutoModelForCausalLM.from_pretrained(resolve(name, dtype), dtype=dtype).eval()
     native = Transformer.from_hf(hf, max_batch=1, max_len=512, dtype=dtype)
     prompt = torch.randint(100, 10000, (1, 64), generator=torch.Generator().manual_seed(0))
+    ids = prompt[0].tolist()
+
+    def native_prefill() -> torch.Tensor:
+        native.truncate([0], [0])
+        return native.forward([0], [ids], [1])
 
     def native_decode():
-        native.reset()
-        logits = native.forward(prompt, last_only=True)
+        logits = native_prefill()
         for _ in range(new_tokens):
-            logits = native.forward(logits[:, -1].argmax(-1, keepdim=True))
+            logits = native.forward([0], [[int(logits[-1].argmax())]], [1])
 
     def hf_decode():
         with torch.inference_mode():
             hf.generate(prompt, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False)
 
-    prefill = {"native": statistics.median(timed(lambda: (native.reset(), native.forward(prompt, last_only=True)))
-                                            for _ in range(repeats))}
+    prefill = {"native": statistics.median(timed(native_prefill) for _ in range(repeats))}
     with torch.inference_mode():
         prefill["transformers"] = statistics.median(timed(lambda: hf(prompt, logits_to_keep=1)) for _ in range(repeats))
     decode = {}
@@ -54,8 +57,7 @@ def bench_model(name: str, new_tokens: int, repeats: int, dtype: torch.dtype) ->
         decode[label] = new_tokens / (total - prefill[label])
 
     forward_k = {"native": {}, "transformers": {}}
-    native.reset()
-    native.forward(prompt)
+    native_prefill()
     cache = DynamicCache(config=hf.config)
     with torch.inference_mode():
         hf(prompt, past_key_values=cache, use_cache=True)
@@ -63,8 +65,8 @@ def bench_model(name: str, new_tokens: int, repeats: int, dtype: torch.dtype) ->
         draft = torch.randint(100, 10000, (1, k))
 
         def native_k():
-            native.forward(draft)
-            native.truncate(torch.tensor([64]))
+            native.forward([0], draft.tolist(), [k])
+            native.truncate([0], [64])
 
         def hf_k():
             with torch.inference_mode():

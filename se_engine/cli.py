@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .decode import METHODS
-from .engine import Engine
+from .engine import Engine, GenerationResult
 from .errors import SEEngineError
 from .ensemble import EnsembleSpec
 from .sampling import SamplingParams
@@ -35,7 +35,14 @@ def _prompt(engine: Engine, text: str, chat: bool) -> str:
                                                 add_generation_prompt=True)
 
 
-def _report(name: str, result) -> None:
+def _print_stream(engine: Engine, prompt: str, params: SamplingParams) -> GenerationResult:
+    for out in engine.stream(prompt, params):
+        print(out.text, end="", flush=True)
+    print()
+    return out.result
+
+
+def _report(name: str, result: GenerationResult) -> None:
     m = result.metrics
     acc = ", ".join("-" if a is None else f"{a:.2f}" for a in m.acceptance_rate)
     print(f"[{name}] {m.tokens} tokens in {m.wall_s:.2f} s = {m.tokens_per_s:.2f} tok/s; forwards per model "
@@ -45,10 +52,7 @@ def _report(name: str, result) -> None:
 def cmd_generate(args) -> None:
     engine = Engine(args.models, _ensemble(args), args.method, args.gammas, max_len=args.max_len)
     prompt = _prompt(engine, args.prompt, args.chat)
-    for chunk in engine.stream(prompt, _params(args)):
-        print(chunk.text, end="", flush=True)
-    print()
-    _report(args.method, engine.last_result)
+    _report(args.method, _print_stream(engine, prompt, _params(args)))
 
 
 def cmd_demo(args) -> None:
@@ -59,10 +63,7 @@ def cmd_demo(args) -> None:
     prompt = _prompt(se, args.prompt, chat=True)
     params = _params(args)
     print(f"prompt: {args.prompt}\n--- speculative ensemble (se), {' + '.join(DEMO_MODELS)}, weights 0.5/0.5 ---")
-    for chunk in se.stream(prompt, params):
-        print(chunk.text, end="", flush=True)
-    print()
-    fast = se.last_result
+    fast = _print_stream(se, prompt, params)
     _report("se", fast)
     slow = baseline.generate(prompt, params)[0]
     _report("ensemble", slow)

@@ -1,32 +1,43 @@
-"""The decode loops of the four methods, over one sequence and n runners.
+"""Batched decoding for the four methods: a scheduler that advances every sequence by one action per tick.
 
 State of a sequence (positions are absolute token indices; the token at position p is predicted
 by logits "at p", computed by forwarding the tokens before p):
-    seq        committed tokens (prompt + emitted), c = len(seq)
-    pending    drafted, not yet verified tokens at positions c .. E-1, with their proposers
-    fed[m]     number of tokens of seq + pending in model m's KV cache
+    tokens     committed tokens (prompt + emitted), c = len(tokens)
+    pending    drafted, not yet verified tokens at positions c .. F-1 (F, the frontier), with their proposers
+    fed[m]     number of tokens of tokens + pending in model m's cache slot
     logits[m]  model m's logits at positions c .. fed[m]
 
-A pending position is verified once every model has logits there (the ensemble r needs them
-all); verification runs oldest-first. After a rejection every cache is truncated to the
-committed prefix it holds: no committed token is ever recomputed.
+Each sequence has one next action, and a tick runs it:
+    ENSEMBLE   every model feeds up to the frontier; a token is drawn from r there and committed
+    DRAFT m    model m feeds up to the frontier (unless it holds logits there); it draws a draft from its q
+    SCORE ms   the models ms feed every pending token; then every position that all models have
+               scored is verified, oldest first, in one verify call for the whole batch
 
-Methods:
-    single       one model, plain sampling (the ensemble loop over one model, weight 1).
-    ensemble     every model forwards every token; sample from r.
-    ensemble_sd  a fixed proposer drafts gamma tokens, the others score them in one forward each;
-                 after a full accept the next token is sampled from r.
-    se           alternate proposal: the scorer, which now holds logits at the draft frontier,
-                 samples its own next token there from its own q; that token opens its proposal
-                 (gamma_m tokens), scored by the model that has waited longest. After a rejection
-                 the cheapest model proposes.
+A tick: (1) each model forwards once, over every sequence whose action needs it (ragged rows
+packed); (2) one verify call over all sequences with verifiable positions; (3) every action whose
+models hold logits at the frontier draws its token (one sampling call per drafting model and one
+for the ensemble). After a rejection every cache is truncated to the committed prefix it holds: no
+committed token is ever recomputed. Sequences never wait on each other: each keeps its own
+pending drafts, proposer and accepted length, and a rejection in one discards nothing of another.
+
+Methods (their action cycles):
+    single, ensemble  ENSEMBLE, ENSEMBLE, ...
+    ensemble_sd       a fixed proposer P: DRAFT P x gamma_P, SCORE (all models; P's last draft too,
+                      so that after a full accept the next token is drawn from r in the same tick)
+    se                alternate proposal: DRAFT p x gamma_p, SCORE by the model that has waited
+                      longest; after a full accept the scorer, which now holds logits at the frontier,
+                      draws its own draft there in the same tick and proposes next; after a
+                      rejection the cheapest model proposes.
+Every sequence starts with ENSEMBLE: its prefill, and its first token drawn from r.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -40,18 +51,21 @@ from .sampling import STREAM_DRAFT, STREAM_ENSEMBLE, SamplingParams
 METHODS = ("single", "ensemble", "ensemble_sd", "se")
 _OWN = EnsembleSpec.weighted([1.0])  # a model's draft is a sample of the one-model "ensemble"
 
+ENSEMBLE, DRAFT, SCORE = "ensemble", "draft", "score"
+Action = tuple[Literal["ensemble", "draft", "score"], tuple[int, ...]]
+
 
 @dataclass
 class Metrics:
     """Counters of one generation; per-model lists are in the engine's model order."""
     tokens: int = 0
-    wall_s: float = 0.0
-    forwards: list[int] = field(default_factory=list)
+    wall_s: float = 0.0  # from submission to the last token
+    forwards: list[int] = field(default_factory=list)  # forwards of each model that included this sequence
     positions_scored: list[int] = field(default_factory=list)
     drafts_tested: list[int] = field(default_factory=list)
     drafts_accepted: list[int] = field(default_factory=list)
     verify_steps: int = 0
-    verify_s: float = 0.0  # wall time of verify steps, up to reading their result on the host
+    verify_s: float = 0.0  # wall time of the verify calls this sequence took part in, up to their result
 
     @classmethod
     def zeros(cls, n: int) -> "Metrics":
@@ -85,168 +99,264 @@ class Metrics:
                 "mean_accepted_per_step": self.mean_accepted_per_step}
 
 
-class SequenceDecoder:
-    """Decodes one prompt; ``run()`` yields the lists of tokens committed at each step."""
+@dataclass
+class TickStats:
+    """Engine-wide counters over all ticks (a batched forward counts once)."""
+    ticks: int = 0
+    forwards: list[int] = field(default_factory=list)
+    forward_s: list[float] = field(default_factory=list)
+    verify_calls: int = 0
+    verify_s: float = 0.0
+    sample_s: float = 0.0
 
-    def __init__(self, runners: list[Runner], spec: EnsembleSpec | None, method: str, gammas: list[int],
-                 order: list[int], params: SamplingParams, seed: int, prompt: list[int], stop_ids: set[int],
-                 backend: Backend = "auto"):
-        self.runners, self.spec, self.method, self.gammas, self.order = runners, spec, method, gammas, order
-        self.backend = backend
-        self.params, self.stop_ids = params, stop_ids
-        self.device = runners[0].lengths.device
-        self.seed = torch.tensor([seed], device=self.device)
-        self.seq = list(prompt)
-        self.prompt_len = len(prompt)
-        self.pending: list[int] = []
-        self.pending_by: list[int] = []
-        n = len(runners)
-        self.fed = [0] * n
-        self.logits: list[dict[int, Tensor]] = [{} for _ in range(n)]
-        self.logprobs: list[float] = []
-        self.metrics = Metrics.zeros(n)
-        self.finished: str | None = None  # "stop" | "length"
-        for r in runners:
-            r.reset()
 
-    # ------------------------------------------------------------ primitives
+@dataclass
+class Sequence:
+    """One request's decoding state (see the module docstring); owned by the Scheduler."""
+    request_id: int
+    tokens: list[int]
+    params: SamplingParams
+    seed: int
+    stop_ids: frozenset[int]
+    metrics: Metrics
+    prompt_len: int = 0
+    slot: int = -1
+    pending: list[int] = field(default_factory=list)
+    pending_by: list[int] = field(default_factory=list)
+    fed: list[int] = field(default_factory=list)
+    logits: list[dict[int, Tensor]] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    action: Action = (ENSEMBLE, ())
+    drafts_left: int = 0
+    new: list[int] = field(default_factory=list)  # tokens committed in the current tick
+    finished: str | None = None  # "stop" | "length"
 
     @property
     def frontier(self) -> int:
-        return len(self.seq) + len(self.pending)
+        return len(self.tokens) + len(self.pending)
 
-    def _feed(self, m: int, last_only: bool = False) -> None:
-        """Forwards model m over every token it has not seen, up to the frontier."""
-        tokens = (self.seq + self.pending)[self.fed[m]:self.frontier]
-        out = self.runners[m].forward(torch.tensor([tokens], device=self.device), last_only=last_only)[0]
-        first = self.frontier - out.shape[0] + 1
-        for i in range(out.shape[0]):
-            self.logits[m][first + i] = out[i]
-        self.fed[m] = self.frontier
-        self.metrics.forwards[m] += 1
-        self.metrics.positions_scored[m] += len(tokens)
+    def num_verifiable(self) -> int:
+        """Leading pending positions that every model has scored."""
+        c, t = len(self.tokens), 0
+        while t < len(self.pending) and all(c + t in d for d in self.logits):
+            t += 1
+        return t
 
-    def _sample(self, models: list[int], spec: EnsembleSpec, stream: int, want_logprob: bool = False) -> int:
-        """A token at the frontier from the ensemble `spec` of `models`, which all hold logits there."""
-        logits = [self.logits[m][self.frontier][None] for m in models]
-        pos = torch.tensor([self.frontier], device=self.device)
-        token, logprob = sample_ensemble(logits, spec, pos, [self.params], self.seed, stream, want_logprob,
-                                         self.backend)
-        if logprob is not None:
-            self.logprobs.append(float(logprob[0]))
-        return int(token[0])
 
-    def _sample_ensemble(self) -> int:
-        return self._sample(list(range(len(self.runners))), self.spec, STREAM_ENSEMBLE, self.params.logprobs)
+class Scheduler:
+    """Runs the sequences of one engine in up to ``max_batch`` cache slots, one tick at a time.
 
-    def _draft(self, m: int, count: int) -> None:
-        """Model m proposes `count` tokens from its own q; its last draft is left unfed."""
-        for _ in range(count):
-            if self.frontier not in self.logits[m]:
-                self._feed(m)
-            self.pending.append(self._sample([m], _OWN, STREAM_DRAFT + m))
-            self.pending_by.append(m)
+    Requests wait in FIFO order for a free slot; ``add`` and ``abort`` may be called between ticks
+    (continuous batching). Each runner's slot s holds the same sequence.
+    """
 
-    def _commit(self, tokens: list[int]) -> list[int]:
-        """Appends tokens up to the first stop condition; returns those appended."""
-        out = []
-        for t in tokens:
-            self.seq.append(t)
-            out.append(t)
-            if t in self.stop_ids:
-                self.finished = "stop"
-            elif len(self.seq) - self.prompt_len >= self.params.max_new_tokens:
-                self.finished = "length"
-            if self.finished:
-                break
-        self.metrics.tokens += len(out)
-        self._prune()
+    def __init__(self, runners: list[Runner], spec: EnsembleSpec, method: str, gammas: list[int], order: list[int],
+                 backend: Backend = "auto", max_batch: int | None = None):
+        self.runners, self.spec, self.method, self.gammas, self.order = runners, spec, method, gammas, order
+        self.backend = backend
+        self.n = len(runners)
+        self.device = runners[0].device
+        self.max_batch = max_batch or min(r.max_batch for r in runners)
+        self.free = list(range(self.max_batch - 1, -1, -1))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stats = TickStats(forwards=[0] * self.n, forward_s=[0.0] * self.n)
+
+    # ------------------------------------------------------------ requests
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drops a waiting or running sequence and frees its slot."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.running:
+            self.running.remove(seq)
+            self.free.append(seq.slot)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _admit(self) -> None:
+        while self.waiting and self.free:
+            seq = self.waiting.popleft()
+            seq.slot = self.free.pop()
+            seq.prompt_len = len(seq.tokens)
+            seq.fed = [0] * self.n
+            seq.logits = [{} for _ in range(self.n)]
+            seq.action = (ENSEMBLE, tuple(range(self.n)))
+            for runner in self.runners:
+                runner.truncate([seq.slot], [0])
+            self.running.append(seq)
+
+    # ------------------------------------------------------------ one tick
+
+    def step(self) -> list[Sequence]:
+        """Advances every running sequence by one action; returns those that committed tokens
+        (their ``new`` holds them) or finished. Finished sequences have left the batch."""
+        self._admit()
+        running = list(self.running)
+        for seq in running:
+            seq.new = []
+        for m in range(self.n):
+            self._forward(m, [s for s in running if m in s.action[1] and s.fed[m] < s.frontier])
+        self._verify([s for s in running if s.action[0] == SCORE])
+        ready = [s for s in running if not s.finished and all(s.fed[m] == s.frontier for m in s.action[1])]
+        drafts = [[s for s in ready if s.action == (DRAFT, (m,))] for m in range(self.n)]
+        self._draw_ensemble([s for s in ready if s.action[0] == ENSEMBLE])
+        for m in range(self.n):
+            self._draw_drafts(m, drafts[m])
+        self.stats.ticks += 1
+        for seq in running:
+            if seq.finished:
+                self.running.remove(seq)
+                self.free.append(seq.slot)
+        return [s for s in running if s.new or s.finished]
+
+    def _forward(self, m: int, seqs: list[Sequence]) -> None:
+        """Model m, once, over each sequence's tokens it has not seen, up to the frontier. It keeps
+        the logits at positions >= c (the ones the next verification or draw can use)."""
+        if not seqs:
+            return
+        start = time.perf_counter()
+        rows = [s.slot for s in seqs]
+        feeds = [(s.tokens + s.pending)[s.fed[m]:s.frontier] for s in seqs]
+        # Feeding positions fed .. F-1 yields logits at fed + 1 .. F; those before c are spent.
+        keep = [s.frontier - max(s.fed[m], len(s.tokens) - 1) for s in seqs]
+        out = self.runners[m].forward(rows, feeds, keep)
+        at = 0
+        for s, fed, k in zip(seqs, feeds, keep):
+            for i in range(k):
+                s.logits[m][s.frontier - k + 1 + i] = out[at + i]
+            at += k
+            s.fed[m] = s.frontier
+            s.metrics.forwards[m] += 1
+            s.metrics.positions_scored[m] += len(fed)
+        self.stats.forwards[m] += 1
+        self.stats.forward_s[m] += time.perf_counter() - start
+
+    def _verify(self, scored: list[Sequence]) -> None:
+        """One verify call over the verifiable positions of every sequence that was just scored.
+        (With three or more models a scored segment may still wait for another model's logits.)"""
+        counts = [s.num_verifiable() for s in scored]
+        for s, t in zip(scored, counts):
+            if not t:
+                self._after_score(s, rejected=False)
+        seqs, counts = [s for s, t in zip(scored, counts) if t], [t for t in counts if t]
+        if not seqs:
+            return
+        start = time.perf_counter()
+        rows = [(s, len(s.tokens) + j) for s, t in zip(seqs, counts) for j in range(t)]
+        logits = [torch.stack([s.logits[m][pos] for s, pos in rows]) for m in range(self.n)]
+        drafts, proposers, positions = torch.tensor(
+            [[s.pending[pos - len(s.tokens)] for s, pos in rows], [s.pending_by[pos - len(s.tokens)] for s, pos in rows],
+             [pos for _, pos in rows]], device=self.device)
+        offsets = torch.tensor([0, *counts], device=self.device).cumsum(0)
+        seeds = torch.tensor([s.seed for s in seqs], device=self.device)
+        params = [s.params for s in seqs]
+        res = verify(logits, self.spec, drafts, proposers, positions, offsets, params, seeds,
+                     want_logprobs=any(p.logprobs for p in params), max_n=max(counts), backend=self.backend)
+        accepted, emitted = torch.stack([res.num_accepted, res.num_emitted]).tolist()
+        tokens = res.tokens.tolist()
+        logprobs = res.logprobs.tolist() if res.logprobs is not None else None
+        elapsed = time.perf_counter() - start
+        self.stats.verify_calls += 1
+        self.stats.verify_s += elapsed
+        for i, (s, t, a, e) in enumerate(zip(seqs, counts, accepted, emitted)):
+            s.metrics.verify_steps += 1
+            s.metrics.verify_s += elapsed
+            for j in range(min(t, a + 1)):
+                s.metrics.drafts_tested[s.pending_by[j]] += 1
+            for j in range(a):
+                s.metrics.drafts_accepted[s.pending_by[j]] += 1
+            if s.params.logprobs:
+                s.logprobs.extend(logprobs[i][:e])
+            rejected = a < t
+            if rejected:  # at position c + a: every later draft and cache entry is void
+                self._roll_back(s, len(s.tokens) + a)
+            else:
+                del s.pending[:t], s.pending_by[:t]
+            self._commit(s, tokens[i][:e])
+            if not s.finished:
+                self._after_score(s, rejected)
+
+    def _roll_back(self, s: Sequence, keep: int) -> None:
+        """Drops every pending draft and every cache entry and logit past position ``keep``."""
+        s.pending, s.pending_by = [], []
+        for m, runner in enumerate(self.runners):
+            s.fed[m] = min(s.fed[m], keep)
+            runner.truncate([s.slot], [s.fed[m]])
+            for pos in [p for p in s.logits[m] if p > s.fed[m]]:
+                del s.logits[m][pos]
+
+    def _draw_ensemble(self, seqs: list[Sequence]) -> None:
+        """A token from r at each sequence's frontier, committed."""
+        tokens, logprobs = self._draw(list(range(self.n)), self.spec, STREAM_ENSEMBLE, seqs)
+        for i, s in enumerate(seqs):
+            if s.params.logprobs:
+                s.logprobs.append(logprobs[i])
+            self._commit(s, tokens[i:i + 1])
+            if not s.finished and self.method != "ensemble" and self.method != "single":
+                self._start_proposal(s, self.order[0])
+
+    def _draw_drafts(self, m: int, seqs: list[Sequence]) -> None:
+        """A draft from model m's own q at each sequence's frontier."""
+        tokens, _ = self._draw([m], _OWN, STREAM_DRAFT + m, seqs)
+        for s, token in zip(seqs, tokens):
+            s.pending.append(token)
+            s.pending_by.append(m)
+            s.drafts_left -= 1
+            if s.drafts_left == 0:
+                others = [k for k in self.order if k != m]
+                scorers = others + [m] if self.method == "ensemble_sd" else [min(others, key=lambda k: s.fed[k])]
+                s.action = (SCORE, tuple(scorers))
+
+    def _draw(self, models: list[int], spec: EnsembleSpec, stream: int,
+              seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
+        if not seqs:
+            return [], None
+        start = time.perf_counter()
+        logits = [torch.stack([s.logits[m][s.frontier] for s in seqs]) for m in models]
+        positions = torch.tensor([s.frontier for s in seqs], device=self.device)
+        seeds = torch.tensor([s.seed for s in seqs], device=self.device)
+        params = [s.params for s in seqs]
+        want = stream == STREAM_ENSEMBLE and any(p.logprobs for p in params)
+        tokens, logprobs = sample_ensemble(logits, spec, positions, params, seeds, stream, want, self.backend)
+        out = tokens.tolist(), None if logprobs is None else logprobs.tolist()
+        self.stats.sample_s += time.perf_counter() - start
         return out
 
-    def _prune(self) -> None:
-        c = len(self.seq)
-        for d in self.logits:
+    # ------------------------------------------------------------ method logic
+
+    def _after_score(self, s: Sequence, rejected: bool) -> None:
+        scorer = s.action[1][0]
+        if rejected:
+            self._start_proposal(s, self.order[0])
+        elif self.method == "ensemble_sd":
+            s.action = (ENSEMBLE, tuple(range(self.n)))  # every model holds logits at the frontier
+        else:
+            self._start_proposal(s, scorer)  # it holds logits at the frontier: its first draft is free
+
+    def _start_proposal(self, s: Sequence, m: int) -> None:
+        """Model m proposes gamma_m drafts, capped so that drafts never run past max_new_tokens."""
+        left = s.params.max_new_tokens - (len(s.tokens) - s.prompt_len) - len(s.pending)
+        s.drafts_left = max(1, min(self.gammas[m], left))
+        s.action = (DRAFT, (m,))
+
+    def _commit(self, s: Sequence, tokens: Seq[int]) -> None:
+        """Appends tokens up to the first stop condition; drops logits the sequence has passed."""
+        for t in tokens:
+            s.tokens.append(t)
+            s.new.append(t)
+            if t in s.stop_ids:
+                s.finished = "stop"
+            elif len(s.tokens) - s.prompt_len >= s.params.max_new_tokens:
+                s.finished = "length"
+            if s.finished:
+                break
+        s.metrics.tokens = len(s.tokens) - s.prompt_len
+        c = len(s.tokens)
+        for d in s.logits:
             for pos in [p for p in d if p < c]:
                 del d[pos]
-
-    def _verify_ready(self) -> list[int]:
-        """Verifies the oldest pending positions that every model has scored; returns emitted tokens."""
-        c, n = len(self.seq), len(self.runners)
-        t = 0
-        while t < len(self.pending) and all(c + t in self.logits[m] for m in range(n)):
-            t += 1
-        if t == 0:
-            return []
-        start = time.perf_counter()
-        res = verify(
-            [torch.stack([self.logits[m][c + j] for j in range(t)]) for m in range(n)], self.spec,
-            torch.tensor(self.pending[:t], device=self.device), torch.tensor(self.pending_by[:t], device=self.device),
-            torch.arange(c, c + t, device=self.device), torch.tensor([0, t], device=self.device), [self.params],
-            self.seed, want_logprobs=self.params.logprobs, max_n=t, backend=self.backend)
-        a, emitted = int(res.num_accepted[0]), int(res.num_emitted[0])
-        self.metrics.verify_s += time.perf_counter() - start
-        for j in range(min(t, a + 1)):
-            self.metrics.drafts_tested[self.pending_by[j]] += 1
-        for j in range(a):
-            self.metrics.drafts_accepted[self.pending_by[j]] += 1
-        self.metrics.verify_steps += 1
-        if res.logprobs is not None:
-            self.logprobs.extend(res.logprobs[0, :emitted].tolist())
-        if a < t:  # rejected at position c + a: everything after it is void
-            self.pending, self.pending_by = [], []
-            for m, runner in enumerate(self.runners):
-                self.fed[m] = min(self.fed[m], c + a)
-                runner.truncate(torch.tensor([self.fed[m]], device=self.device))
-                for pos in [p for p in self.logits[m] if p > self.fed[m]]:
-                    del self.logits[m][pos]
-        else:
-            self.pending, self.pending_by = self.pending[t:], self.pending_by[t:]
-        return self._commit(res.tokens[0, :emitted].tolist())
-
-    def _draft_count(self, m: int) -> int:
-        """gamma_m, capped so that drafts never run past max_new_tokens."""
-        left = self.params.max_new_tokens - (len(self.seq) - self.prompt_len) - len(self.pending)
-        return max(1, min(self.gammas[m], left))
-
-    # ------------------------------------------------------------ methods
-
-    def run(self) -> Iterator[list[int]]:
-        everyone = range(len(self.runners))
-        for m in everyone:
-            self._feed(m, last_only=True)  # prefill: only the logits at the frontier are needed
-        step = {"single": self._step_ensemble, "ensemble": self._step_ensemble,
-                "ensemble_sd": self._step_ensemble_sd, "se": self._step_se}[self.method]
-        if self.method in ("ensemble_sd", "se"):
-            yield self._commit([self._sample_ensemble()])
-        while not self.finished:
-            yield step()
-
-    def _step_ensemble(self) -> list[int]:
-        out = self._commit([self._sample_ensemble()])
-        if not self.finished:
-            for m in range(len(self.runners)):
-                self._feed(m)
-        return out
-
-    def _step_ensemble_sd(self) -> list[int]:
-        proposer = self.order[0]
-        self._draft(proposer, self._draft_count(proposer))
-        for m in range(len(self.runners)):
-            self._feed(m)  # the proposer too: its logits at the frontier serve the bonus token
-        out = self._verify_ready()
-        if not self.pending and not self.finished and all(self.frontier in d for d in self.logits):
-            out += self._commit([self._sample_ensemble()])
-        return out
-
-    def _step_se(self) -> list[int]:
-        ready = [m for m in self.order if self.frontier in self.logits[m]]
-        if ready:
-            proposer = ready[0]
-        else:  # after a rejection (or the first token) nobody holds logits at the frontier
-            proposer = self.order[0]
-            self._feed(proposer)
-        self._draft(proposer, self._draft_count(proposer))
-        others = [m for m in self.order if m != proposer]
-        scorer = min(others, key=lambda m: (self.fed[m], self.order.index(m)))
-        self._feed(scorer)
-        return self._verify_ready()

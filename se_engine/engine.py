@@ -1,4 +1,4 @@
-"""The user-facing engine: models + ensemble + method -> generate / stream."""
+"""The user-facing engine: models + ensemble + method -> generate / stream, or submit / step."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
 from triton_kernels.verify import Backend, fused_unsupported
 
-from .decode import METHODS, Metrics, SequenceDecoder
+from . import decode
+from .decode import METHODS, Metrics, Scheduler
 from .ensemble import EnsembleSpec
 from .runner import LoadedModel, check_same_vocabulary, load_model
 from .sampling import SamplingParams
@@ -30,35 +32,54 @@ class GenerationResult:
 
 
 @dataclass
-class StreamChunk:
-    text: str             # new text since the previous chunk
-    token_ids: list[int]  # tokens committed in this step
+class RequestOutput:
+    """What one tick produced for one request."""
+    request_id: int
+    text: str             # new text since this request's previous output
+    token_ids: list[int]  # tokens committed in this tick
     finish_reason: str | None
+    result: GenerationResult | None = None  # the whole generation, on the request's last output
+
+
+@dataclass
+class _Request:
+    seq: decode.Sequence
+    stop: tuple[str, ...]
+    submitted: float
+    sent: int = 0  # characters of text already handed out
 
 
 class Engine:
-    """Generation with one model, a plain ensemble, or a speculative ensemble.
+    """Generation with one model, a plain ensemble, or a speculative ensemble, over a batch of requests.
 
     models: names / paths (see ``se_engine.sources``) or already loaded models, in ensemble order.
     ensemble: an EnsembleSpec over the models (default: equal weights); unused by ``single``.
     method: "single" | "ensemble" | "ensemble_sd" | "se".
     gammas: draft length per model, in model order (default: 4 for the cheapest model, 1 for the rest).
     proposer_order: model indices, first proposes first (default: fewest parameters first).
+    max_batch: sequences decoded at once (cache slots per model; more requests wait in FIFO order).
+        Default: 8 for models loaded here (1 with runner="hf"), else what the loaded models hold.
+    max_len: cache capacity per sequence (prompt + new tokens + draft slots), for models loaded here.
     sampler: "auto" (the fused Triton kernels on CUDA where they apply, PyTorch otherwise), "torch",
         or "triton" (every verify / sampling step fused; on CPU only under TRITON_INTERPRET=1).
+
+    ``generate`` and ``stream`` serve their own prompts; ``submit`` / ``step`` / ``abort`` let a
+    caller (a server) feed requests in and out between ticks (continuous batching).
     """
 
     def __init__(self, models: Sequence[str | LoadedModel], ensemble: EnsembleSpec | None = None,
                  method: Literal["single", "ensemble", "ensemble_sd", "se"] = "se",
                  gammas: Sequence[int] | None = None, *, proposer_order: Sequence[int] | None = None,
-                 dtype: torch.dtype | None = None, device: str = "cpu", max_len: int = 2048,
-                 runner: Literal["native", "hf"] = "native", sampler: Backend = "auto"):
+                 max_batch: int | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
+                 max_len: int = 2048, runner: Literal["native", "hf"] = "native", sampler: Backend = "auto"):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if not models:
             raise ValueError("at least one model is needed")
         if sampler not in ("auto", "torch", "triton"):
             raise ValueError(f"sampler must be 'auto', 'torch' or 'triton', got {sampler!r}")
+        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         n = len(models)
         if method == "single" and n != 1:
             raise ValueError(f"method 'single' runs one model, got {n}")
@@ -71,10 +92,14 @@ class Engine:
         ensemble.check_num_models(n)
         if sampler == "triton" and (why := fused_unsupported(ensemble, [], n)):
             raise ValueError(f"sampler='triton' cannot run this ensemble: {why}")
+        load_batch = max_batch or (1 if runner == "hf" else 8)
         self.models = [m if isinstance(m, LoadedModel) else
-                       load_model(m, runner=runner, dtype=dtype, device=device, max_batch=1, max_len=max_len)
-                       for m in models]
+                       load_model(m, runner=runner, dtype=dtype, device=device, max_batch=load_batch,
+                                  max_len=max_len) for m in models]
         check_same_vocabulary(self.models)
+        capacity = min(m.runner.max_batch for m in self.models)
+        if max_batch is not None and max_batch > capacity:
+            raise ValueError(f"max_batch={max_batch} but the loaded models hold {capacity} sequences")
         if proposer_order is None:
             proposer_order = sorted(range(n), key=lambda i: self.models[i].num_params)
         if sorted(proposer_order) != list(range(n)):
@@ -85,11 +110,18 @@ class Engine:
         if len(gammas) != n or any(not isinstance(g, int) or g < 1 for g in gammas):
             raise ValueError(f"gammas must be {n} ints >= 1 (one per model), got {gammas}")
         self.ensemble, self.method, self.gammas, self.order = ensemble, method, gammas, list(proposer_order)
-        self.sampler = sampler
         self.tokenizer = self.models[0].tokenizer
         self.max_len = min(m.runner.max_len for m in self.models)
+        self.scheduler = Scheduler([m.runner for m in self.models], ensemble, method, gammas, self.order, sampler,
+                                   max_batch=max_batch or capacity)
+        self._requests: dict[int, _Request] = {}
+        self._next_id = 0
 
-    def _prepare(self, prompt: Prompt, params: SamplingParams) -> tuple[list[int], set[int], int]:
+    # ------------------------------------------------------------ request API
+
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
+        """Queues a request (validated here) and returns its id; ``step`` decodes it."""
+        params = params or SamplingParams()
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("prompt is empty")
@@ -104,49 +136,90 @@ class Engine:
         if not params.ignore_eos and self.tokenizer.eos_token_id is not None:
             stop_ids.add(self.tokenizer.eos_token_id)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        return ids, stop_ids, seed
+        request_id = self._next_id
+        self._next_id += 1
+        seq = decode.Sequence(request_id, ids, params, seed, frozenset(stop_ids), Metrics.zeros(len(self.models)))
+        self._requests[request_id] = _Request(seq, params.stop, time.perf_counter())
+        self.scheduler.add(seq)
+        return request_id
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
-        """Yields text as it is committed; the final chunk has a finish_reason. ``self.last_result``
-        holds the full GenerationResult once the stream is exhausted."""
-        params = params or SamplingParams()
-        ids, stop_ids, seed = self._prepare(prompt, params)
-        decoder = SequenceDecoder([m.runner for m in self.models], self.ensemble, self.method, self.gammas,
-                                  self.order, params, seed, ids, stop_ids, self.sampler)
-        start, sent, text = time.perf_counter(), 0, ""
-        finish = None
-        for new in decoder.run():
-            text = self.tokenizer.decode(decoder.seq[len(ids):], skip_special_tokens=True)
-            cut = _first_stop(text, params.stop)
+    def abort(self, request_id: int) -> None:
+        """Cancels a waiting or running request and frees its slot (unknown or finished ids: no-op)."""
+        req = self._requests.pop(request_id, None)
+        if req is not None:
+            self.scheduler.abort(req.seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduler tick; an output for every request that committed tokens or finished."""
+        outputs = []
+        for seq in self.scheduler.step():
+            req = self._requests[seq.request_id]
+            generated = seq.tokens[seq.prompt_len:]
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            finish = seq.finished
+            cut = _first_stop(text, req.stop)
             if cut is not None:
                 text, finish = text[:cut], "stop"
-            finish = finish or decoder.finished
+                self.scheduler.abort(seq)
             # Hold back text that may still become a stop string, or an incomplete UTF-8 character.
-            safe = len(text) if finish else _safe_prefix(text, params.stop)
-            if safe > sent or finish:
-                yield StreamChunk(text[sent:safe], new, finish)
-                sent = safe
+            safe = len(text) if finish else _safe_prefix(text, req.stop)
+            out = RequestOutput(seq.request_id, text[req.sent:safe], seq.new, finish)
+            req.sent = max(req.sent, safe)
             if finish:
-                break
-        decoder.metrics.wall_s = time.perf_counter() - start
-        tokens = decoder.seq[len(ids):]
-        self.last_result = GenerationResult(text, tokens, finish, decoder.logprobs[:len(tokens)] if params.logprobs
-                                            else None, decoder.metrics)
+                seq.metrics.wall_s = time.perf_counter() - req.submitted
+                logprobs = seq.logprobs[:len(generated)] if seq.params.logprobs else None
+                out.result = GenerationResult(text, generated, finish, logprobs, seq.metrics)
+                del self._requests[seq.request_id]
+            outputs.append(out)
+        return outputs
+
+    # ------------------------------------------------------------ convenience
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yields one prompt's text as it is committed; the last output carries the whole result.
+        Closing the iterator early cancels the request."""
+        self._check_idle()
+        request_id = self.submit(prompt, params)
+        try:
+            while request_id in self._requests:
+                yield from self.step()
+        finally:
+            self.abort(request_id)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationResult]:
-        """One result per prompt (a single prompt is a list of one)."""
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 *, progress: bool = False) -> list[GenerationResult]:
+        """One result per prompt (a single prompt is a list of one), decoded together in batches
+        of up to max_batch. ``progress`` shows a bar of finished requests."""
+        self._check_idle()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
-        results = []
-        for prompt, p in zip(prompts, params_list):
-            for _ in self.stream(prompt, p):
-                pass
-            results.append(self.last_result)
-        return results
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params_list):
+                ids.append(self.submit(prompt, p))
+            results: dict[int, GenerationResult] = {}
+            with tqdm(total=len(ids), disable=not progress, desc="generate", unit="req") as bar:
+                while self.has_unfinished():
+                    for out in self.step():
+                        if out.result is not None:
+                            results[out.request_id] = out.result
+                            bar.update()
+        finally:
+            for request_id in ids:
+                self.abort(request_id)
+        return [results[i] for i in ids]
+
+    def _check_idle(self) -> None:
+        if self._requests:
+            raise RuntimeError(f"{len(self._requests)} submitted requests are unfinished: drive them with step() "
+                               "(generate and stream serve only their own prompts)")
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

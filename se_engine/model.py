@@ -10,6 +10,7 @@ Shapes used throughout:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,11 +97,30 @@ def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[Tensor, Tensor]:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, H, k, D]; cos, sin: [B, 1, k, D] (fp32)."""
+    """x: [N, H, D]; cos, sin: [N, 1, D] (fp32)."""
     half = x.shape[-1] // 2
     xf = x.float()
     rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
     return (xf * cos + rotated * sin).to(x.dtype)
+
+
+@dataclass
+class PackedBatch:
+    """The new tokens of b cache rows, packed row after row (N tokens in all), and where they go.
+
+    Matmuls run on the N packed tokens; attention alone pads them to [span, width], where the span
+    covers the slots lo .. lo + span - 1 (so the cache is read through a view, never gathered).
+    """
+    tokens: Tensor       # [N] int64
+    slots: Tensor        # [N] int64 cache slot of each token
+    positions: Tensor    # [N] int64 absolute position of each token in its slot
+    pad_index: Tensor | None  # [N] int64 index of each token in the padded [span * width]; None: no padding
+    query_pos: Tensor    # [span, width] int64 position of each padded query (0 for slots outside the batch)
+    logit_index: Tensor  # [M] int64 packed tokens whose logits are returned
+    lo: int
+    span: int
+    width: int
+    kv_len: int          # attention reads cache entries [0, kv_len) of each slot
 
 
 class Attention(nn.Module):
@@ -111,23 +131,29 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                rows: Tensor, positions: Tensor, kv_len: int, mask: Tensor) -> Tensor:
-        """x: [B, k, hidden]; k_cache, v_cache: this layer's [B, Hkv, S, D], written at (rows, positions)."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, batch: PackedBatch,
+                mask: Tensor) -> Tensor:
+        """x: [N, hidden]; k_cache, v_cache: this layer's [B, Hkv, S, D], written at (slots, positions)."""
         cfg = self.cfg
-        B, k, _ = x.shape
+        N = x.shape[0]
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        q, kx, vx = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = q.view(B, k, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        kx = kx.view(B, k, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        vx = vx.view(B, k, cfg.num_kv_heads, cfg.head_dim)
-        q, kx = apply_rope(q, cos, sin), apply_rope(kx, cos, sin)
-        # Advanced indices [B, k] around a full slice put (B, k) first: the value is [B, k, Hkv, D].
-        k_cache[rows, :, positions] = kx.transpose(1, 2)
-        v_cache[rows, :, positions] = vx
-        keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        return self.wo(out.transpose(1, 2).reshape(B, k, q_dim))
+        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = apply_rope(q.view(N, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.view(N, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        # Advanced indices [N] around a full slice put N first: the value is [N, Hkv, D].
+        k_cache[batch.slots, :, batch.positions] = k
+        v_cache[batch.slots, :, batch.positions] = v.view(N, cfg.num_kv_heads, cfg.head_dim)
+        span, width = batch.span, batch.width
+        if batch.pad_index is not None:
+            q = q.new_zeros(span * width, cfg.num_heads, cfg.head_dim).index_copy_(0, batch.pad_index, q)
+        q = q.view(span, width, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        window = slice(batch.lo, batch.lo + span)
+        out = F.scaled_dot_product_attention(q, k_cache[window, :, :batch.kv_len], v_cache[window, :, :batch.kv_len],
+                                             attn_mask=mask, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(span * width, q_dim)
+        if batch.pad_index is not None:
+            out = out.index_select(0, batch.pad_index)
+        return self.wo(out)
 
 
 class FeedForward(nn.Module):
@@ -154,7 +180,9 @@ class Transformer(nn.Module):
     """A decoder with its own static KV cache; the runner interface of the engine.
 
     State: ``k_cache``, ``v_cache`` of shape [L, B, Hkv, S, D] (layer l's cache is ``k_cache[l]``)
-    and ``lengths`` [B] int64, the number of committed cache entries of each row.
+    and ``lengths``, a host list of the number of cache entries of each slot. Lengths live on the
+    host because the scheduler decides them: rollback is a list update, and no forward ever reads
+    a length back from the device.
     """
 
     def __init__(self, cfg: ModelConfig, *, max_batch: int, max_len: int,
@@ -175,17 +203,18 @@ class Transformer(nn.Module):
         cache_shape = (cfg.num_layers, max_batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.register_buffer("k_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("lengths", torch.zeros(max_batch, dtype=torch.long, device=device), persistent=False)
+        self.lengths = [0] * max_batch
         cos, sin = rope_tables(cfg, max_len)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
-        # Host-side upper bound on lengths.max(): lets attention read only the filled prefix of the
-        # cache and checks capacity without reading `lengths` back from the device on every step.
-        self._length_bound = 0
 
     @property
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_cache.device
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, *, max_batch: int = 1, max_len: int = 2048,
@@ -232,62 +261,70 @@ class Transformer(nn.Module):
                 params[name].copy_(value)
 
     @torch.inference_mode()
-    def forward(self, tokens: Tensor, num_tokens: Tensor | None = None, last_only: bool = False) -> Tensor:
-        """Runs k new tokens per row, each row starting at its own committed length.
+    def forward(self, rows: Sequence[int], tokens: Sequence[Sequence[int]], num_logits: Sequence[int]) -> Tensor:
+        """Appends ``tokens[i]`` to cache slot ``rows[i]`` at that slot's length, all rows in one pass.
 
-        tokens: [B, k] int64, B == max_batch.
-        num_tokens: [B] int64 in [0, k], the valid prefix of each row (default: all k). Padding
-            positions are computed and written to the cache past the row's new length, where the
-            next forward overwrites them; they never become visible.
-        last_only: return logits of each row's last valid token only.
-        Returns fp32 logits [B, k, V], or [B, 1, V] with ``last_only``; ``lengths`` grows by num_tokens.
+        rows: b distinct slots; tokens: b non-empty token lists (ragged); num_logits[i] in
+        [0, len(tokens[i])]: logits are returned for the last num_logits[i] tokens of row i.
+        Returns fp32 logits [sum(num_logits), V], row after row; each slot's length grows by its row.
         """
-        B, k = tokens.shape
-        if B != self.max_batch:
-            raise ValueError(f"tokens has {B} rows but the cache has max_batch={self.max_batch}")
-        if k < 1:
-            raise ValueError("forward needs at least one query token per row")
-        self._reserve(k)
-        device = tokens.device
-        offsets = torch.arange(k, device=device)
-        positions = self.lengths[:, None] + offsets  # [B, k]
-        rows = torch.arange(B, device=device)[:, None].expand(B, k)
-        kv_len = self._length_bound + k
-        # Query at position p sees cache entries 0..p of its own row.
-        mask = (torch.arange(kv_len, device=device) <= positions[..., None])[:, None]  # [B, 1, k, kv_len]
-        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
-
-        x = self.tok_embeddings(tokens)
+        batch = self._pack(rows, tokens, num_logits)
+        device = batch.tokens.device
+        # A padded query at position p sees its slot's entries 0 .. p.
+        mask = (torch.arange(batch.kv_len, device=device) <= batch.query_pos[..., None])[:, None]
+        cos, sin = self.rope_cos[batch.positions][:, None], self.rope_sin[batch.positions][:, None]
+        x = self.tok_embeddings(batch.tokens)
         for i, layer in enumerate(self.layers):
-            h = layer.attention_norm(x)
-            x = x + layer.attention(h, cos, sin, self.k_cache[i], self.v_cache[i], rows, positions, kv_len, mask)
+            x = x + layer.attention(layer.attention_norm(x), cos, sin, self.k_cache[i], self.v_cache[i], batch, mask)
             x = x + layer.feed_forward(layer.ffn_norm(x))
+        for r, row in zip(rows, tokens):
+            self.lengths[r] += len(row)
+        return self.output(self.norm(x[batch.logit_index])).float()
 
-        n = torch.full((B,), k, device=device, dtype=torch.long) if num_tokens is None else num_tokens
-        if last_only:
-            last = (n - 1).clamp(min=0)
-            x = x[torch.arange(B, device=device), last][:, None]
-        self.lengths += n
-        self._length_bound += k
-        return self.output(self.norm(x)).float()
+    def _pack(self, rows: Sequence[int], tokens: Sequence[Sequence[int]], num_logits: Sequence[int]) -> PackedBatch:
+        """Checks a forward's arguments on the host and lays its rows out for the device."""
+        b = len(rows)
+        counts = [len(t) for t in tokens]
+        if b == 0 or len(counts) != b or len(num_logits) != b:
+            raise ValueError(f"forward needs one token list and one logit count per row, got {b} rows, "
+                             f"{len(counts)} token lists, {len(num_logits)} counts")
+        if len(set(rows)) != b or not all(0 <= r < self.max_batch for r in rows):
+            raise ValueError(f"rows must be distinct slots in [0, {self.max_batch}), got {list(rows)}")
+        if min(counts) < 1 or any(not 0 <= n <= c for n, c in zip(num_logits, counts)):
+            raise ValueError(f"every row needs >= 1 token and 0 <= num_logits <= its tokens, got {counts} tokens "
+                             f"and {list(num_logits)} logits")
+        starts = [self.lengths[r] for r in rows]
+        kv_len = max(s + c for s, c in zip(starts, counts))
+        if kv_len > self.max_len:
+            r = max(range(b), key=lambda i: starts[i] + counts[i])
+            raise CacheOverflowError(f"cannot append {counts[r]} tokens to slot {rows[r]}: it holds {starts[r]} of "
+                                     f"max_len={self.max_len} positions")
+        lo, width = min(rows), max(counts)
+        span = max(rows) - lo + 1
+        dense = span == b and list(rows) == sorted(rows) and min(counts) == width
+        slots, positions, pad_index, logit_index = [], [], [], []
+        query_pos = [0] * (span * width)
+        for r, start, row, n in zip(rows, starts, tokens, num_logits):
+            c, at, base = len(row), len(positions), (r - lo) * width
+            logit_index.extend(range(at + c - n, at + c))
+            slots.extend([r] * c)
+            positions.extend(range(start, start + c))
+            pad_index.extend(range(base, base + c))
+            query_pos[base:base + width] = range(start, start + width)
+        if dense:
+            pad_index = []
+        fields = [[t for row in tokens for t in row], slots, positions, pad_index, query_pos, logit_index]
+        # One host-to-device copy for all index tensors.
+        packed = torch.tensor([v for f in fields for v in f], dtype=torch.long).to(self.device)
+        flat, slots_t, positions_t, pad_t, query_t, logit_t = packed.split([len(f) for f in fields])
+        return PackedBatch(tokens=flat, slots=slots_t, positions=positions_t, pad_index=None if dense else pad_t,
+                           query_pos=query_t.view(span, width), logit_index=logit_t, lo=lo, span=span,
+                           width=width, kv_len=kv_len)
 
-    def _reserve(self, k: int) -> None:
-        if self._length_bound + k <= self.max_len:
-            return
-        self._length_bound = int(self.lengths.max())  # exact value, read only near the capacity
-        if self._length_bound + k > self.max_len:
-            raise CacheOverflowError(
-                f"cannot append {k} tokens: a row holds {self._length_bound} of max_len={self.max_len} positions")
-
-    def truncate(self, lengths: Tensor) -> None:
-        """Rolls every row back to ``lengths`` [B] (each <= its current length): O(1), no copies."""
-        if lengths.shape != self.lengths.shape:
-            raise ValueError(f"lengths has shape {tuple(lengths.shape)}, expected {tuple(self.lengths.shape)}")
-        if bool(((lengths < 0) | (lengths > self.lengths)).any()):
-            raise ValueError(f"truncate can only shorten rows: current {self.lengths.tolist()}, asked {lengths.tolist()}")
-        self.lengths.copy_(lengths)
-
-    def reset(self) -> None:
-        """Empties every row (the cache contents are simply overwritten later)."""
-        self.lengths.zero_()
-        self._length_bound = 0
+    def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
+        """Rolls slots ``rows`` back to ``lengths`` (each <= its current length): O(1), no copies."""
+        for r, n in zip(rows, lengths, strict=True):
+            if not 0 <= n <= self.lengths[r]:
+                raise ValueError(f"truncate can only shorten slot {r}: it holds {self.lengths[r]}, asked {n}")
+        for r, n in zip(rows, lengths):
+            self.lengths[r] = n

@@ -1,15 +1,18 @@
 """Loading a model argument into a runner: the object every decoding method drives.
 
-A runner owns one model's KV cache for ``max_batch`` rows and exposes::
+A runner owns one model's KV cache of ``max_batch`` slots and exposes::
 
-    forward(tokens[B, k], num_tokens[B] | None, last_only) -> fp32 logits [B, k | 1, V]
-    truncate(lengths[B])        # O(1) rollback
-    reset()
-    lengths[B], max_batch, max_len, vocab_size
+    forward(rows, tokens, num_logits) -> fp32 logits [sum(num_logits), V]
+        appends the ragged token lists tokens[i] to slots rows[i], in one pass; returns the logits
+        of the last num_logits[i] tokens of each row, row after row
+    truncate(rows, lengths)     # O(1) rollback of those slots
+    lengths                     # host list: cache entries per slot
+    max_batch, max_len, vocab_size, device
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -26,13 +29,12 @@ class Runner(Protocol):
     max_batch: int
     max_len: int
     vocab_size: int
-    lengths: Tensor
+    device: torch.device
+    lengths: list[int]
 
-    def forward(self, tokens: Tensor, num_tokens: Tensor | None = None, last_only: bool = False) -> Tensor: ...
+    def forward(self, rows: Sequence[int], tokens: Sequence[Sequence[int]], num_logits: Sequence[int]) -> Tensor: ...
 
-    def truncate(self, lengths: Tensor) -> None: ...
-
-    def reset(self) -> None: ...
+    def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None: ...
 
 
 @dataclass

@@ -8,7 +8,7 @@ from scipy.stats import chi2
 
 import triton_kernels.verify as verify_module
 from se_engine import load_model
-from se_engine.decode import SequenceDecoder
+from se_engine.decode import Scheduler
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.runner import LoadedModel
@@ -88,8 +88,10 @@ def test_se_with_gamma_one_never_uses_more_forwards(tiny, n):
 V = 7          # vocabulary of the enumerable models
 T = 3          # emitted tokens whose joint law is tested
 N = 3000       # samples per configuration
+N_TRITON = 1000  # with the Triton sampler, which the interpreter runs at ~0.1 s per sequence
 ALPHA = 1e-3   # false-alarm rate of each chi-square test
 PROMPT = [1, 4, 2]
+BATCH = 32     # sequences decoded together
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,7 @@ def small():
     out = []
     for name in NAMES[:2]:
         hf = tiny_random_model(name, vocab_size=V)
-        runner = Transformer.from_hf(hf, max_batch=1, max_len=32, dtype=torch.float32)
+        runner = Transformer.from_hf(hf, max_batch=BATCH, max_len=32, dtype=torch.float32)
         out.append(LoadedModel(name, runner, tiny_tokenizer(), sum(p.numel() for p in hf.parameters())))
     return out
 
@@ -110,8 +112,8 @@ def exact_joint(models, spec, params):
         for t in range(T):
             logits = []
             for m in models:
-                m.runner.reset()
-                logits.append(m.runner.forward(torch.tensor([PROMPT + list(seq[:t])]))[0, -1:])
+                m.runner.truncate([0], [0])
+                logits.append(m.runner.forward([0], [PROMPT + list(seq[:t])], [1]))
             p *= float(spec.target(logits, params.temperature, params.top_k, params.top_p)[0, seq[t]])
         probs[seq] = p
     return probs
@@ -137,14 +139,12 @@ def chi_square_pvalue(samples, probs):
     return (0.0 if impossible else chi2.sf(stat, df)), stat, df
 
 
-def draw(models, spec, method, gammas, params, sampler="torch"):
+def draw(models, spec, method, gammas, params, sampler="torch", num=N):
+    """num samples of T tokens, one seed each, decoded BATCH sequences at a time."""
     engine = Engine(models, spec, method, gammas, sampler=sampler)
-    out = []
-    for seed in range(N):
-        p = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                           seed=seed, max_new_tokens=T, ignore_eos=True)
-        out.append(tuple(engine.generate(PROMPT, p)[0].token_ids))
-    return out
+    per_seed = [SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                               seed=seed, max_new_tokens=T, ignore_eos=True) for seed in range(num)]
+    return [tuple(r.token_ids) for r in engine.generate([PROMPT] * num, per_seed)]
 
 
 SAMPLING = [
@@ -164,7 +164,7 @@ def test_sampled_tokens_follow_the_ensemble(small, spec, params, method, gammas)
 
 def test_sampled_tokens_follow_the_ensemble_with_the_triton_sampler(small):
     spec, params = SAMPLING[0]
-    samples = draw(small, spec, "se", [2, 1], params, sampler="triton")
+    samples = draw(small, spec, "se", [2, 1], params, sampler="triton", num=N_TRITON)
     pvalue, stat, df = chi_square_pvalue(samples, exact_joint(small, spec, params))
     assert pvalue > ALPHA, f"chi2={stat:.1f} df={df} p={pvalue:.2e}"
 
@@ -172,16 +172,18 @@ def test_sampled_tokens_follow_the_ensemble_with_the_triton_sampler(small):
 def test_distribution_test_catches_an_unverified_bonus(small, monkeypatch):
     """Planted bug (the one of ensemble-weighted assisted generation): the scorer's own sample at
     the extra position is emitted directly instead of opening a proposal that is verified."""
-    real_draft = SequenceDecoder._draft
+    real_after_score = Scheduler._after_score
 
-    def emit_bonus(self, m, count):
-        if not self.pending and self.frontier in self.logits[m]:
-            self._commit([self._sample([m], EnsembleSpec.weighted([1.0]), STREAM_DRAFT + m)])
-            if self.finished:
-                return
-        real_draft(self, m, count)
+    def emit_bonus(self, s, rejected):
+        real_after_score(self, s, rejected)
+        if not rejected and not s.pending:
+            (m,) = s.action[1]
+            tokens, _ = self._draw([m], EnsembleSpec.weighted([1.0]), STREAM_DRAFT + m, [s])
+            self._commit(s, tokens)
+            if not s.finished:
+                self._start_proposal(s, m)
 
-    monkeypatch.setattr(SequenceDecoder, "_draft", emit_bonus)
+    monkeypatch.setattr(Scheduler, "_after_score", emit_bonus)
     spec, params = SAMPLING[0]
     pvalue, stat, df = chi_square_pvalue(draw(small, spec, "se", [1, 1], params), exact_joint(small, spec, params))
     assert pvalue < ALPHA, f"planted bug not detected: chi2={stat:.1f} df={df} p={pvalue:.2e}"

@@ -70,6 +70,16 @@ def test_verify_kernel_matches_reference(kind, n, V, counts, temps, dtype):
     assert accepted and rejected, "the inputs must exercise both outcomes"
 
 
+def test_verify_kernel_takes_strided_index_tensors():
+    """draft ids, proposers and positions given as columns of one [T, 3] tensor (stride 3)."""
+    logits, drafts, proposer, positions, offsets, params, seeds = make_verify_inputs(
+        2, 1000, [3, 4], [1.0, 0.8], torch.float32, seed=5)
+    columns = torch.stack([drafts, proposer, positions], dim=1)
+    ref = verify_reference(logits, WEIGHTED[2], drafts, proposer, positions, offsets, params, seeds)
+    got = verify_triton(logits, WEIGHTED[2], *columns.unbind(1), offsets, params, seeds)
+    assert torch.equal(got.num_accepted, ref.num_accepted) and torch.equal(got.tokens, ref.tokens)
+
+
 SAMPLE_CASES = [
     # kind, n, V, temperatures, dtype
     ("weighted", 1, 1000, [1.0, 0.0, 0.6, 1.4], torch.float32),

@@ -42,8 +42,8 @@ def test_logits_match_transformers(qwen):
         ids = tok(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             ref = hf(ids).logits.float()
-        native.reset()
-        out = native.forward(ids)
+        native.truncate([0], [0])
+        out = native.forward([0], ids.tolist(), [ids.shape[1]])[None]
         assert (out - ref).abs().max().item() < 0.5
         assert torch.equal(out.argmax(-1), ref.argmax(-1))
 
@@ -53,32 +53,35 @@ def test_greedy_generation_matches_transformers_generate(qwen):
     for prompt in PROMPTS:
         ids = tok(prompt, return_tensors="pt").input_ids
         expected = hf.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
-        native.reset()
-        logits = native.forward(ids, last_only=True)
+        native.truncate([0], [0])
+        logits = native.forward([0], ids.tolist(), [1])
         got = []
         for _ in range(32):
-            token = logits[0, -1].argmax()
-            got.append(int(token))
-            logits = native.forward(token.view(1, 1))
+            got.append(int(logits[-1].argmax()))
+            logits = native.forward([0], [got[-1:]], [1])
         assert got == expected, (prompt, tok.decode(got), tok.decode(expected))
+
+
+HUMANEVAL_PROMPTS = 10
 
 
 @pytest.fixture(scope="module")
 def qwen_pair_fp32():
-    """fp32, so that a 1-token and a k-token forward round alike: in bf16 their last-bit differences
-    can flip a near-tie of the ensemble argmax, which no decoding method can be exact against."""
-    return [load_model(name, dtype=torch.float32, max_len=1024) for name in (SMALL, LARGE)]
+    """fp32, so that forwards over different numbers of tokens round alike: in bf16 their last-bit
+    differences can flip a near-tie of the ensemble argmax, which no decoding method can be exact against."""
+    return [load_model(name, dtype=torch.float32, max_batch=HUMANEVAL_PROMPTS, max_len=1024)
+            for name in (SMALL, LARGE)]
 
 
 def test_greedy_identity_on_the_real_pair(qwen_pair_fp32):
-    """se and ensemble_sd emit exactly the standard ensemble's tokens: 10 HumanEval prompts x 32 tokens."""
+    """se and ensemble_sd emit exactly the standard ensemble's tokens: 10 HumanEval prompts x 32 tokens,
+    each method decoding the 10 prompts as one batch."""
     with open(HUMANEVAL) as f:
-        prompts = [json.loads(line)["prompt"] for line, _ in zip(f, range(10))]
+        prompts = [json.loads(line)["prompt"] for line, _ in zip(f, range(HUMANEVAL_PROMPTS))]
     spec = EnsembleSpec.weighted([0.5, 0.5])
     params = SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True)
-    engines = {method: Engine(qwen_pair_fp32, spec, method, gammas)
+    outputs = {method: [r.token_ids for r in Engine(qwen_pair_fp32, spec, method, gammas).generate(prompts, params)]
                for method, gammas in (("ensemble", None), ("se", [4, 1]), ("ensemble_sd", [4, 1]))}
-    for prompt in prompts:
-        expected = engines["ensemble"].generate(prompt, params)[0].token_ids
-        for method in ("se", "ensemble_sd"):
-            assert engines[method].generate(prompt, params)[0].token_ids == expected, (method, prompt[:60])
+    for method in ("se", "ensemble_sd"):
+        for prompt, got, expected in zip(prompts, outputs[method], outputs["ensemble"]):
+            assert got == expected, (method, prompt[:60])

@@ -16,6 +16,12 @@ def hf_model(name, dtype):
     return AutoModelForCausalLM.from_pretrained(resolve(name, dtype), dtype=dtype).eval()
 
 
+def forward_all(runner, tokens):
+    """A full forward of rows [b, k] in slots 0 .. b-1 -> logits [b, k, V]."""
+    b, k = tokens.shape
+    return runner.forward(list(range(b)), tokens.tolist(), [k] * b).view(b, k, -1)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_native_matches_transformers_fp32(name):
     hf = hf_model(name, torch.float32)
@@ -23,11 +29,11 @@ def test_native_matches_transformers_fp32(name):
     tokens = torch.randint(0, TINY_VOCAB, (3, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf(tokens).logits
-    out = native.forward(tokens)
-    assert out.shape == (3, 17, TINY_VOCAB) and out.dtype == torch.float32
+    out = forward_all(native, tokens)
+    assert out.dtype == torch.float32
     err = (out - ref).abs().max().item()
     assert err < 1e-4, f"max abs error {err}"  # measured: ~5e-6
-    assert torch.equal(native.lengths, torch.full((3,), 17))
+    assert native.lengths == [17] * 3
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -40,7 +46,7 @@ def test_native_bf16_as_accurate_as_transformers_bf16(name):
         hf16 = hf_model(name, torch.bfloat16)
         hf_err = (hf16(tokens).logits.float() - exact).abs().mean().item()
     native = Transformer.from_hf(hf16, max_batch=3, max_len=64, dtype=torch.bfloat16)
-    native_err = (native.forward(tokens) - exact).abs().mean().item()
+    native_err = (forward_all(native, tokens) - exact).abs().mean().item()
     assert native_err <= 1.25 * hf_err, f"native bf16 mean error {native_err}, transformers {hf_err}"
 
 
@@ -51,79 +57,94 @@ def full_logits(hf, seq):
 
 @pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-qwen2"])
 def test_incremental_equals_full_ragged(name):
-    """Ragged prefill (padded), decode steps, a k-token verify, ragged truncate, re-decode:
-    each forward's logits equal a fresh full forward of the row's committed tokens."""
+    """Packed ragged forwards over changing subsets of slots (prefill joining decode, k-token
+    verifies, rows in any order), with ragged truncation: every returned logit equals a fresh
+    full forward of its slot's tokens."""
     hf = hf_model(name, torch.float32)
-    runner = Transformer.from_hf(hf, max_batch=3, max_len=48, dtype=torch.float32)
+    runner = Transformer.from_hf(hf, max_batch=5, max_len=64, dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
-    prompt_lens = [5, 11, 8]
-    seqs = [torch.randint(0, TINY_VOCAB, (n,), generator=gen).tolist() for n in prompt_lens]
-    k = max(prompt_lens)
-    padded = torch.tensor([s + [0] * (k - len(s)) for s in seqs])
-    last = runner.forward(padded, num_tokens=torch.tensor(prompt_lens), last_only=True)
-    for b, s in enumerate(seqs):
-        torch.testing.assert_close(last[b, 0], full_logits(hf, s)[-1], atol=1e-4, rtol=0)
-    assert runner.lengths.tolist() == prompt_lens
+    seqs: dict[int, list[int]] = {}
 
-    def step(new_tokens):  # new_tokens: [3][k]
-        out = runner.forward(torch.tensor(new_tokens))
-        for b, s in enumerate(seqs):
-            s.extend(new_tokens[b])
-            ref = full_logits(hf, s)[-len(new_tokens[b]):]
-            torch.testing.assert_close(out[b], ref, atol=1e-4, rtol=0)
+    def rand(n):
+        return torch.randint(0, TINY_VOCAB, (n,), generator=gen).tolist()
 
-    for _ in range(3):
-        step(torch.randint(0, TINY_VOCAB, (3, 1), generator=gen).tolist())
-    step(torch.randint(0, TINY_VOCAB, (3, 4), generator=gen).tolist())  # verification of 4 drafts
-    keep = [2, 0, 4]
-    for b, s in enumerate(seqs):
-        del s[len(s) - 4 + keep[b]:]
-    runner.truncate(torch.tensor([len(s) for s in seqs]))
+    def step(feeds: dict[int, list[int]], num_logits: dict[int, int]):
+        rows = list(feeds)
+        out = runner.forward(rows, [feeds[r] for r in rows], [num_logits[r] for r in rows])
+        assert out.shape == (sum(num_logits.values()), TINY_VOCAB)
+        at = 0
+        for r in rows:
+            seqs.setdefault(r, []).extend(feeds[r])
+            n = num_logits[r]
+            if n:
+                torch.testing.assert_close(out[at:at + n], full_logits(hf, seqs[r])[len(seqs[r]) - n:],
+                                           atol=1e-4, rtol=0)
+            at += n
+        assert all(runner.lengths[r] == len(s) for r, s in seqs.items())
+
+    step({0: rand(5), 3: rand(11), 1: rand(8)}, {0: 1, 3: 1, 1: 8})      # ragged prefill, slot 2 unused
     for _ in range(2):
-        step(torch.randint(0, TINY_VOCAB, (3, 2), generator=gen).tolist())
-    step(torch.randint(0, TINY_VOCAB, (3, 1), generator=gen).tolist())
+        step({1: rand(1), 0: rand(1), 3: rand(1)}, {0: 1, 1: 1, 3: 1})    # decode, rows out of order
+    step({3: rand(4), 0: rand(1), 4: rand(6)}, {3: 4, 0: 1, 4: 2})       # verify + decode + a prefill joining
+    keep = {0: len(seqs[0]) - 1, 3: len(seqs[3]) - 3, 1: len(seqs[1])}
+    runner.truncate(list(keep), list(keep.values()))
+    for r, n in keep.items():
+        del seqs[r][n:]
+    step({0: rand(2), 1: rand(3), 3: rand(2), 4: rand(1)}, {0: 2, 1: 0, 3: 2, 4: 1})
+    step({2: rand(7)}, {2: 3})                                          # a lone slot in the middle
+
+
+def test_forward_argument_errors():
+    runner = Transformer.from_hf(hf_model("tiny-random-llama", torch.float32), max_batch=2, max_len=16,
+                                 dtype=torch.float32)
+    with pytest.raises(ValueError, match="distinct slots"):
+        runner.forward([0, 0], [[1], [2]], [1, 1])
+    with pytest.raises(ValueError, match=r"distinct slots in \[0, 2\)"):
+        runner.forward([2], [[1]], [1])
+    with pytest.raises(ValueError, match=">= 1 token"):
+        runner.forward([0], [[]], [0])
+    with pytest.raises(ValueError, match="num_logits"):
+        runner.forward([0], [[1, 2]], [3])
+    with pytest.raises(ValueError, match="one token list"):
+        runner.forward([0, 1], [[1]], [1])
+    assert runner.lengths == [0, 0]
 
 
 def test_truncate_is_metadata_only():
     hf = hf_model("tiny-random-llama", torch.float32)
     runner = Transformer.from_hf(hf, max_batch=2, max_len=16, dtype=torch.float32)
-    runner.forward(torch.randint(0, TINY_VOCAB, (2, 6)))
+    forward_all(runner, torch.randint(0, TINY_VOCAB, (2, 6)))
     k_ptr, before = runner.k_cache.data_ptr(), runner.k_cache.clone()
-    runner.truncate(torch.tensor([3, 5]))
+    runner.truncate([0, 1], [3, 5])
     assert runner.k_cache.data_ptr() == k_ptr and torch.equal(runner.k_cache, before)
-    assert runner.lengths.tolist() == [3, 5]
-    with pytest.raises(ValueError, match="only shorten"):
-        runner.truncate(torch.tensor([4, 5]))
+    assert runner.lengths == [3, 5]
+    with pytest.raises(ValueError, match="only shorten slot 0"):
+        runner.truncate([0], [4])
 
 
 def test_hf_runner_incremental_equals_full():
     hf = hf_model("tiny-random-qwen2", torch.float32)
     runner = HFRunner(hf, max_len=32)
     seq = torch.randint(0, TINY_VOCAB, (9,), generator=torch.Generator().manual_seed(2)).tolist()
-    runner.forward(torch.tensor([seq[:6]]))
-    out = runner.forward(torch.tensor([seq[6:9]]))
-    torch.testing.assert_close(out[0], full_logits(hf, seq)[6:9], atol=1e-4, rtol=0)
-    runner.truncate(torch.tensor([7]))
-    out = runner.forward(torch.tensor([[seq[7]]]))
-    torch.testing.assert_close(out[0, 0], full_logits(hf, seq[:8])[-1], atol=1e-4, rtol=0)
-    with pytest.raises(ValueError, match="batch 1"):
-        runner.forward(torch.zeros(2, 1, dtype=torch.long))
+    assert runner.forward([0], [seq[:6]], [1]).shape == (1, TINY_VOCAB)
+    out = runner.forward([0], [seq[6:9]], [3])
+    torch.testing.assert_close(out, full_logits(hf, seq)[6:9], atol=1e-4, rtol=0)
+    runner.truncate([0], [7])
+    out = runner.forward([0], [[seq[7]]], [1])
+    torch.testing.assert_close(out[0], full_logits(hf, seq[:8])[-1], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="slot 0"):
+        runner.forward([1], [[1]], [1])
     with pytest.raises(CacheOverflowError):
-        runner.forward(torch.zeros(1, 30, dtype=torch.long))
+        runner.forward([0], [[0] * 30], [1])
 
 
 def test_overflow_is_a_clear_error():
-    m = load_model("tiny-random-llama", dtype=torch.float32, max_batch=1, max_len=12)
-    with pytest.raises(CacheOverflowError, match="max_len=12"):
-        m.runner.forward(torch.zeros(1, 13, dtype=torch.long))  # prompt longer than the cache
-    m.runner.forward(torch.zeros(1, 10, dtype=torch.long))
-    with pytest.raises(CacheOverflowError, match="holds 10 of max_len=12"):
-        m.runner.forward(torch.zeros(1, 3, dtype=torch.long))  # a verify that overflows
-    m.runner.forward(torch.zeros(1, 2, dtype=torch.long))  # exactly full is fine
-    assert m.runner.lengths.tolist() == [12]
-
-
-def test_batch_mismatch_is_a_clear_error():
     m = load_model("tiny-random-llama", dtype=torch.float32, max_batch=2, max_len=12)
-    with pytest.raises(ValueError, match="max_batch=2"):
-        m.runner.forward(torch.zeros(3, 1, dtype=torch.long))
+    with pytest.raises(CacheOverflowError, match="holds 0 of max_len=12"):
+        m.runner.forward([0], [[0] * 13], [1])  # prompt longer than the cache
+    m.runner.forward([0, 1], [[0] * 10, [0] * 4], [1, 1])
+    with pytest.raises(CacheOverflowError, match="slot 0: it holds 10 of max_len=12"):
+        m.runner.forward([1, 0], [[0], [0] * 3], [1, 1])  # a verify that overflows
+    assert m.runner.lengths == [10, 4]  # nothing was written
+    m.runner.forward([0], [[0] * 2], [1])  # exactly full is fine
+    assert m.runner.lengths == [12, 4]

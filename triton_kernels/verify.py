@@ -499,6 +499,9 @@ def _launch(logits: list[Tensor], spec: EnsembleSpec, seq_offsets: Tensor, seq_t
     T, V = logits[0].shape
     B = seq_temp.shape[0]
     n = len(logits)
+    # The kernels index these with unit stride; callers may pass columns of one int tensor.
+    seq_offsets, seeds, draft_ids, proposer, positions = (
+        x.contiguous() for x in (seq_offsets, seeds, draft_ids, proposer, positions))
     device = logits[0].device
     linear = spec.kind == "linear"
     if device.type == "cuda":

@@ -1,0 +1,136 @@
+"""Batched decoding: per-sequence state, results independent of batch composition, continuous batching."""
+
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+from se_engine import load_model
+from se_engine.engine import Engine
+from se_engine.ensemble import EnsembleSpec
+from se_engine.sampling import SamplingParams
+
+NAMES = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep"]
+SLOTS = 16
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return [load_model(n, dtype=torch.float32, max_batch=SLOTS, max_len=128) for n in NAMES]
+
+
+def mixed_requests(count: int, seed: int, temperature: float) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Prompts of 1 .. 30 tokens with their own lengths, seeds, sampling settings and stop tokens."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(1, 30))] for _ in range(count)]
+    params = [SamplingParams(temperature=temperature and rng.choice([temperature, 0.7, 1.3]),
+                             top_p=rng.choice([1.0, 0.9]) if temperature else 1.0, seed=rng.randrange(2**31),
+                             max_new_tokens=rng.randint(5, 40), stop_token_ids=(rng.randrange(256),),
+                             ignore_eos=True) for _ in range(count)]
+    return prompts, params
+
+
+def stop_mid_way(models, spec, prompts, params) -> list[SamplingParams]:
+    """Every other request gets, as its stop token, a token its greedy ensemble output emits half-way,
+    so that sequences finish at different ticks."""
+    outputs = alone(models, spec, "ensemble", None, prompts, params)
+    return [replace(p, stop_token_ids=(out[len(out) // 2],)) if i % 2 else p
+            for i, (p, out) in enumerate(zip(params, outputs))]
+
+
+def alone(models, spec, method, gammas, prompts, params) -> list[list[int]]:
+    engine = Engine(models, spec, method, gammas, max_batch=1)
+    return [engine.generate(p, sp)[0].token_ids for p, sp in zip(prompts, params)]
+
+
+CASES = [(EnsembleSpec.weighted([0.6, 0.4]), 2), (EnsembleSpec.contrastive(0.2), 2),
+         (EnsembleSpec.weighted([0.2, 0.3, 0.5]), 3)]
+
+
+@pytest.mark.parametrize("spec,n", CASES, ids=["weighted-2", "contrastive-2", "weighted-3"])
+@pytest.mark.parametrize("method,gammas", [("ensemble", None), ("ensemble_sd", None), ("se", "mixed")])
+def test_greedy_batch_equals_each_alone(tiny, spec, n, method, gammas):
+    """16 mixed-length prompts decoded together emit what each emits alone."""
+    models = tiny[:n]
+    gammas = [3, 1, 2][:n] if gammas == "mixed" else None
+    prompts, params = mixed_requests(16, seed=n, temperature=0)
+    params = stop_mid_way(models, spec, prompts, params)
+    batched = [r.token_ids for r in Engine(models, spec, method, gammas).generate(prompts, params)]
+    assert batched == alone(models, spec, method, gammas, prompts, params)
+    assert sum(len(t) < p.max_new_tokens for t, p in zip(batched, params)) >= 8, "stop tokens were not hit"
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_seeded_sampling_ignores_batch_composition_and_order(tiny, n):
+    """Counter-based randomness keyed on (seed, position): the same tokens alone, in a batch, and
+    in a shuffled batch of fewer slots (so that other requests wait and join mid-way)."""
+    spec = EnsembleSpec.weighted([1.0] * n)
+    prompts, params = mixed_requests(12, seed=10 + n, temperature=1.0)
+    gammas = [2, 1, 3][:n]
+    solo = alone(tiny[:n], spec, "se", gammas, prompts, params)
+    batched = Engine(tiny[:n], spec, "se", gammas).generate(prompts, params)
+    assert [r.token_ids for r in batched] == solo
+    order = list(range(12))
+    random.Random(0).shuffle(order)
+    shuffled = Engine(tiny[:n], spec, "se", gammas, max_batch=5).generate([prompts[i] for i in order],
+                                                                        [params[i] for i in order])
+    assert [shuffled[order.index(i)].token_ids for i in range(12)] == solo
+
+
+def test_requests_joining_and_leaving_do_not_change_others(tiny):
+    """submit / step / abort between ticks: late arrivals, an early cancel, queueing for a slot."""
+    spec = EnsembleSpec.weighted([0.5, 0.5])
+    prompts, params = mixed_requests(6, seed=3, temperature=0.8)
+    solo = alone(tiny[:2], spec, "se", [3, 1], prompts, params)
+    engine = Engine(tiny[:2], spec, "se", [3, 1], max_batch=3)
+    ids = {engine.submit(prompts[0], params[0]): 0, engine.submit(prompts[1], params[1]): 1}
+    done: dict[int, list[int]] = {}
+    streamed: dict[int, list[int]] = {}
+    tick = 0
+    while engine.has_unfinished() or tick < 6:
+        if tick in (2, 3, 5):  # late arrivals; the fourth and fifth wait for a free slot
+            for i in {2: (2, 3), 3: (4,), 5: (5,)}[tick]:
+                ids[engine.submit(prompts[i], params[i])] = i
+        if tick == 4:
+            victim = next(r for r, i in ids.items() if i == 3)
+            engine.abort(victim)  # cancelled mid-generation: its slot goes to a waiting request
+        for out in engine.step():
+            streamed.setdefault(ids[out.request_id], []).extend(out.token_ids)
+            if out.result is not None:
+                done[ids[out.request_id]] = out.result.token_ids
+        tick += 1
+    assert sorted(done) == [0, 1, 2, 4, 5]
+    for i, tokens in done.items():
+        assert tokens == solo[i] == streamed[i]
+    assert sorted(engine.scheduler.free) == [0, 1, 2] and not engine.scheduler.running
+
+
+def test_each_tick_runs_each_model_at_most_once(tiny):
+    """A batch shares forwards: per tick at most one forward per model, and far fewer forwards
+    than the same requests decoded one at a time."""
+    spec = EnsembleSpec.weighted([0.5, 0.5])
+    prompts, params = mixed_requests(8, seed=4, temperature=1.0)
+    engine = Engine(tiny[:2], spec, "se", [3, 1])
+    engine.generate(prompts, params)
+    stats = engine.scheduler.stats
+    assert all(f <= stats.ticks for f in stats.forwards)
+    solo = Engine(tiny[:2], spec, "se", [3, 1], max_batch=1)
+    solo.generate(prompts, params)
+    assert sum(stats.forwards) < 0.5 * sum(solo.scheduler.stats.forwards)
+
+
+def test_engine_request_api_errors(tiny):
+    with pytest.raises(ValueError, match="max_batch=32 but the loaded models hold 16"):
+        Engine(tiny[:2], None, "se", max_batch=32)
+    engine = Engine(tiny[:2], None, "se", max_batch=2)
+    request = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=4))
+    with pytest.raises(RuntimeError, match="1 submitted requests are unfinished"):
+        engine.generate([1, 2], SamplingParams())
+    engine.abort(request)
+    engine.abort(request)  # twice: a no-op
+    assert not engine.has_unfinished() and not engine.scheduler.has_work()
+    stream = engine.stream([4, 5], SamplingParams(max_new_tokens=30, ignore_eos=True))
+    next(stream)
+    stream.close()  # a consumer that stops early cancels its request
+    assert not engine.has_unfinished() and sorted(engine.scheduler.free) == [0, 1]

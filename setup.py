@@ -2,13 +2,20 @@
 
 Builds the KV-cache extension se_engine._kv from csrc/ (torch ops se_kv::compact and se_kv::fork):
 CPU always, CUDA kernels too where torch was built with CUDA and a CUDA toolkit is found. It imports
-torch, so install torch first and build without isolation: pip install --no-build-isolation -e .
+the installed torch (the extension must match its ABI), so install torch first and build without
+isolation: pip install --no-build-isolation --use-pep517 -e . (--use-pep517: pip < 25.3 otherwise
+picks `setup.py develop`, which recent setuptools re-runs as an isolated pip build that lacks torch).
 """
 
 import sys
 
-import torch
 from setuptools import find_packages, setup
+
+try:
+    import torch
+except ImportError:  # typically pip's isolated build environment
+    sys.exit("se_engine builds a torch extension: install torch first, then "
+             "pip install --no-build-isolation --use-pep517 -e .")
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 

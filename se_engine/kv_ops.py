@@ -30,7 +30,7 @@ def _ops():
         raise ImportError(
             "se_engine's KV-cache extension (se_engine._kv, from csrc/) is not built or does not load: "
             "rebuild it with `python3 setup.py build_ext --inplace` or "
-            f"`pip install --no-build-isolation -e .` from the repository root ({_import_error})"
+            f"`pip install --no-build-isolation --use-pep517 -e .` from the repository root ({_import_error})"
         ) from _import_error
     return torch.ops.se_kv
 

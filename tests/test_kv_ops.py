@@ -14,13 +14,15 @@ from se_engine import kv_ops
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The CUDA kernels run where a CUDA build of the extension and a GPU are present.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 # (L, B, Hkv, S, D): odd sizes so row strides are not powers of two.
 SHAPES = [(3, 5, 2, 37, 24), (2, 4, 3, 19, 7)]
 
 
-def random_caches(shape, dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def random_caches(shape, dtype, seed: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return tuple((torch.randn(shape, generator=g) + 3).to(dtype) for _ in range(2))  # never zero
+    return tuple((torch.randn(shape, generator=g) + 3).to(device, dtype) for _ in range(2))  # never zero
 
 
 def check_compact(k, v, slots, src, dst):
@@ -41,19 +43,21 @@ def ragged_moves(B: int, S: int, g: torch.Generator) -> tuple[list[int], list[in
     return slots, src, dst
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_compact_matches_reference(shape, dtype):
+def test_compact_matches_reference(shape, dtype, device):
     g = torch.Generator().manual_seed(0)
-    k, v = random_caches(shape, dtype, seed=1)
+    k, v = random_caches(shape, dtype, seed=1, device=device)
     for _ in range(3):
         check_compact(k, v, *ragged_moves(shape[1], shape[3], g))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_compact_overlapping_moves(dtype):
+def test_compact_overlapping_moves(dtype, device):
     """Accepted entries shifted left onto rejected ones, a right shift, a swap and a fan-out, in one call."""
-    k, v = random_caches((2, 4, 3, 16, 10), dtype, seed=2)
+    k, v = random_caches((2, 4, 3, 16, 10), dtype, seed=2, device=device)
     old = k.clone()
     slots = [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
     src = [3, 4, 6, 2, 3, 4, 5, 9, 7, 7]
@@ -72,10 +76,11 @@ def test_compact_nothing_to_move():
     assert torch.equal(k, old_k) and torch.equal(v, old_v)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fork_matches_reference(shape, dtype):
-    k, v = random_caches(shape, dtype, seed=4)
+def test_fork_matches_reference(shape, dtype, device):
+    k, v = random_caches(shape, dtype, seed=4, device=device)
     B, S = shape[1], shape[3]
     for src_slot, dst_slots, length in [(0, list(range(1, B)), S // 2), (B - 1, [0, 2], S), (2, [1], 0)]:
         ref_k, ref_v = k.clone(), v.clone()
@@ -84,9 +89,10 @@ def test_fork_matches_reference(shape, dtype):
         assert torch.equal(k, ref_k) and torch.equal(v, ref_v)
 
 
-def test_large_copy_runs_in_parallel_chunks():
-    """Enough bytes for at::parallel_for to split the work across threads."""
-    k, v = random_caches((4, 6, 4, 64, 128), torch.bfloat16, seed=5)
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_copy(device):
+    """Enough bytes for at::parallel_for to split the work across threads (many blocks on a GPU)."""
+    k, v = random_caches((4, 6, 4, 64, 128), torch.bfloat16, seed=5, device=device)
     check_compact(k, v, *ragged_moves(6, 64, torch.Generator().manual_seed(6)))
     ref_k, ref_v = k.clone(), v.clone()
     kv_ops.fork_reference(ref_k, ref_v, 1, [0, 2, 3, 4, 5], 50)
@@ -125,6 +131,14 @@ def test_invalid_input_raises_and_leaves_caches_intact(call, error, match):
     with pytest.raises(error, match=match):
         call(k, v)
     assert torch.equal(k, old_k) and torch.equal(v, old_v)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_device_index_lists_are_refused():
+    """Index lists stay on the host: checking device-resident ones would cost a sync per call."""
+    k, v = random_caches((2, 4, 3, 8, 6), torch.float32, seed=8, device="cuda")
+    with pytest.raises(ValueError, match="must be a CPU tensor"):
+        kv_ops.compact(k, v, idx(0).cuda(), [2], [1])
 
 
 NVCC = shutil.which("nvcc")

@@ -1,10 +1,35 @@
 """se_engine: fast, exact LLM ensembles by speculative ensemble decoding.
 
-The C++/CUDA KV-cache extension (csrc/) is not built yet: it lands with its own issue, and
-this file will build it then.
+Builds the KV-cache extension se_engine._kv from csrc/ (torch ops se_kv::compact and se_kv::fork):
+CPU always, CUDA kernels too where torch was built with CUDA and a CUDA toolkit is found. It imports
+the installed torch (the extension must match its ABI), so install torch first and build without
+isolation: pip install --no-build-isolation --use-pep517 -e . (--use-pep517: pip < 25.3 otherwise
+picks `setup.py develop`, which recent setuptools re-runs as an isolated pip build that lacks torch).
 """
 
+import sys
+
 from setuptools import find_packages, setup
+
+try:
+    import torch
+except ImportError:  # typically pip's isolated build environment
+    sys.exit("se_engine builds a torch extension: install torch first, then "
+             "pip install --no-build-isolation --use-pep517 -e .")
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def kv_extension():
+    # at::parallel_for expands to OpenMP pragmas in the extension's own code (torch's CPU build is OpenMP).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3", *openmp]
+    if torch.version.cuda and CUDA_HOME:
+        return CUDAExtension("se_engine._kv", ["csrc/kv_cache.cpp", "csrc/kv_cache_kernels.cu"],
+                             define_macros=[("SE_KV_CUDA", None)],
+                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=openmp)
+    return CppExtension("se_engine._kv", ["csrc/kv_cache.cpp"], extra_compile_args={"cxx": cxx},
+                        extra_link_args=openmp)
+
 
 setup(
     name="se_engine",
@@ -26,4 +51,6 @@ setup(
     ],
     extras_require={"dev": ["pytest>=8", "scipy"]},
     entry_points={"console_scripts": ["se-engine=se_engine.cli:main"]},
+    ext_modules=[kv_extension()],
+    cmdclass={"build_ext": BuildExtension},
 )

@@ -49,8 +49,18 @@ def _report(name: str, result: GenerationResult) -> None:
           f"{m.forwards}; acceptance per proposer [{acc}]", file=sys.stderr)
 
 
+def _gamma(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a draft length is an int or 'auto', got {value!r}") from None
+
+
 def cmd_generate(args) -> None:
-    engine = Engine(args.models, _ensemble(args), args.method, args.gammas, max_len=args.max_len)
+    gammas = "auto" if args.gammas == ["auto"] else args.gammas
+    engine = Engine(args.models, _ensemble(args), args.method, gammas, max_len=args.max_len)
     prompt = _prompt(engine, args.prompt, args.chat)
     _report(args.method, _print_stream(engine, prompt, _params(args)))
 
@@ -88,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("--models", nargs="+", required=True, help="names, .gguf files or transformers directories")
     g.add_argument("--method", choices=METHODS, default="se")
-    g.add_argument("--gammas", type=int, nargs="+", help="draft length per model, in model order")
+    g.add_argument("--gammas", nargs="+", type=_gamma, help="draft length per model, in model order, or 'auto'")
     g.add_argument("--weights", type=float, nargs="+", help="weighted ensemble (normalised to sum 1)")
     g.add_argument("--contrastive", type=float, metavar="ALPHA", help="l_first - ALPHA * l_second")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the models' chat template")

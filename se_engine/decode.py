@@ -33,6 +33,7 @@ Every sequence starts with ENSEMBLE: its prefill, and its first token drawn from
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from collections.abc import Sequence as Seq
@@ -45,6 +46,7 @@ from torch import Tensor
 from triton_kernels.verify import Backend, sample_ensemble, verify
 
 from .ensemble import EnsembleSpec
+from .gamma import DraftLengths, observe
 from .runner import Runner
 from .sampling import STREAM_DRAFT, STREAM_ENSEMBLE, SamplingParams
 
@@ -66,6 +68,7 @@ class Metrics:
     drafts_accepted: list[int] = field(default_factory=list)
     verify_steps: int = 0
     verify_s: float = 0.0  # wall time of the verify calls this sequence took part in, up to their result
+    draft_lengths: list[tuple[int, int]] = field(default_factory=list)  # (proposer, gamma) of each proposal
 
     @classmethod
     def zeros(cls, n: int) -> "Metrics":
@@ -80,6 +83,11 @@ class Metrics:
         return [a / t if t else None for a, t in zip(self.drafts_accepted, self.drafts_tested)]
 
     @property
+    def mean_draft_length(self) -> list[float | None]:
+        return [statistics.fmean(lens) if (lens := [g for p, g in self.draft_lengths if p == m]) else None
+                for m in range(len(self.forwards))]
+
+    @property
     def mean_accepted_per_step(self) -> float | None:
         return sum(self.drafts_accepted) / self.verify_steps if self.verify_steps else None
 
@@ -88,6 +96,7 @@ class Metrics:
         self.wall_s += other.wall_s
         self.verify_steps += other.verify_steps
         self.verify_s += other.verify_s
+        self.draft_lengths += other.draft_lengths
         for name in ("forwards", "positions_scored", "drafts_tested", "drafts_accepted"):
             setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
 
@@ -96,7 +105,7 @@ class Metrics:
                 "forwards": self.forwards, "positions_scored": self.positions_scored,
                 "drafts_tested": self.drafts_tested, "drafts_accepted": self.drafts_accepted,
                 "acceptance_rate": self.acceptance_rate, "verify_steps": self.verify_steps, "verify_s": self.verify_s,
-                "mean_accepted_per_step": self.mean_accepted_per_step}
+                "mean_accepted_per_step": self.mean_accepted_per_step, "mean_draft_length": self.mean_draft_length}
 
 
 @dataclass
@@ -128,6 +137,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     action: Action = (ENSEMBLE, ())
     drafts_left: int = 0
+    acceptance: list[list[float]] = field(default_factory=list)  # per proposer: discounted [accepted, tested]
     new: list[int] = field(default_factory=list)  # tokens committed in the current tick
     finished: str | None = None  # "stop" | "length"
 
@@ -150,9 +160,10 @@ class Scheduler:
     (continuous batching). Each runner's slot s holds the same sequence.
     """
 
-    def __init__(self, runners: list[Runner], spec: EnsembleSpec, method: str, gammas: list[int], order: list[int],
-                 backend: Backend = "auto", max_batch: int | None = None):
-        self.runners, self.spec, self.method, self.gammas, self.order = runners, spec, method, gammas, order
+    def __init__(self, runners: list[Runner], spec: EnsembleSpec, method: str, draft_lengths: DraftLengths,
+                 order: list[int], backend: Backend = "auto", max_batch: int | None = None):
+        self.runners, self.spec, self.method, self.order = runners, spec, method, order
+        self.draft_lengths = draft_lengths
         self.backend = backend
         self.n = len(runners)
         self.device = runners[0].device
@@ -185,6 +196,7 @@ class Scheduler:
             seq.prompt_len = len(seq.tokens)
             seq.fed = [0] * self.n
             seq.logits = [{} for _ in range(self.n)]
+            seq.acceptance = [[0.0, 0.0] for _ in range(self.n)]
             seq.action = (ENSEMBLE, tuple(range(self.n)))
             for runner in self.runners:
                 runner.truncate([seq.slot], [0])
@@ -266,10 +278,12 @@ class Scheduler:
         for i, (s, t, a, e) in enumerate(zip(seqs, counts, accepted, emitted)):
             s.metrics.verify_steps += 1
             s.metrics.verify_s += elapsed
-            for j in range(min(t, a + 1)):
-                s.metrics.drafts_tested[s.pending_by[j]] += 1
-            for j in range(a):
-                s.metrics.drafts_accepted[s.pending_by[j]] += 1
+            for m in set(s.pending_by[:t]):
+                tested = sum(1 for j in range(min(t, a + 1)) if s.pending_by[j] == m)
+                accepted = sum(1 for j in range(a) if s.pending_by[j] == m)
+                s.metrics.drafts_tested[m] += tested
+                s.metrics.drafts_accepted[m] += accepted
+                observe(s.acceptance[m], tested, accepted)
             if s.params.logprobs:
                 s.logprobs.extend(logprobs[i][:e])
             rejected = a < t
@@ -339,9 +353,15 @@ class Scheduler:
             self._start_proposal(s, scorer)  # it holds logits at the frontier: its first draft is free
 
     def _start_proposal(self, s: Sequence, m: int) -> None:
-        """Model m proposes gamma_m drafts, capped so that drafts never run past max_new_tokens."""
+        """Model m proposes gamma drafts (its fixed gamma, or the auto choice), capped so that drafts
+        never run past max_new_tokens."""
+        others = [k for k in self.order if k != m]
+        scorers = others if self.method == "ensemble_sd" else [min(others, key=lambda k: s.fed[k])]
+        gamma = self.draft_lengths.choose(m, s.acceptance[m], s.frontier in s.logits[m],
+                                          {o: s.frontier - s.fed[o] for o in scorers}, self.method)
         left = s.params.max_new_tokens - (len(s.tokens) - s.prompt_len) - len(s.pending)
-        s.drafts_left = max(1, min(self.gammas[m], left))
+        s.drafts_left = max(1, min(gamma, left))
+        s.metrics.draft_lengths.append((m, s.drafts_left))
         s.action = (DRAFT, (m,))
 
     def _commit(self, s: Sequence, tokens: Seq[int]) -> None:

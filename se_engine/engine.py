@@ -16,6 +16,7 @@ from triton_kernels.verify import Backend, fused_unsupported
 from . import decode
 from .decode import METHODS, Metrics, Scheduler
 from .ensemble import EnsembleSpec
+from .gamma import MAX_GAMMA, AutoGammas, FixedGammas, measure_costs
 from .runner import LoadedModel, check_same_vocabulary, load_model
 from .sampling import SamplingParams
 
@@ -55,7 +56,9 @@ class Engine:
     models: names / paths (see ``se_engine.sources``) or already loaded models, in ensemble order.
     ensemble: an EnsembleSpec over the models (default: equal weights); unused by ``single``.
     method: "single" | "ensemble" | "ensemble_sd" | "se".
-    gammas: draft length per model, in model order (default: 4 for the cheapest model, 1 for the rest).
+    gammas: draft length per model, in model order (default: 4 for the cheapest model, 1 for the rest);
+        or "auto": chosen per proposal from the models' forward costs, measured here at start-up, and
+        each sequence's acceptance rates (``se_engine.gamma``); or an ``AutoGammas`` with given costs.
     proposer_order: model indices, first proposes first (default: fewest parameters first).
     max_batch: sequences decoded at once (cache slots per model; more requests wait in FIFO order).
         Default: 8 for models loaded here (1 with runner="hf"), else what the loaded models hold.
@@ -69,7 +72,7 @@ class Engine:
 
     def __init__(self, models: Sequence[str | LoadedModel], ensemble: EnsembleSpec | None = None,
                  method: Literal["single", "ensemble", "ensemble_sd", "se"] = "se",
-                 gammas: Sequence[int] | None = None, *, proposer_order: Sequence[int] | None = None,
+                 gammas: Sequence[int] | Literal["auto"] | AutoGammas | None = None, *, proposer_order: Sequence[int] | None = None,
                  max_batch: int | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
                  max_len: int = 2048, runner: Literal["native", "hf"] = "native", sampler: Backend = "auto"):
         if method not in METHODS:
@@ -104,15 +107,26 @@ class Engine:
             proposer_order = sorted(range(n), key=lambda i: self.models[i].num_params)
         if sorted(proposer_order) != list(range(n)):
             raise ValueError(f"proposer_order must be a permutation of 0..{n - 1}, got {list(proposer_order)}")
+        runners = [m.runner for m in self.models]
         if gammas is None:
             gammas = [4 if i == proposer_order[0] else 1 for i in range(n)]
-        gammas = list(gammas)
-        if len(gammas) != n or any(not isinstance(g, int) or g < 1 for g in gammas):
-            raise ValueError(f"gammas must be {n} ints >= 1 (one per model), got {gammas}")
-        self.ensemble, self.method, self.gammas, self.order = ensemble, method, gammas, list(proposer_order)
+        if gammas == "auto":
+            speculative = method in ("ensemble_sd", "se")  # the other methods never draft
+            draft_lengths = (AutoGammas(measure_costs(runners, slot=0, max_k=MAX_GAMMA + 1)) if speculative
+                             else FixedGammas([1] * n))
+        elif isinstance(gammas, AutoGammas):
+            if len(gammas.costs) != n:
+                raise ValueError(f"AutoGammas has costs for {len(gammas.costs)} models, the engine runs {n}")
+            draft_lengths = gammas
+        else:
+            gammas = list(gammas) if isinstance(gammas, Sequence) and not isinstance(gammas, str) else gammas
+            if not isinstance(gammas, list) or len(gammas) != n or any(not isinstance(g, int) or g < 1 for g in gammas):
+                raise ValueError(f"gammas must be 'auto' or {n} ints >= 1 (one per model), got {gammas!r}")
+            draft_lengths = FixedGammas(gammas)
+        self.ensemble, self.method, self.order = ensemble, method, list(proposer_order)
         self.tokenizer = self.models[0].tokenizer
         self.max_len = min(m.runner.max_len for m in self.models)
-        self.scheduler = Scheduler([m.runner for m in self.models], ensemble, method, gammas, self.order, sampler,
+        self.scheduler = Scheduler(runners, ensemble, method, draft_lengths, self.order, sampler,
                                    max_batch=max_batch or capacity)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
@@ -128,10 +142,10 @@ class Engine:
         vocab = self.models[0].runner.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
-        need = len(ids) + params.max_new_tokens + max(self.gammas) + 1
-        if need > self.max_len:
+        draft_slots = self.scheduler.draft_lengths.max_gamma + 1
+        if len(ids) + params.max_new_tokens + draft_slots > self.max_len:
             raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens={params.max_new_tokens} (+ "
-                             f"{max(self.gammas) + 1} draft slots) exceeds max_len={self.max_len}")
+                             f"{draft_slots} draft slots) exceeds max_len={self.max_len}")
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos and self.tokenizer.eos_token_id is not None:
             stop_ids.add(self.tokenizer.eos_token_id)

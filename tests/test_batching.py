@@ -9,6 +9,7 @@ import torch
 from se_engine import load_model
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
+from se_engine.gamma import AutoGammas, ForwardCost
 from se_engine.sampling import SamplingParams
 
 NAMES = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep"]
@@ -61,13 +62,14 @@ def test_greedy_batch_equals_each_alone(tiny, spec, n, method, gammas):
     assert sum(len(t) < p.max_new_tokens for t, p in zip(batched, params)) >= 8, "stop tokens were not hit"
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_seeded_sampling_ignores_batch_composition_and_order(tiny, n):
+@pytest.mark.parametrize("n,auto", [(2, False), (3, False), (2, True)], ids=["2", "3", "2-auto-gammas"])
+def test_seeded_sampling_ignores_batch_composition_and_order(tiny, n, auto):
     """Counter-based randomness keyed on (seed, position): the same tokens alone, in a batch, and
-    in a shuffled batch of fewer slots (so that other requests wait and join mid-way)."""
+    in a shuffled batch of fewer slots (so that other requests wait and join mid-way). Automatic
+    draft lengths depend only on the sequence's own history (and fixed costs), so they too."""
     spec = EnsembleSpec.weighted([1.0] * n)
     prompts, params = mixed_requests(12, seed=10 + n, temperature=1.0)
-    gammas = [2, 1, 3][:n]
+    gammas = AutoGammas([ForwardCost(0.01, 0.001), ForwardCost(0.1, 0.004)]) if auto else [2, 1, 3][:n]
     solo = alone(tiny[:n], spec, "se", gammas, prompts, params)
     batched = Engine(tiny[:n], spec, "se", gammas).generate(prompts, params)
     assert [r.token_ids for r in batched] == solo

@@ -11,6 +11,7 @@ from se_engine import load_model
 from se_engine.decode import Scheduler
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
+from se_engine.gamma import AutoGammas, ForwardCost
 from se_engine.runner import LoadedModel
 from se_engine.sampling import STREAM_DRAFT, SamplingParams
 from se_engine.sources import tiny_random_model, tiny_tokenizer
@@ -159,6 +160,15 @@ SAMPLING = [
 def test_sampled_tokens_follow_the_ensemble(small, spec, params, method, gammas):
     probs = exact_joint(small, spec, params)
     pvalue, stat, df = chi_square_pvalue(draw(small, spec, method, gammas, params), probs)
+    assert pvalue > ALPHA, f"chi2={stat:.1f} df={df} p={pvalue:.2e}"
+
+
+@pytest.mark.parametrize("spec,params", SAMPLING[1:], ids=["weighted-topk-topp", "contrastive-topp"])
+def test_sampled_tokens_follow_the_ensemble_with_auto_gammas(small, spec, params):
+    """Draft lengths chosen per proposal from each sequence's acceptance so far."""
+    auto = AutoGammas([ForwardCost(0.01, 0.001), ForwardCost(0.1, 0.004)], max_gamma=3)
+    probs = exact_joint(small, spec, params)
+    pvalue, stat, df = chi_square_pvalue(draw(small, spec, "se", auto, params), probs)
     assert pvalue > ALPHA, f"chi2={stat:.1f} df={df} p={pvalue:.2e}"
 
 

@@ -1,0 +1,114 @@
+"""Draft lengths: a fixed gamma per model, or one chosen per proposal from measured costs ("auto").
+
+Auto: before model m proposes for a sequence, it picks the gamma that maximises the expected tokens
+per second of that proposal and its verification (the segment of the alternate-proposal cycle):
+
+    tokens(g) = (1 - a^g) / (1 - a)        accepted drafts, or the recovered token at a rejection
+                + a^g          (ensemble_sd: after a full accept a token is drawn from r at once)
+    time(g)   = (g - free) c_m(1) + sum_{o in scorers} c_o(k_o + g)
+                + c_m(1)       (ensemble_sd: m also feeds its last draft, to score it)
+
+    a        the sequence's acceptance rate of m's drafts, smoothed (discounted counts, prior PRIOR)
+    free     1 if m already holds logits at the frontier (it has just scored a fully accepted
+             segment, so its first draft needs no forward), else 0
+    c_x(k)   model x's forward time over k query tokens, measured at start-up (fixed + per token)
+    k_o      positions scorer o must feed besides the new drafts (pending drafts, the last commit)
+
+The rate is myopic: a full accept also spares the next proposer a forward (its free first draft),
+which this segment does not count; that proposal counts it through its own ``free``.
+
+Exactness does not depend on the choice: a draft length decided from the sequence's past (its own
+acceptance history) and fixed costs leaves every verified position's law unchanged. Costs are
+measured once, not refreshed while serving, and acceptance is per sequence: so a seeded request
+emits the same tokens whatever else is in the batch (reproducible across runs given the same costs:
+pass ``AutoGammas(costs)``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+from .runner import Runner
+
+PRIOR = (0.8, 2.0)  # acceptance prior: mean, weight in pseudo-drafts
+DECAY = 0.8         # weight of older verifications in the smoothed acceptance rate
+MAX_GAMMA = 8
+
+
+@dataclass(frozen=True)
+class ForwardCost:
+    """c(k) = fixed_s + per_token_s * k: one forward of a model over k query tokens (batch 1)."""
+    fixed_s: float
+    per_token_s: float
+
+    def __call__(self, k: int) -> float:
+        return self.fixed_s + self.per_token_s * k
+
+
+def measure_costs(runners: list[Runner], slot: int, max_k: int, context: int = 64, reps: int = 5) -> list[ForwardCost]:
+    """Times each model over 1 and max_k query tokens after a context-token prefix, in cache slot
+    ``slot`` (left empty afterwards); medians of ``reps`` runs."""
+    costs = []
+    for runner in runners:
+        prefix = [i % runner.vocab_size for i in range(1, context + 1)]
+        times = {}
+        for k in (1, max_k):
+            runner.truncate([slot], [0])
+            runner.forward([slot], [prefix], [1])  # also warms the runner up
+            samples = []
+            for _ in range(reps):
+                runner.truncate([slot], [context])
+                start = time.perf_counter()
+                runner.forward([slot], [prefix[:k]], [k])
+                samples.append(time.perf_counter() - start)
+            times[k] = statistics.median(samples)
+        runner.truncate([slot], [0])
+        per_token = max(0.0, (times[max_k] - times[1]) / (max_k - 1))
+        costs.append(ForwardCost(times[1] - per_token, per_token))
+    return costs
+
+
+class FixedGammas:
+    """gamma_m drafts whenever model m proposes."""
+
+    def __init__(self, gammas: list[int]):
+        self.gammas = gammas
+        self.max_gamma = max(gammas)
+
+    def choose(self, m: int, acceptance: list[float], free: bool, scorers: dict[int, int], method: str) -> int:
+        return self.gammas[m]
+
+
+class AutoGammas:
+    """The gamma maximising expected tokens per second of each proposal (module docstring)."""
+
+    def __init__(self, costs: list[ForwardCost], max_gamma: int = MAX_GAMMA):
+        if max_gamma < 1:
+            raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
+        self.costs, self.max_gamma = costs, max_gamma
+
+    def choose(self, m: int, acceptance: list[float], free: bool, scorers: dict[int, int], method: str) -> int:
+        """acceptance: smoothed [accepted, tested] of m's drafts; scorers: the other models that
+        score the drafts -> k_o."""
+        accepted, tested = acceptance
+        a = min((accepted + PRIOR[0] * PRIOR[1]) / (tested + PRIOR[1]), 0.999)
+        best, best_rate = 1, 0.0
+        for g in range(1, self.max_gamma + 1):
+            full = a ** g
+            tokens = (1 - full) / (1 - a) + (full if method == "ensemble_sd" else 0.0)
+            drafting = g - free + (method == "ensemble_sd")  # there m also feeds its last draft
+            seconds = drafting * self.costs[m](1) + sum(self.costs[o](k + g) for o, k in scorers.items())
+            if tokens / seconds > best_rate:
+                best, best_rate = g, tokens / seconds
+        return best
+
+
+DraftLengths = FixedGammas | AutoGammas
+
+
+def observe(acceptance: list[float], tested: int, accepted: int) -> None:
+    """Folds one verification's outcome for one proposer into its discounted counts, in place."""
+    acceptance[0] = DECAY * acceptance[0] + accepted
+    acceptance[1] = DECAY * acceptance[1] + tested

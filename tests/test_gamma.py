@@ -1,0 +1,69 @@
+"""Automatic draft lengths: the choice follows costs and acceptance, and decoding stays exact."""
+
+import pytest
+import torch
+
+from se_engine import load_model
+from se_engine.engine import Engine
+from se_engine.ensemble import EnsembleSpec
+from se_engine.gamma import AutoGammas, ForwardCost, measure_costs, observe
+from se_engine.sampling import SamplingParams
+
+NAMES = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep"]
+CHEAP, DEAR = ForwardCost(0.010, 0.001), ForwardCost(0.100, 0.004)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return [load_model(n, dtype=torch.float32, max_batch=4, max_len=160) for n in NAMES]
+
+
+def acceptance(accepted: int, tested: int) -> list[float]:
+    counts = [0.0, 0.0]
+    observe(counts, tested, accepted)
+    return counts
+
+
+def test_auto_gamma_follows_costs_and_acceptance():
+    auto = AutoGammas([CHEAP, DEAR])
+    cheap_proposer = [auto.choose(0, acceptance(a, 20), False, {1: 1}, "se") for a in (20, 16, 10, 2)]
+    assert cheap_proposer == sorted(cheap_proposer, reverse=True), "more acceptance, longer drafts"
+    assert cheap_proposer[0] >= 6 and cheap_proposer[-1] <= 2, cheap_proposer
+    # The dear model drafts once, where its first draft is free, and never pays for a second.
+    assert auto.choose(1, acceptance(20, 20), True, {0: 1}, "se") == 1
+    # Equal costs and poor acceptance: a scoring forward per token is the best there is.
+    assert AutoGammas([DEAR, DEAR]).choose(0, acceptance(2, 20), False, {1: 1}, "se") == 1
+    with pytest.raises(ValueError, match="max_gamma"):
+        AutoGammas([CHEAP, DEAR], max_gamma=0)
+
+
+def test_measure_costs_leaves_the_slot_empty(tiny):
+    costs = measure_costs([m.runner for m in tiny[:2]], slot=1, max_k=5, context=16, reps=2)
+    assert all(c(1) > 0 and c(5) >= c(1) for c in costs)
+    assert all(m.runner.lengths[1] == 0 for m in tiny[:2])
+
+
+@pytest.mark.parametrize("method", ["se", "ensemble_sd"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_greedy_identity_with_auto_gammas(tiny, method, n):
+    spec = EnsembleSpec.weighted([1.0] * n)
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    prompts = [[5, 17, 99, 3], [200, 1], [7] * 12]
+    expected = [r.token_ids for r in Engine(tiny[:n], spec, "ensemble").generate(prompts, params)]
+    engine = Engine(tiny[:n], spec, method, AutoGammas([CHEAP, DEAR, DEAR][:n]))
+    results = engine.generate(prompts, params)
+    assert [r.token_ids for r in results] == expected
+    lengths = {g for r in results for _, g in r.metrics.draft_lengths}
+    assert len(lengths) > 1, "the draft lengths never changed"
+    assert all(g == 1 for r in results for m, g in r.metrics.draft_lengths if m != 0)
+
+
+def test_engine_measures_costs_for_auto(tiny):
+    engine = Engine(tiny[:2], None, "se", "auto")
+    assert len(engine.scheduler.draft_lengths.costs) == 2
+    result = engine.generate([1, 2, 3], SamplingParams(max_new_tokens=12, seed=0))[0]
+    assert result.metrics.draft_lengths and result.metrics.mean_draft_length[0] is not None
+    with pytest.raises(ValueError, match="gammas must be 'auto' or 2 ints"):
+        Engine(tiny[:2], None, "se", "fast")
+    with pytest.raises(ValueError, match="AutoGammas has costs for 3 models"):
+        Engine(tiny[:2], None, "se", AutoGammas([CHEAP, DEAR, DEAR]))

@@ -51,6 +51,9 @@ def _only(*allowed: Any) -> Any:
     return Annotated[Any, AfterValidator(check)]
 
 
+_Stop = Annotated[str, Field(min_length=1)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -67,7 +70,7 @@ class _SamplingRequest(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="0: off")
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
+    stop: _Stop | list[_Stop] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63, description="choice i uses seed + i")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -139,8 +142,9 @@ async def _error_response(_: Request, exc: Exception) -> JSONResponse:
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
-    """The first problem of a request that failed to parse, named by its field path."""
-    err = exc.errors()[0]
+    """One problem of a request that failed to parse, named by its field path: the deepest, which for
+    a value that matches no member of a union is the member it came closest to."""
+    err = max(exc.errors(), key=lambda e: len(e["loc"]))
     if err["type"] == "json_invalid":
         return APIError(f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}")
     loc = [str(part) for part in err["loc"][1:]]  # drop "body"
@@ -406,6 +410,7 @@ def _prometheus(engine: AsyncEngine) -> str:
         lines += [f"# HELP se_engine_{name} {help_text}.", f"# TYPE se_engine_{name} {kind}"]
         for labels, value, *suffix in samples:
             label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+            value = "NaN" if value != value else value  # the spelling Prometheus expects
             lines.append(f"se_engine_{name}{''.join(suffix)}{'{' + label_text + '}' if labels else ''} {value}")
     return "\n".join(lines) + "\n"
 

@@ -65,7 +65,7 @@ def cmd_serve(args) -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     engine = Engine(args.models, _ensemble(args), args.method, args.gammas, max_batch=args.max_batch,
                     max_len=args.max_len, dtype=dtype, device=args.device)
-    serve(engine, args.host, args.port, args.served_model_name)
+    serve(engine, args.host, args.port, args.served_model_name, args.log_level)
 
 
 def cmd_demo(args) -> None:
@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", help="the model id clients send (default: the model names joined by +)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn's; info logs every request")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="real Qwen2.5-Coder 0.5B + 1.5B: SE vs the standard ensemble")

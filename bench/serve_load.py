@@ -139,6 +139,7 @@ def check(records: list[dict], sent: int, before: dict, after: dict) -> dict[str
 
 def markdown(result: dict) -> str:
     lat, rss = result["latency_s"], result["rss_mb"]
+    rss_row = " / ".join(f"{rss[k]:.0f}" for k in ("start", "baseline", "peak", "after"))
     acceptance = ", ".join(f"{m} {r:.2f}" for m, r in result["acceptance_rate"].items())
     checks = "\n".join(f"| {name} | {'yes' if ok else '**NO**'} |" for name, ok in result["checks"].items())
     return f"""# Serving under load: `se-engine serve` on loopback
@@ -161,7 +162,7 @@ def markdown(result: dict) -> str:
 | latency p50 / p90 / p99 / max | {lat['p50']:.3f} / {lat['p90']:.3f} / {lat['p99']:.3f} / {lat['max']:.3f} s |
 | time to first token, streams, p50 / p99 | {result['ttft_s']['p50']:.3f} / {result['ttft_s']['p99']:.3f} s |
 | server acceptance rate per model | {acceptance} |
-| server RSS: after start / after warm-up (baseline) / peak / after the load | {rss['start']:.0f} / {rss['baseline']:.0f} / {rss['peak']:.0f} / {rss['after']:.0f} MB |
+| server RSS: after start / after warm-up (baseline) / peak / after the load | {rss_row} MB |
 """
 
 

@@ -11,8 +11,8 @@ engine computes and new requests join the running batch at the next tick (contin
         print(out.text, end="")
     engine.close()
 
-Leaving the ``async for`` early (break, an exception, the task being cancelled) aborts the request
-and frees its cache slot.
+Closing the generator early aborts the request and frees its cache slot: ``aclose()``, an exception
+or a cancellation inside the ``async for``, or (after a ``break``) Python collecting it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from .engine import Engine, Prompt, RequestOutput
@@ -67,7 +68,7 @@ class AsyncEngine:
         self.stats = ServingStats(drafts_tested=[0] * n, drafts_accepted=[0] * n)
         # (batch, requests): submit them; (batch, None): abort what is left of the batch; None: close.
         self._commands: queue.SimpleQueue[tuple[_Batch, _Requests | None] | None] = queue.SimpleQueue()
-        self._live: dict[int, tuple[_Batch, int]] = {}  # engine request id -> (batch, index); engine thread only
+        self._live: dict[int, tuple[_Batch, int]] = {}  # engine request id -> (batch, index); engine thread writes
         self._lock = threading.Lock()  # a command is either posted before the thread stops, or refused
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="se-engine", daemon=True)
@@ -85,8 +86,9 @@ class AsyncEngine:
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
         """One request's outputs, tick by tick; the last one has ``finish_reason`` and ``result`` set.
         Raises ValueError if the engine rejects the request."""
-        async for _, out in self.generate_batch([(prompt, params or SamplingParams())]):
-            yield out
+        async with aclosing(self.generate_batch([(prompt, params or SamplingParams())])) as outputs:
+            async for _, out in outputs:
+                yield out
 
     async def generate_batch(self, requests: _Requests) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Submits requests together and yields (index into requests, output) as the engine commits

@@ -144,7 +144,9 @@ class Engine:
 
     def encode(self, prompt: Prompt) -> list[int]:
         """A prompt's token ids, as ``submit`` sees them (text is tokenized without special tokens)."""
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return list(prompt)
 
     def max_new_tokens(self, prompt_len: int) -> int:
         """The most new tokens a prompt of ``prompt_len`` tokens may ask for (< 1: the prompt does not fit):

@@ -128,17 +128,21 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
-async def _error_response(_: Request, exc: Exception) -> JSONResponse:
-    """Every error as OpenAI's error body. A ValueError is the engine refusing the request."""
+def _api_error(exc: Exception) -> APIError:
+    """Every error the handlers see, as OpenAI spells it. A ValueError is the engine refusing a request."""
+    if isinstance(exc, APIError):
+        return exc
     if isinstance(exc, RequestValidationError):
-        exc = _validation_error(exc)
-    elif isinstance(exc, HTTPException):  # unknown route, wrong method
-        exc = APIError(str(exc.detail), status=exc.status_code)
-    elif isinstance(exc, EngineDeadError):
-        exc = APIError(str(exc), status=503, type="server_error")
-    elif isinstance(exc, ValueError):
-        exc = APIError(str(exc))
-    return exc.response()
+        return _validation_error(exc)
+    if isinstance(exc, HTTPException):  # unknown route, wrong method
+        return APIError(str(exc.detail), status=exc.status_code)
+    if isinstance(exc, EngineDeadError):
+        return APIError(str(exc), status=503, type="server_error")
+    return APIError(str(exc))
+
+
+async def _error_response(_: Request, exc: Exception) -> JSONResponse:
+    return _api_error(exc).response()
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -201,8 +205,9 @@ class OpenAIServer:
     """The request handlers over one AsyncEngine; ``app`` is the ASGI application."""
 
     def __init__(self, engine: AsyncEngine, model_name: str | None = None):
-        self.engine = engine
-        self.model_name = model_name or "+".join(m.name for m in engine.engine.models)
+        self.async_engine = engine
+        self.engine = engine.engine  # read here only for what never changes: tokenizer, context, vocabulary
+        self.model_name = model_name or "+".join(m.name for m in self.engine.models)
         self.created = int(time.time())
         app = self.app = FastAPI(title="se_engine", description="OpenAI-compatible speculative ensemble server")
         app.post("/v1/completions")(self.completions)
@@ -219,13 +224,11 @@ class OpenAIServer:
         prompts = [body.prompt] if isinstance(body.prompt, str) or _is_ids(body.prompt) else body.prompt
         if not prompts:
             raise APIError("prompt: must not be empty", param="prompt")
-        ids = [self.engine.engine.encode(p) for p in prompts]
-        if body.logprobs is not None and body.stream:
-            raise APIError("logprobs are only returned by non-streaming requests", param="logprobs")
+        ids = [self.engine.encode(p) for p in prompts]
         return await self._serve(request, body, ids, body.max_tokens, body.logprobs is not None, COMPLETION)
 
     async def chat_completions(self, body: ChatRequest, request: Request) -> Response:
-        tokenizer = self.engine.engine.tokenizer
+        tokenizer = self.engine.tokenizer
         if tokenizer.chat_template is None:
             raise APIError(f"model {self.model_name!r} has no chat template: use /v1/completions",
                            param="messages", code="no_chat_template")
@@ -236,25 +239,23 @@ class OpenAIServer:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except TemplateError as e:  # e.g. a template that insists on alternating roles
             raise APIError(f"messages: the chat template refused them: {e}", param="messages") from e
-        if body.logprobs and body.stream:
-            raise APIError("logprobs are only returned by non-streaming requests", param="logprobs")
         max_tokens = body.max_completion_tokens or body.max_tokens  # None: up to the context's end
-        return await self._serve(request, body, [self.engine.engine.encode(text)], max_tokens, body.logprobs, CHAT)
+        return await self._serve(request, body, [self.engine.encode(text)], max_tokens, body.logprobs, CHAT)
 
     async def models(self) -> dict:
-        e = self.engine.engine
+        e = self.engine
         return {"object": "list", "data": [{
             "id": self.model_name, "object": "model", "created": self.created, "owned_by": "se_engine",
             "max_model_len": e.max_len,
             "ensemble": {"models": [m.name for m in e.models], "method": e.method, "gammas": e.gammas}}]}
 
     async def health(self) -> Response:
-        if not self.engine.alive:
+        if not self.async_engine.alive:
             raise EngineDeadError("the engine is not running")
         return JSONResponse({"status": "ok"})
 
     async def metrics(self) -> Response:
-        return Response(_prometheus(self.engine), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(_prometheus(self.async_engine), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # ------------------------------------------------------------ serving one request
 
@@ -265,11 +266,13 @@ class OpenAIServer:
                            status=404, param="model", code="model_not_found")
         if body.stream_options is not None and not body.stream:
             raise APIError("stream_options: only allowed with stream=true", param="stream_options")
+        if logprobs and body.stream:
+            raise APIError("logprobs are only returned by non-streaming requests", param="logprobs")
         requests = []
         for ids in prompts:
             params = self._params(body, ids, max_tokens, logprobs, fmt)
             requests += [(ids, p) for p in params]
-        outputs = self.engine.generate_batch(requests)
+        outputs = self.async_engine.generate_batch(requests)
         prompt_tokens = sum(len(ids) for ids in prompts)
         response_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
         if body.stream:
@@ -280,7 +283,7 @@ class OpenAIServer:
         results = await _unless_disconnected(request, _collect(outputs, len(requests)))
         if results is None:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
-        tokenizer = self.engine.engine.tokenizer
+        tokenizer = self.engine.tokenizer
         completion_tokens = sum(len(r.token_ids) for r in results)
         return JSONResponse({
             "id": response_id, "object": fmt.object, "created": int(time.time()), "model": self.model_name,
@@ -290,7 +293,7 @@ class OpenAIServer:
     def _params(self, body: _SamplingRequest, ids: list[int], max_tokens: int | None, logprobs: bool,
                 fmt: _Format) -> list[SamplingParams]:
         """One SamplingParams per choice; the prompt's length checked against the context first."""
-        engine = self.engine.engine
+        engine = self.engine
         prompt_param = "messages" if fmt is CHAT else "prompt"
         if not ids:
             raise APIError(f"{prompt_param}: must not be empty", param=prompt_param)
@@ -332,8 +335,7 @@ class OpenAIServer:
                 if out.result is not None:
                     completion_tokens += len(out.result.token_ids)
         except (ValueError, EngineDeadError) as e:  # the status line has gone: report in the stream
-            error = APIError(str(e)) if isinstance(e, ValueError) else APIError(str(e), status=503, type="server_error")
-            yield _sse(error.body())
+            yield _sse(_api_error(e).body())
         else:
             if prompt_tokens is not None:
                 yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})

@@ -141,7 +141,7 @@ class AsyncEngine:
             if (command := self._commands.get()) is not None and command[1] is not None:
                 batches.add(command[0])
         for batch in batches:
-            batch.loop.call_soon_threadsafe(batch.queue.put_nowait, error)
+            _send(batch, error)
         self._live.clear()
 
     def _apply_commands(self) -> bool:
@@ -171,7 +171,7 @@ class AsyncEngine:
         except Exception as e:  # bad input: nothing of this batch runs
             for request_id in batch.ids:
                 self.engine.abort(request_id)
-            batch.loop.call_soon_threadsafe(batch.queue.put_nowait, e)
+            _send(batch, e)
             return
         for index, request_id in enumerate(batch.ids):
             self._live[request_id] = (batch, index)
@@ -195,7 +195,20 @@ class AsyncEngine:
                 stats.latency_s += m.wall_s
                 stats.drafts_tested = [a + b for a, b in zip(stats.drafts_tested, m.drafts_tested)]
                 stats.drafts_accepted = [a + b for a, b in zip(stats.drafts_accepted, m.drafts_accepted)]
-            batch, index = self._live[out.request_id]
+            if (live := self._live.get(out.request_id)) is None:
+                continue  # its batch was dropped earlier in this tick
+            batch, index = live
             if out.finish_reason is not None:
                 del self._live[out.request_id]
-            batch.loop.call_soon_threadsafe(batch.queue.put_nowait, (index, out))
+            if not _send(batch, (index, out)):
+                self._abort(batch)
+
+
+def _send(batch: _Batch, item: object) -> bool:
+    """Hands an item to the caller's event loop; False if that loop has closed (nobody will read the batch,
+    e.g. asyncio.run returned while a generator was left open)."""
+    try:
+        batch.loop.call_soon_threadsafe(batch.queue.put_nowait, item)
+    except RuntimeError:
+        return False
+    return True

@@ -294,7 +294,7 @@ def test_non_streaming_disconnect_aborts_the_request(server):
     before = _aborted(server)
     with pytest.raises(httpx.ReadTimeout):
         server.http.post("/v1/completions", json={"prompt": "go on", "max_tokens": 500, "ignore_eos": True},
-                         timeout=0.3)
+                         timeout=0.15)
     wait_idle(server)
     assert _aborted(server) == before + 1
     assert_serving(server)
@@ -360,3 +360,25 @@ def test_async_engine_in_process(reference):
 
     with pytest.raises(EngineDeadError):
         asyncio.run(after_close())
+
+
+def test_async_engine_outlives_a_closed_event_loop(reference):
+    """A caller whose event loop closes with a request still open must not take the engine down."""
+    engine = AsyncEngine(reference)
+    loop = asyncio.new_event_loop()
+    outputs = engine.generate("abandoned", SamplingParams(max_new_tokens=200, ignore_eos=True))
+    loop.run_until_complete(outputs.__anext__())
+    loop.close()  # without closing the generator: its request is still in the engine
+    try:
+        deadline = time.monotonic() + 10
+        while engine.num_unfinished:  # the next output finds the loop closed and aborts the request
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert engine.alive and engine.stats.aborted == 1
+
+        async def fresh() -> list:
+            return [out async for out in engine.generate("again", SamplingParams(temperature=0, max_new_tokens=4))]
+
+        assert asyncio.run(fresh())[-1].result.metrics.tokens == 4
+    finally:
+        engine.close()

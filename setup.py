@@ -31,7 +31,7 @@ def kv_extension():
                         extra_link_args=openmp)
 
 
-SERVER = ["fastapi>=0.110", "uvicorn>=0.23"]  # se-engine serve; the engine itself does not need them
+SERVER = ["fastapi>=0.110", "uvicorn>=0.23", "jinja2"]  # se-engine serve (jinja2: chat templates); not the engine
 
 setup(
     name="se_engine",

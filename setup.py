@@ -31,6 +31,8 @@ def kv_extension():
                         extra_link_args=openmp)
 
 
+SERVER = ["fastapi>=0.110", "uvicorn>=0.23", "jinja2"]  # se-engine serve (jinja2: chat templates); not the engine
+
 setup(
     name="se_engine",
     version="0.1.0",
@@ -49,7 +51,10 @@ setup(
         "tqdm",
         "numpy",
     ],
-    extras_require={"dev": ["pytest>=8", "scipy"]},
+    extras_require={
+        "server": SERVER,
+        "dev": ["pytest>=8", "scipy", *SERVER, "openai>=1.0", "httpx"],
+    },
     entry_points={"console_scripts": ["se-engine=se_engine.cli:main"]},
     ext_modules=[kv_extension()],
     cmdclass={"build_ext": BuildExtension},

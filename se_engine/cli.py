@@ -1,9 +1,11 @@
-"""``se-engine``: generate with any method, or run the demo (the README's main job)."""
+"""``se-engine``: generate with any method, serve an OpenAI-compatible API, or run the demo (the README's main job)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+import torch
 
 from .decode import METHODS
 from .engine import Engine, GenerationResult
@@ -58,11 +60,25 @@ def _gamma(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"a draft length is an int or 'auto', got {value!r}") from None
 
 
+def _gammas(args) -> list[int] | str | None:
+    return "auto" if args.gammas == ["auto"] else args.gammas
+
+
 def cmd_generate(args) -> None:
-    gammas = "auto" if args.gammas == ["auto"] else args.gammas
-    engine = Engine(args.models, _ensemble(args), args.method, gammas, max_len=args.max_len)
+    engine = Engine(args.models, _ensemble(args), args.method, _gammas(args), max_len=args.max_len)
     prompt = _prompt(engine, args.prompt, args.chat)
     _report(args.method, _print_stream(engine, prompt, _params(args)))
+
+
+def cmd_serve(args) -> None:
+    try:
+        from .server import serve
+    except ImportError as e:  # the engine itself does not need the HTTP stack
+        raise SEEngineError(f"se-engine serve needs {e.name}: pip install 'se_engine[server]'") from e
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    engine = Engine(args.models, _ensemble(args), args.method, _gammas(args), max_batch=args.max_batch,
+                    max_len=args.max_len, dtype=dtype, device=args.device)
+    serve(engine, args.host, args.port, args.served_model_name, args.log_level)
 
 
 def cmd_demo(args) -> None:
@@ -95,16 +111,32 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--stop", action="append", help="stop string (repeatable)")
         p.add_argument("--max-len", type=int, default=2048, help="KV cache capacity per model")
 
+    def engine_args(p):
+        p.add_argument("--models", nargs="+", required=True, help="names, .gguf files or transformers directories")
+        p.add_argument("--method", choices=METHODS, default="se")
+        p.add_argument("--gammas", nargs="+", type=_gamma, help="draft length per model, in model order, or 'auto'")
+        p.add_argument("--weights", type=float, nargs="+", help="weighted ensemble (normalised to sum 1)")
+        p.add_argument("--contrastive", type=float, metavar="ALPHA", help="l_first - ALPHA * l_second")
+
     g = sub.add_parser("generate", help="generate text from a prompt")
-    g.add_argument("--models", nargs="+", required=True, help="names, .gguf files or transformers directories")
-    g.add_argument("--method", choices=METHODS, default="se")
-    g.add_argument("--gammas", nargs="+", type=_gamma, help="draft length per model, in model order, or 'auto'")
-    g.add_argument("--weights", type=float, nargs="+", help="weighted ensemble (normalised to sum 1)")
-    g.add_argument("--contrastive", type=float, metavar="ALPHA", help="l_first - ALPHA * l_second")
+    engine_args(g)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the models' chat template")
     g.add_argument("--prompt", required=True)
     sampling_args(g)
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the server extra)")
+    engine_args(s)
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded at once; more requests queue")
+    s.add_argument("--max-len", type=int, default=2048, help="KV cache capacity per sequence (the context)")
+    s.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", help="the model id clients send (default: the model names joined by +)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn's; info logs every request")
+    s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="real Qwen2.5-Coder 0.5B + 1.5B: SE vs the standard ensemble")
     d.add_argument("--prompt", default=DEMO_PROMPT)

@@ -124,6 +124,7 @@ class Engine:
                 raise ValueError(f"gammas must be 'auto' or {n} ints >= 1 (one per model), got {gammas!r}")
             draft_lengths = FixedGammas(gammas)
         self.ensemble, self.method, self.order = ensemble, method, list(proposer_order)
+        self.gammas = draft_lengths.gammas if isinstance(draft_lengths, FixedGammas) else "auto"
         self.tokenizer = self.models[0].tokenizer
         self.max_len = min(m.runner.max_len for m in self.models)
         self.scheduler = Scheduler(runners, ensemble, method, draft_lengths, self.order, sampler,
@@ -136,16 +137,15 @@ class Engine:
     def submit(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
         """Queues a request (validated here) and returns its id; ``step`` decodes it."""
         params = params or SamplingParams()
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        ids = self.encode(prompt)
         if not ids:
             raise ValueError("prompt is empty")
         vocab = self.models[0].runner.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
-        draft_slots = self.scheduler.draft_lengths.max_gamma + 1
-        if len(ids) + params.max_new_tokens + draft_slots > self.max_len:
+        if params.max_new_tokens > self.max_new_tokens(len(ids)):
             raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens={params.max_new_tokens} (+ "
-                             f"{draft_slots} draft slots) exceeds max_len={self.max_len}")
+                             f"{self.scheduler.draft_lengths.max_gamma + 1} draft slots) exceeds max_len={self.max_len}")
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos and self.tokenizer.eos_token_id is not None:
             stop_ids.add(self.tokenizer.eos_token_id)
@@ -156,6 +156,17 @@ class Engine:
         self._requests[request_id] = _Request(seq, params.stop, time.perf_counter())
         self.scheduler.add(seq)
         return request_id
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """A prompt's token ids, as ``submit`` sees them (text is tokenized without special tokens)."""
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return list(prompt)
+
+    def max_new_tokens(self, prompt_len: int) -> int:
+        """The most new tokens a prompt of ``prompt_len`` tokens may ask for (< 1: the prompt does not fit):
+        the cache holds the prompt, the new tokens and the draft slots of one speculative step."""
+        return self.max_len - prompt_len - self.scheduler.draft_lengths.max_gamma - 1
 
     def abort(self, request_id: int) -> None:
         """Cancels a waiting or running request and frees its slot (unknown or finished ids: no-op)."""

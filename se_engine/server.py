@@ -1,0 +1,433 @@
+"""An OpenAI-compatible HTTP server over ``AsyncEngine``.
+
+    se-engine serve --models A B --method se --gammas 4 1 --max-batch 8 --port 8000
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (streaming by server-sent events),
+GET /v1/models, GET /health, GET /metrics (Prometheus text format). Every request joins the engine's
+queue and is decoded in the running batch (continuous batching). Bad requests get OpenAI's error
+body ``{"error": {"message", "type", "param", "code"}}`` with status 400 (404 for an unknown model);
+fields this server does not implement are refused unless they carry their no-op value, so a request
+never silently means something else. A client that disconnects has its requests aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException
+
+from .async_engine import AsyncEngine, EngineDeadError
+from .engine import Engine, GenerationResult
+from .sampling import SamplingParams
+
+MAX_N = 16  # choices per prompt: a bound on how much one request can queue
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- request schemas
+
+def _only(*allowed: Any) -> Any:
+    """An OpenAI field this server does not implement: accepted at its no-op values (clients send
+    them), refused otherwise."""
+    def check(value: Any) -> Any:
+        if value not in allowed:
+            raise PydanticCustomError("unsupported", "only {allowed} is supported by this server",
+                                      {"allowed": " or ".join(json.dumps(a) for a in allowed)})
+        return value
+    return Annotated[Any, AfterValidator(check)]
+
+
+_Stop = Annotated[str, Field(min_length=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Strict):
+    """Fields common to both endpoints. top_k and ignore_eos are extensions (as in vLLM)."""
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="0: off")
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: _Stop | list[_Stop] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63, description="choice i uses seed + i")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    user: str | None = None  # accepted for compatibility, unused
+    frequency_penalty: _only(0, None) = None
+    presence_penalty: _only(0, None) = None
+    logit_bias: _only(None, {}) = None
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: _only(None, 0) = None  # 0: the sampled tokens' logprobs, no alternatives
+    echo: _only(False, None) = None
+    suffix: _only(None, "") = None
+    best_of: _only(None, 1) = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class ChatRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: _only(None, 0) = None
+    tools: _only(None, []) = None
+    tool_choice: _only(None, "none") = None
+    response_format: _only(None, {"type": "text"}) = None
+
+
+# ---------------------------------------------------------------- errors
+
+class APIError(Exception):
+    """An OpenAI-style error response."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.type = status, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _api_error(exc: Exception) -> APIError:
+    """Every error the handlers see, as OpenAI spells it. A ValueError is the engine refusing a request."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return _validation_error(exc)
+    if isinstance(exc, HTTPException):  # unknown route, wrong method
+        return APIError(str(exc.detail), status=exc.status_code)
+    if isinstance(exc, EngineDeadError):
+        return APIError(str(exc), status=503, type="server_error")
+    return APIError(str(exc))
+
+
+async def _error_response(_: Request, exc: Exception) -> JSONResponse:
+    return _api_error(exc).response()
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    """One problem of a request that failed to parse, named by its field path: the deepest, which for
+    a value that matches no member of a union is the member it came closest to."""
+    err = max(exc.errors(), key=lambda e: len(e["loc"]))
+    if err["type"] == "json_invalid":
+        return APIError(f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}")
+    loc = [str(part) for part in err["loc"][1:]]  # drop "body"
+    path = ".".join(loc) or "body"
+    message = f"unsupported field {path!r}" if err["type"] == "extra_forbidden" else f"{path}: {err['msg']}"
+    return APIError(message, param=loc[0] if loc else None)
+
+
+# ---------------------------------------------------------------- response formats
+
+@dataclass(frozen=True)
+class _Format:
+    """How one endpoint spells its responses."""
+    object: str
+    chunk_object: str
+    id_prefix: str
+    choice: Callable[[int, GenerationResult, Any], dict]  # (index, result, tokenizer) -> a choice
+    delta: Callable[[int, str, str | None], dict]          # (index, new text, finish_reason) -> a chunk choice
+
+
+def _completion_choice(index: int, result: GenerationResult, tokenizer: Any) -> dict:
+    logprobs = None
+    if result.logprobs is not None:
+        tokens = [tokenizer.decode([t]) for t in result.token_ids]
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        logprobs = {"tokens": tokens, "token_logprobs": result.logprobs, "top_logprobs": None, "text_offset": offsets}
+    return {"index": index, "text": result.text, "logprobs": logprobs, "finish_reason": result.finish_reason}
+
+
+def _chat_choice(index: int, result: GenerationResult, tokenizer: Any) -> dict:
+    logprobs = None
+    if result.logprobs is not None:
+        tokens = [tokenizer.decode([t]) for t in result.token_ids]
+        logprobs = {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                                for t, lp in zip(tokens, result.logprobs)]}
+    return {"index": index, "message": {"role": "assistant", "content": result.text}, "logprobs": logprobs,
+            "finish_reason": result.finish_reason}
+
+
+COMPLETION = _Format("text_completion", "text_completion", "cmpl", _completion_choice,
+                     lambda i, text, finish: {"index": i, "text": text, "logprobs": None, "finish_reason": finish})
+CHAT = _Format("chat.completion", "chat.completion.chunk", "chatcmpl", _chat_choice,
+               lambda i, text, finish: {"index": i, "delta": {"content": text} if text else {}, "logprobs": None,
+                                        "finish_reason": finish})
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+# ---------------------------------------------------------------- the app
+
+class OpenAIServer:
+    """The request handlers over one AsyncEngine; ``app`` is the ASGI application."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str | None = None):
+        self.async_engine = engine
+        self.engine = engine.engine  # read here only for what never changes: tokenizer, context, vocabulary
+        self.model_name = model_name or "+".join(m.name for m in self.engine.models)
+        self.created = int(time.time())
+        app = self.app = FastAPI(title="se_engine", description="OpenAI-compatible speculative ensemble server")
+        app.post("/v1/completions")(self.completions)
+        app.post("/v1/chat/completions")(self.chat_completions)
+        app.get("/v1/models")(self.models)
+        app.get("/health")(self.health)
+        app.get("/metrics")(self.metrics)
+        for exc in (APIError, RequestValidationError, HTTPException, ValueError, EngineDeadError):
+            app.exception_handler(exc)(_error_response)
+
+    # ------------------------------------------------------------ endpoints
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        prompts = [body.prompt] if isinstance(body.prompt, str) or _is_ids(body.prompt) else body.prompt
+        if not prompts:
+            raise APIError("prompt: must not be empty", param="prompt")
+        ids = [self.engine.encode(p) for p in prompts]
+        return await self._serve(request, body, ids, body.max_tokens, body.logprobs is not None, COMPLETION)
+
+    async def chat_completions(self, body: ChatRequest, request: Request) -> Response:
+        tokenizer = self.engine.tokenizer
+        if tokenizer.chat_template is None:
+            raise APIError(f"model {self.model_name!r} has no chat template: use /v1/completions",
+                           param="messages", code="no_chat_template")
+        messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
+                     "\n".join(part.text for part in m.content), **({"name": m.name} if m.name else {})}
+                    for m in body.messages]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as e:  # e.g. a template that insists on alternating roles
+            raise APIError(f"messages: the chat template refused them: {e}", param="messages") from e
+        max_tokens = body.max_completion_tokens or body.max_tokens  # None: up to the context's end
+        return await self._serve(request, body, [self.engine.encode(text)], max_tokens, body.logprobs, CHAT)
+
+    async def models(self) -> dict:
+        e = self.engine
+        return {"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": self.created, "owned_by": "se_engine",
+            "max_model_len": e.max_len,
+            "ensemble": {"models": [m.name for m in e.models], "method": e.method, "gammas": e.gammas}}]}
+
+    async def health(self) -> Response:
+        if not self.async_engine.alive:
+            raise EngineDeadError("the engine is not running")
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(self) -> Response:
+        return Response(_prometheus(self.async_engine), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # ------------------------------------------------------------ serving one request
+
+    async def _serve(self, request: Request, body: _SamplingRequest, prompts: list[list[int]],
+                     max_tokens: int | None, logprobs: bool, fmt: _Format) -> Response:
+        if body.model is not None and body.model != self.model_name:
+            raise APIError(f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                           status=404, param="model", code="model_not_found")
+        if body.stream_options is not None and not body.stream:
+            raise APIError("stream_options: only allowed with stream=true", param="stream_options")
+        if logprobs and body.stream:
+            raise APIError("logprobs are only returned by non-streaming requests", param="logprobs")
+        requests = []
+        for ids in prompts:
+            params = self._params(body, ids, max_tokens, logprobs, fmt)
+            requests += [(ids, p) for p in params]
+        outputs = self.async_engine.generate_batch(requests)
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        response_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._stream(outputs, len(requests), response_id, fmt,
+                                                  prompt_tokens if include_usage else None),
+                                     media_type="text/event-stream")
+        results = await _unless_disconnected(request, _collect(outputs, len(requests)))
+        if results is None:
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+        tokenizer = self.engine.tokenizer
+        completion_tokens = sum(len(r.token_ids) for r in results)
+        return JSONResponse({
+            "id": response_id, "object": fmt.object, "created": int(time.time()), "model": self.model_name,
+            "choices": [fmt.choice(i, r, tokenizer) for i, r in enumerate(results)],
+            "usage": _usage(prompt_tokens, completion_tokens)})
+
+    def _params(self, body: _SamplingRequest, ids: list[int], max_tokens: int | None, logprobs: bool,
+                fmt: _Format) -> list[SamplingParams]:
+        """One SamplingParams per choice; the prompt's length checked against the context first."""
+        engine = self.engine
+        prompt_param = "messages" if fmt is CHAT else "prompt"
+        if not ids:
+            raise APIError(f"{prompt_param}: must not be empty", param=prompt_param)
+        vocab = engine.models[0].runner.vocab_size
+        if not all(0 <= t < vocab for t in ids):
+            raise APIError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
+        room = engine.max_new_tokens(len(ids))
+        if room < 1:
+            raise APIError(f"the prompt has {len(ids)} tokens; this model's context of {engine.max_len} tokens takes "
+                           f"prompts of at most {len(ids) + room - 1}", param=prompt_param,
+                           code="context_length_exceeded")
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(f"max_tokens={max_tokens} is too large: this model's context is {engine.max_len} tokens and "
+                           f"the prompt has {len(ids)}, so at most {room} new tokens fit", param="max_tokens",
+                           code="context_length_exceeded")
+        try:
+            return [SamplingParams(
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+                seed=None if body.seed is None else body.seed + i, max_new_tokens=max_tokens or room,
+                stop=body.stop or (), ignore_eos=body.ignore_eos, logprobs=logprobs) for i in range(body.n)]
+        except ValueError as e:
+            raise APIError(str(e)) from e
+
+    async def _stream(self, outputs: AsyncIterator, count: int, response_id: str, fmt: _Format,
+                      prompt_tokens: int | None) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per choice and tick that produced text, a chunk with each
+        choice's finish_reason, the usage chunk if asked for, then [DONE]."""
+        head = {"id": response_id, "object": fmt.chunk_object, "created": int(time.time()), "model": self.model_name}
+        if fmt is CHAT:  # OpenAI opens every choice with the role
+            for i in range(count):
+                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]})
+        completion_tokens = 0
+        try:
+            async for index, out in outputs:
+                if out.text or out.finish_reason:
+                    yield _sse({**head, "choices": [fmt.delta(index, out.text, out.finish_reason)]})
+                if out.result is not None:
+                    completion_tokens += len(out.result.token_ids)
+        except (ValueError, EngineDeadError) as e:  # the status line has gone: report in the stream
+            yield _sse(_api_error(e).body())
+        else:
+            if prompt_tokens is not None:
+                yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+        yield _sse("[DONE]")
+
+
+def _is_ids(prompt: list) -> bool:
+    return bool(prompt) and isinstance(prompt[0], int)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _collect(outputs: AsyncIterator, count: int) -> list[GenerationResult]:
+    results: list[GenerationResult | None] = [None] * count
+    async for index, out in outputs:
+        if out.result is not None:
+            results[index] = out.result
+    return results
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Awaits a non-streaming request's work, or cancels it (aborting its engine requests) and returns
+    None if the client disconnects first. (Streaming responses get this from Starlette.)"""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait([task, watch], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        task.cancel()  # no-op once done
+    return None if task.cancelled() else task.result()
+
+
+# ---------------------------------------------------------------- metrics
+
+def _prometheus(engine: AsyncEngine) -> str:
+    """The serving counters in the Prometheus text format (version 0.0.4)."""
+    s, sched = engine.stats, engine.engine.scheduler
+    names = [m.name for m in engine.engine.models]
+    rates = [a / t if t else math.nan for a, t in zip(s.drafts_accepted, s.drafts_tested)]
+    finished = sum(s.finished.values())
+    families = [
+        ("requests_running", "gauge", "Requests holding a cache slot", [({}, len(sched.running))]),
+        ("requests_waiting", "gauge", "Requests queued for a cache slot", [({}, len(sched.waiting))]),
+        ("requests_finished_total", "counter", "Requests that finished, by finish_reason",
+         [({"finish_reason": r}, c) for r, c in s.finished.items()]),
+        ("requests_aborted_total", "counter", "Requests cancelled before finishing (client gone)",
+         [({}, s.aborted)]),
+        ("request_latency_seconds", "summary", "Submission to last token, finished requests",
+         [({}, s.latency_s, "_sum"), ({}, finished, "_count")]),
+        ("prompt_tokens_total", "counter", "Prompt tokens submitted", [({}, s.prompt_tokens)]),
+        ("generation_tokens_total", "counter", "Tokens generated", [({}, s.generated_tokens)]),
+        ("busy_seconds_total", "counter", "Wall time spent in engine ticks", [({}, s.busy_s)]),
+        ("tokens_per_second", "gauge", "Generated tokens per second of busy time",
+         [({}, s.generated_tokens / s.busy_s if s.busy_s else 0.0)]),
+        ("ticks_total", "counter", "Scheduler ticks", [({}, sched.stats.ticks)]),
+        ("forwards_total", "counter", "Batched forwards per model",
+         [({"model": n}, f) for n, f in zip(names, sched.stats.forwards)]),
+        ("drafts_tested_total", "counter", "Drafts verified per proposing model, finished requests",
+         [({"model": n}, t) for n, t in zip(names, s.drafts_tested)]),
+        ("drafts_accepted_total", "counter", "Drafts accepted per proposing model, finished requests",
+         [({"model": n}, a) for n, a in zip(names, s.drafts_accepted)]),
+        ("acceptance_rate", "gauge", "Accepted / tested drafts per proposing model, finished requests",
+         [({"model": n}, r) for n, r in zip(names, rates)]),
+    ]
+    lines = []
+    for name, kind, help_text, samples in families:
+        lines += [f"# HELP se_engine_{name} {help_text}.", f"# TYPE se_engine_{name} {kind}"]
+        for labels, value, *suffix in samples:
+            label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+            value = "NaN" if value != value else value  # the spelling Prometheus expects
+            lines.append(f"se_engine_{name}{''.join(suffix)}{'{' + label_text + '}' if labels else ''} {value}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# ---------------------------------------------------------------- entry point
+
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+          log_level: str = "info") -> None:
+    """Serves ``engine`` until interrupted (``se-engine serve``)."""
+    async_engine = AsyncEngine(engine)
+    try:
+        uvicorn.run(OpenAIServer(async_engine, model_name).app, host=host, port=port, log_level=log_level)
+    finally:
+        async_engine.close()

@@ -1,0 +1,384 @@
+"""The OpenAI-compatible server: the real server on loopback, driven by the official openai client
+(and by raw HTTP for malformed input), checked against ``Engine.generate`` and the engine's state."""
+
+import asyncio
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from se_engine import load_model  # noqa: E402
+from se_engine.async_engine import AsyncEngine, EngineDeadError  # noqa: E402
+from se_engine.engine import Engine  # noqa: E402
+from se_engine.ensemble import EnsembleSpec  # noqa: E402
+from se_engine.sampling import SamplingParams  # noqa: E402
+from se_engine.server import OpenAIServer  # noqa: E402
+
+NAMES = ["tiny-random-llama", "tiny-random-qwen2"]
+MAX_LEN = 512
+MODEL = "tiny-se"
+
+
+def tiny_engine() -> Engine:
+    models = [load_model(n, dtype=torch.float32, max_batch=4, max_len=MAX_LEN) for n in NAMES]
+    return Engine(models, EnsembleSpec.weighted([0.5, 0.5]), "se", [3, 1], max_batch=4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and so the tests share a busy CPU politely."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """uvicorn in a background thread on a free loopback port, serving its own engine."""
+    engine = AsyncEngine(tiny_engine())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(OpenAIServer(engine, MODEL).app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    yield SimpleNamespace(url=url, engine=engine, http=httpx.Client(base_url=url, timeout=30),
+                          client=openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30))
+    srv.should_exit = True
+    thread.join()
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def reference() -> Engine:
+    """The same ensemble with its own caches, for Engine.generate."""
+    return tiny_engine()
+
+
+def greedy(reference: Engine, prompt: str, max_tokens: int, **kw) -> str:
+    return reference.generate(prompt, SamplingParams(temperature=0, max_new_tokens=max_tokens, **kw))[0].text
+
+
+def wait_idle(server) -> None:
+    """Every request has left the engine: no live stream, no sequence waiting or holding a slot."""
+    sched = server.engine.engine.scheduler
+    deadline = time.monotonic() + 10
+    while server.engine.num_unfinished or sched.running or sched.waiting:
+        assert time.monotonic() < deadline, "requests still in the engine"
+        time.sleep(0.01)
+    assert len(sched.free) == sched.max_batch
+
+
+def assert_serving(server) -> None:
+    wait_idle(server)
+    out = server.client.completions.create(model=MODEL, prompt="ok", max_tokens=2, temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert server.http.get("/health").status_code == 200
+
+
+# ---------------------------------------------------------------- requests that succeed
+
+def test_completions_match_engine_generate(server, reference):
+    prompts = ["def fib(n):", "The quick brown fox"]
+    out = server.client.completions.create(model=MODEL, prompt=prompts, max_tokens=24, temperature=0)
+    assert out.object == "text_completion" and out.model == MODEL
+    assert [c.index for c in out.choices] == [0, 1]
+    assert [c.text for c in out.choices] == [greedy(reference, p, 24) for p in prompts]
+    prompt_tokens = sum(len(reference.encode(p)) for p in prompts)
+    assert out.usage.prompt_tokens == prompt_tokens
+    assert out.usage.total_tokens == prompt_tokens + out.usage.completion_tokens
+    ids = server.client.completions.create(model=MODEL, prompt=reference.encode(prompts[0]), max_tokens=24,
+                                           temperature=0)
+    assert ids.choices[0].text == out.choices[0].text
+
+
+def test_chat_applies_the_template(server, reference):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    out = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    prompt = reference.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert out.object == "chat.completion"
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == greedy(reference, prompt, 20)
+    assert out.usage.prompt_tokens == len(reference.encode(prompt))
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, messages[1]]
+    same = server.client.chat.completions.create(model=MODEL, messages=parts, max_tokens=20, temperature=0)
+    assert same.choices[0].message.content == out.choices[0].message.content
+
+
+def test_streaming(server):
+    kw = dict(model=MODEL, max_tokens=24, temperature=0)
+    whole = server.client.completions.create(prompt="stream me", **kw).choices[0]
+    chunks = list(server.client.completions.create(prompt="stream me", stream=True,
+                                                   stream_options={"include_usage": True}, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert len({c.id for c in chunks}) == 1
+
+    messages = [{"role": "user", "content": "stream me"}]
+    reply = server.client.chat.completions.create(messages=messages, **kw).choices[0].message.content
+    chunks = list(server.client.chat.completions.create(messages=messages, stream=True, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply
+    assert chunks[-1].choices[0].finish_reason is not None
+
+
+def test_stop_strings(server, reference):
+    full = greedy(reference, "stop here", 24)
+    stop = full[6:8]
+    expected = greedy(reference, "stop here", 24, stop=(stop,))
+    assert stop not in expected and full.startswith(expected)
+    for stream in (False, True):
+        out = server.client.completions.create(model=MODEL, prompt="stop here", max_tokens=24, temperature=0,
+                                               stop=[stop, "\x00never"], stream=stream)
+        choices = [c.choices[0] for c in out] if stream else out.choices
+        assert "".join(c.text for c in choices) == expected
+        assert choices[-1].finish_reason == "stop"
+
+
+def test_seeds_reproduce_and_n_choices_use_consecutive_seeds(server, reference):
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0.8, top_p=0.9)
+    three = server.client.completions.create(n=3, seed=7, **kw)
+    texts = [c.text for c in three.choices]
+    assert [c.text for c in server.client.completions.create(n=3, seed=7, **kw).choices] == texts
+    assert [server.client.completions.create(seed=7 + i, **kw).choices[0].text for i in range(3)] == texts
+    assert len(set(texts)) > 1
+    assert texts[0] == reference.generate(kw["prompt"], SamplingParams(temperature=0.8, top_p=0.9, seed=7,
+                                                                       max_new_tokens=16))[0].text
+    top_k = server.client.completions.create(seed=7, extra_body={"top_k": 2}, **kw).choices[0].text
+    assert top_k == reference.generate(kw["prompt"], SamplingParams(temperature=0.8, top_p=0.9, top_k=2, seed=7,
+                                                                    max_new_tokens=16))[0].text
+
+
+def test_concurrent_requests_share_the_batch(server, reference):
+    """Twice max_batch requests at once: continuous batching returns what each would get alone."""
+    prompts = [f"request {i}" for i in range(8)]
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client:
+            return await asyncio.gather(*[client.completions.create(model=MODEL, prompt=p, max_tokens=12,
+                                                                    temperature=0) for p in prompts])
+
+    outs = asyncio.run(run())
+    assert [o.choices[0].text for o in outs] == [greedy(reference, p, 12) for p in prompts]
+
+
+def test_logprobs(server):
+    out = server.client.completions.create(model=MODEL, prompt="log", max_tokens=8, temperature=0, logprobs=0)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == out.usage.completion_tokens
+    assert all(x <= 0 for x in lp.token_logprobs)
+    chat = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "log"}],
+                                                 max_tokens=8, temperature=0.8, seed=1, logprobs=True)
+    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
+
+
+def test_models_health_metrics(server):
+    models = server.client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert server.http.get("/health").json() == {"status": "ok"}
+    metrics = server.http.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in metrics.text.splitlines() if not line.startswith("#")}
+    assert samples["se_engine_generation_tokens_total"] > 0
+    assert samples['se_engine_requests_finished_total{finish_reason="length"}'] > 0
+    assert samples["se_engine_requests_running"] == 0
+    for name in NAMES:
+        rate = samples[f'se_engine_acceptance_rate{{model="{name}"}}']
+        assert 0 <= rate <= 1 or math.isnan(rate)  # NaN: the model has not proposed yet
+
+
+# ---------------------------------------------------------------- bad input
+
+BAD = {
+    "malformed JSON": ("/v1/completions", b'{"model": "tiny-se", "prompt": ', 400, None, "malformed JSON"),
+    "not an object": ("/v1/completions", [1, 2], 400, None, "valid dictionary"),
+    "wrong type": ("/v1/completions", {"prompt": "a", "temperature": "hot"}, 400, "temperature", "number"),
+    "missing prompt": ("/v1/completions", {"max_tokens": 3}, 400, "prompt", "required"),
+    "empty prompt": ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
+    "token id out of range": ("/v1/completions", {"prompt": [1, 100000]}, 400, "prompt", "token ids"),
+    "max_tokens beyond the context": ("/v1/completions", {"prompt": "a", "max_tokens": 10**6}, 400, "max_tokens",
+                                      "at most 507 new tokens"),
+    "oversized prompt": ("/v1/completions", {"prompt": "x" * 600}, 400, "prompt", "at most 507"),
+    "n = 0": ("/v1/completions", {"prompt": "a", "n": 0}, 400, "n", "greater than or equal to 1"),
+    "unknown field": ("/v1/completions", {"prompt": "a", "mystery": 1}, 400, "mystery", "unsupported field"),
+    "unsupported value": ("/v1/completions", {"prompt": "a", "frequency_penalty": 0.5}, 400, "frequency_penalty",
+                          "only 0 or null"),
+    "top logprobs": ("/v1/completions", {"prompt": "a", "logprobs": 2}, 400, "logprobs", "only null or 0"),
+    "stream with logprobs": ("/v1/completions", {"prompt": "a", "logprobs": 0, "stream": True}, 400, "logprobs",
+                             "non-streaming"),
+    "empty stop string": ("/v1/completions", {"prompt": "a", "stop": [""]}, 400, "stop", "at least 1 character"),
+    "unknown model": ("/v1/completions", {"model": "gpt-9", "prompt": "a"}, 404, "model", "does not exist"),
+    "empty messages": ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
+    "bad role": ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "a"}]}, 400, "messages", "role"),
+    "tools": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                       "tools": [{"type": "function"}]}, 400, "tools", "only null or []"),
+    "image part": ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages", "text"),
+    "chat beyond the context": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 600}]},
+                                400, "messages", "context"),
+    "unknown route": ("/v1/embeddings", {"input": "a"}, 404, None, "Not Found"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_requests_get_openai_errors(server, case):
+    path, body, status, param, message = BAD[case]
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = server.http.post(path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and message in error["message"], error
+    assert_serving(server)
+
+
+def test_client_library_sees_errors(server):
+    with pytest.raises(openai.BadRequestError, match="context"):
+        server.client.completions.create(model=MODEL, prompt="a", max_tokens=10**6)
+    with pytest.raises(openai.NotFoundError):
+        server.client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "a"}])
+
+
+def test_chat_without_a_template_is_refused(server):
+    tokenizer = server.engine.engine.tokenizer
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        with pytest.raises(openai.BadRequestError, match="no chat template") as e:
+            server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a"}])
+        assert e.value.code == "no_chat_template"
+    finally:
+        tokenizer.chat_template = template
+    assert_serving(server)
+
+
+# ---------------------------------------------------------------- clients that go away
+
+def _aborted(server) -> int:
+    return server.engine.stats.aborted
+
+
+def test_stream_disconnect_aborts_the_request(server):
+    before, finished = _aborted(server), dict(server.engine.stats.finished)
+    body = {"prompt": "go on", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with server.http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                break  # leaving the block closes the connection mid-stream
+    wait_idle(server)  # the sequence left the engine and its slot is free again
+    assert _aborted(server) == before + 1
+    assert server.engine.stats.finished == finished  # cancelled, not run to the end
+    assert_serving(server)
+
+
+def test_non_streaming_disconnect_aborts_the_request(server):
+    before = _aborted(server)
+    with pytest.raises(httpx.ReadTimeout):
+        server.http.post("/v1/completions", json={"prompt": "go on", "max_tokens": 500, "ignore_eos": True},
+                         timeout=0.15)
+    wait_idle(server)
+    assert _aborted(server) == before + 1
+    assert_serving(server)
+
+
+# ---------------------------------------------------------------- the command line
+
+def test_serve_command():
+    """``se-engine serve`` answers once /health does, and exits cleanly on Ctrl-C."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "se_engine.cli", "serve", "--models", *NAMES, "--gammas", "3", "1",
+           "--dtype", "float32", "--max-batch", "2", "--max-len", "128", "--port", str(port),
+           "--served-model-name", "cli"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        out = client.chat.completions.create(model="cli", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert out.usage.completion_tokens <= 4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+
+
+# ---------------------------------------------------------------- the in-process API
+
+def test_async_engine_in_process(reference):
+    engine = AsyncEngine(reference)
+
+    async def run():
+        text = ""
+        async for out in engine.generate("in process", SamplingParams(temperature=0, max_new_tokens=12)):
+            text += out.text
+        assert text == out.result.text
+        too_long = SamplingParams(max_new_tokens=MAX_LEN)
+        with pytest.raises(ValueError, match="exceeds max_len"):  # all or none: the first one never runs
+            async for _ in engine.generate_batch([("fine", SamplingParams(max_new_tokens=4)), ("x", too_long)]):
+                pass
+        assert engine.num_unfinished == 0 and not reference.has_unfinished()
+        return text
+
+    try:
+        text = asyncio.run(run())
+    finally:
+        engine.close()
+    assert text == greedy(reference, "in process", 12)  # the engine is free again once closed
+
+    async def after_close():
+        async for _ in engine.generate("late"):
+            pass
+
+    with pytest.raises(EngineDeadError):
+        asyncio.run(after_close())
+
+
+def test_async_engine_outlives_a_closed_event_loop(reference):
+    """A caller whose event loop closes with a request still open must not take the engine down."""
+    engine = AsyncEngine(reference)
+    loop = asyncio.new_event_loop()
+    outputs = engine.generate("abandoned", SamplingParams(max_new_tokens=200, ignore_eos=True))
+    loop.run_until_complete(outputs.__anext__())
+    loop.close()  # without closing the generator: its request is still in the engine
+    try:
+        deadline = time.monotonic() + 10
+        while engine.num_unfinished:  # the next output finds the loop closed and aborts the request
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert engine.alive and engine.stats.aborted == 1
+
+        async def fresh() -> list:
+            return [out async for out in engine.generate("again", SamplingParams(temperature=0, max_new_tokens=4))]
+
+        assert asyncio.run(fresh())[-1].result.metrics.tokens == 4
+    finally:
+        engine.close()

@@ -26,7 +26,7 @@ from se_engine.ensemble import EnsembleSpec
 from se_engine.runner import load_model
 from se_engine.sampling import SamplingParams
 
-RUNS = [("ensemble", None), ("se", [4, 1]), ("se", [6, 1])]
+RUNS = [("ensemble", None), ("se", [6, 1]), ("se", "auto")]
 
 
 def markdown(result: dict) -> str:

@@ -14,11 +14,14 @@ Each sequence has one next action, and a tick runs it:
                scored is verified, oldest first, in one verify call for the whole batch
 
 A tick: (1) each model forwards once, over every sequence whose action needs it (ragged rows
-packed); (2) one verify call over all sequences with verifiable positions; (3) every action whose
+packed), except that a model other than the cheapest may sit a tick out while other sequences
+advance without it (up to max_stall ticks), so that its waiting sequences line up for one shared
+forward; (2) one verify call over all sequences with verifiable positions; (3) every action whose
 models hold logits at the frontier draws its token (one sampling call per drafting model and one
 for the ensemble). After a rejection every cache is truncated to the committed prefix it holds: no
-committed token is ever recomputed. Sequences never wait on each other: each keeps its own
-pending drafts, proposer and accepted length, and a rejection in one discards nothing of another.
+committed token is ever recomputed. Each sequence keeps its own pending drafts, proposer and
+accepted length, and a rejection in one discards nothing of another; when a sequence runs changes
+none of its tokens (its randomness is keyed on its seed and positions).
 
 Methods (their action cycles):
     single, ensemble  ENSEMBLE, ENSEMBLE, ...
@@ -137,6 +140,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     action: Action = (ENSEMBLE, ())
     drafts_left: int = 0
+    stalled: int = 0  # consecutive ticks spent waiting for a deferred model
     acceptance: list[list[float]] = field(default_factory=list)  # per proposer: discounted [accepted, tested]
     new: list[int] = field(default_factory=list)  # tokens committed in the current tick
     finished: str | None = None  # "stop" | "length"
@@ -161,9 +165,12 @@ class Scheduler:
     """
 
     def __init__(self, runners: list[Runner], spec: EnsembleSpec, method: str, draft_lengths: DraftLengths,
-                 order: list[int], backend: Backend = "auto", max_batch: int | None = None):
+                 order: list[int], backend: Backend = "auto", max_batch: int | None = None,
+                 max_stall: int | None = None):
         self.runners, self.spec, self.method, self.order = runners, spec, method, order
         self.draft_lengths = draft_lengths
+        # Ticks a sequence may wait for an expensive model while others draft: about one proposal.
+        self.max_stall = draft_lengths.max_gamma if max_stall is None else max_stall
         self.backend = backend
         self.n = len(runners)
         self.device = runners[0].device
@@ -212,9 +219,17 @@ class Scheduler:
         for seq in running:
             seq.new = []
         for m in range(self.n):
-            self._forward(m, [s for s in running if m in s.action[1] and s.fed[m] < s.frontier])
-        self._verify([s for s in running if s.action[0] == SCORE])
-        ready = [s for s in running if not s.finished and all(s.fed[m] == s.frontier for m in s.action[1])]
+            need = [s for s in running if m in s.action[1] and s.fed[m] < s.frontier]
+            if self._defer(m, running, need):
+                for seq in need:
+                    seq.stalled += 1
+            else:
+                self._forward(m, need)
+        fed = [s for s in running if all(s.fed[m] == s.frontier for m in s.action[1])]
+        for seq in fed:
+            seq.stalled = 0
+        self._verify([s for s in fed if s.action[0] == SCORE])
+        ready = [s for s in fed if not s.finished and all(s.fed[m] == s.frontier for m in s.action[1])]
         drafts = [[s for s in ready if s.action == (DRAFT, (m,))] for m in range(self.n)]
         self._draw_ensemble([s for s in ready if s.action[0] == ENSEMBLE])
         for m in range(self.n):
@@ -225,6 +240,14 @@ class Scheduler:
                 self.running.remove(seq)
                 self.free.append(seq.slot)
         return [s for s in running if s.new or s.finished]
+
+    def _defer(self, m: int, running: list[Sequence], need: list[Sequence]) -> bool:
+        """Whether model m sits this tick out although ``need`` waits for it: m is not the cheapest
+        model, another sequence advances without m this tick, and nobody has waited max_stall ticks.
+        Sequences waiting for an expensive model then line up, and one of its forwards serves them
+        all (otherwise a batch in mixed phases runs it nearly every tick). Waiting changes no token."""
+        return (bool(need) and m != self.order[0] and any(m not in s.action[1] for s in running)
+                and max(s.stalled for s in need) < self.max_stall)
 
     def _forward(self, m: int, seqs: list[Sequence]) -> None:
         """Model m, once, over each sequence's tokens it has not seen, up to the frontier. It keeps

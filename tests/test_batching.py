@@ -122,6 +122,21 @@ def test_each_tick_runs_each_model_at_most_once(tiny):
     assert sum(stats.forwards) < 0.5 * sum(solo.scheduler.stats.forwards)
 
 
+def test_expensive_model_waits_to_serve_many_at_once(tiny):
+    """Deferring the larger model while others draft cuts its forwards and changes no token."""
+    spec = EnsembleSpec.weighted([0.5, 0.5])
+    prompts, params = mixed_requests(8, seed=5, temperature=1.0)
+    outputs, forwards = [], []
+    for defer in (False, True):
+        engine = Engine(tiny[:2], spec, "se", [4, 1], proposer_order=[0, 1])
+        if not defer:
+            engine.scheduler.max_stall = 0  # the large model runs whenever a sequence needs it
+        outputs.append([r.token_ids for r in engine.generate(prompts, params)])
+        forwards.append(engine.scheduler.stats.forwards)
+    assert outputs[0] == outputs[1]
+    assert forwards[1][1] < 0.8 * forwards[0][1], forwards
+
+
 def test_engine_request_api_errors(tiny):
     with pytest.raises(ValueError, match="max_batch=32 but the loaded models hold 16"):
         Engine(tiny[:2], None, "se", max_batch=32)

@@ -1,13 +1,14 @@
 """Automatic draft lengths against a sweep of fixed ones, per workload.
 
-    python -m bench.gammas [--prompts 8] [--max-new-tokens 64]
+    python -m bench.gammas [--prompts 8] [--max-new-tokens 64] [--workloads HumanEval GSM8K mixed]
 
 The real pair (Qwen2.5-Coder 0.5B + 1.5B Instruct, bf16, batch 1), weighted 0.5/0.5 at T = 1, method
 ``se``. Workloads: the first --prompts HumanEval prompts (raw completion), the first --prompts GSM8K
 test questions after the few-shot prefix, and a mixed one alternating the two (half of each). Every
 setting runs over the same prompts with the same seeds; tokens/s is total tokens over total wall time
 (prefill included). ``auto`` measures the forward costs once at start-up (recorded in the result) and
-uses the same costs for every workload. Writes bench/results/gammas-<device>.{md,json} after every row.
+uses the same costs for every workload. Writes bench/results/gammas-<device>.{md,json} after every row
+(gammas-<device>-<workloads>.{md,json} when --workloads names a subset).
 """
 
 from __future__ import annotations
@@ -74,12 +75,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--workloads", nargs="+", choices=["HumanEval", "GSM8K", "mixed"],
+                    default=["HumanEval", "GSM8K", "mixed"])
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
 
     he, gsm = humaneval_prompts(args.prompts), gsm8k_prompts(args.prompts)
     half = args.prompts // 2
     workloads = {"HumanEval": he, "GSM8K": gsm, "mixed": [p for pair in zip(he[:half], gsm[:half]) for p in pair]}
+    workloads = {name: prompts for name, prompts in workloads.items() if name in args.workloads}
     models = [load_model(name, max_len=2048) for name in (SMALL, LARGE)]
     spec = EnsembleSpec.weighted([0.5, 0.5])
     Engine(models, spec, "se").generate(he[0], SamplingParams(max_new_tokens=8, seed=0))  # warm-up
@@ -87,6 +91,8 @@ def main() -> None:
     result = {**header(), "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
               "costs": [asdict(c) for c in auto.costs], "workloads": {}}
     stem = f"gammas-{'cuda' if torch.cuda.is_available() else 'cpu'}"
+    if len(workloads) < 3:
+        stem += "-" + "-".join(workloads)
     for workload, prompts in workloads.items():
         rows = result["workloads"].setdefault(workload, [])
         for gammas in [*FIXED, "auto"]:

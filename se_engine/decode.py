@@ -56,8 +56,8 @@ from .sampling import STREAM_DRAFT, STREAM_ENSEMBLE, SamplingParams
 METHODS = ("single", "ensemble", "ensemble_sd", "se")
 _OWN = EnsembleSpec.weighted([1.0])  # a model's draft is a sample of the one-model "ensemble"
 
-ENSEMBLE, DRAFT, SCORE = "ensemble", "draft", "score"
-Action = tuple[Literal["ensemble", "draft", "score"], tuple[int, ...]]
+ENSEMBLE, DRAFT, SCORE, FORK = "ensemble", "draft", "score", "fork"
+Action = tuple[Literal["ensemble", "draft", "score", "fork"], tuple[int, ...]]
 
 
 @dataclass
@@ -122,7 +122,7 @@ class TickStats:
     sample_s: float = 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler finds sequences in its lists
 class Sequence:
     """One request's decoding state (see the module docstring); owned by the Scheduler."""
     request_id: int
@@ -141,6 +141,7 @@ class Sequence:
     action: Action = (ENSEMBLE, ())
     drafts_left: int = 0
     stalled: int = 0  # consecutive ticks spent waiting for a deferred model
+    source: "Sequence | None" = None  # FORK: the sequence with the same prompt whose prefill it copies
     acceptance: list[list[float]] = field(default_factory=list)  # per proposer: discounted [accepted, tested]
     new: list[int] = field(default_factory=list)  # tokens committed in the current tick
     finished: str | None = None  # "stop" | "length"
@@ -205,9 +206,30 @@ class Scheduler:
             seq.logits = [{} for _ in range(self.n)]
             seq.acceptance = [[0.0, 0.0] for _ in range(self.n)]
             seq.action = (ENSEMBLE, tuple(range(self.n)))
+            seq.source = next((s for s in self.running if s.action[0] == ENSEMBLE and s.tokens == seq.tokens
+                               and s.source is None and len(s.tokens) == s.prompt_len), None)
+            if seq.source is not None:
+                seq.action = (FORK, ())
             for runner in self.runners:
                 runner.truncate([seq.slot], [0])
             self.running.append(seq)
+
+    def _fork(self, seqs: list[Sequence]) -> None:
+        """Sequences waiting on another's prefill copy its caches and logits once all models have fed
+        its prompt, then draw their own first token in this tick. If that sequence has left or
+        moved on, they prefill themselves."""
+        for seq in seqs:
+            src = seq.source
+            if src in self.running and len(src.tokens) == src.prompt_len and all(f == len(src.tokens)
+                                                                                 for f in src.fed):
+                for runner in self.runners:
+                    runner.fork(src.slot, [seq.slot])
+                seq.fed = list(src.fed)
+                seq.logits = [dict(d) for d in src.logits]
+            elif src in self.running and src.action[0] == ENSEMBLE and len(src.tokens) == src.prompt_len:
+                continue  # its prefill is under way
+            seq.source = None
+            seq.action = (ENSEMBLE, tuple(range(self.n)))
 
     # ------------------------------------------------------------ one tick
 
@@ -225,7 +247,8 @@ class Scheduler:
                     seq.stalled += 1
             else:
                 self._forward(m, need)
-        fed = [s for s in running if all(s.fed[m] == s.frontier for m in s.action[1])]
+        self._fork([s for s in running if s.action[0] == FORK])
+        fed = [s for s in running if s.action[0] != FORK and all(s.fed[m] == s.frontier for m in s.action[1])]
         for seq in fed:
             seq.stalled = 0
         self._verify([s for s in fed if s.action[0] == SCORE])
@@ -246,7 +269,7 @@ class Scheduler:
         model, another sequence advances without m this tick, and nobody has waited max_stall ticks.
         Sequences waiting for an expensive model then line up, and one of its forwards serves them
         all (otherwise a batch in mixed phases runs it nearly every tick). Waiting changes no token."""
-        return (bool(need) and m != self.order[0] and any(m not in s.action[1] for s in running)
+        return (bool(need) and m != self.order[0] and any(m not in s.action[1] and s.action[0] != FORK for s in running)
                 and max(s.stalled for s in need) < self.max_stall)
 
     def _forward(self, m: int, seqs: list[Sequence]) -> None:

@@ -46,6 +46,9 @@ class HFRunner:
         self.lengths[0] += k
         return out.logits[0, out.logits.shape[1] - n:].float()
 
+    def fork(self, src: int, dst: Sequence[int]) -> None:
+        raise ValueError("HFRunner has one slot: there is no other slot to fork into")
+
     def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
         if list(rows) != [0]:
             raise ValueError(f"HFRunner has slot 0 only, got rows {list(rows)}")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kv_ops
 from .errors import CacheOverflowError, UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -320,6 +321,13 @@ class Transformer(nn.Module):
         return PackedBatch(tokens=flat, slots=slots_t, positions=positions_t, pad_index=None if dense else pad_t,
                            query_pos=query_t.view(span, width), logit_index=logit_t, lo=lo, span=span,
                            width=width, kv_len=kv_len)
+
+    def fork(self, src: int, dst: Sequence[int]) -> None:
+        """Copies slot ``src``'s cache entries to the slots ``dst`` (n samples of one prompt, one
+        prefill), all layers in one call of the KV extension."""
+        kv_ops.fork(self.k_cache, self.v_cache, src, list(dst), self.lengths[src])
+        for r in dst:
+            self.lengths[r] = self.lengths[src]
 
     def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
         """Rolls slots ``rows`` back to ``lengths`` (each <= its current length): O(1), no copies."""

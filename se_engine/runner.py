@@ -36,6 +36,8 @@ class Runner(Protocol):
 
     def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None: ...
 
+    def fork(self, src: int, dst: Sequence[int]) -> None: ...
+
 
 @dataclass
 class LoadedModel:

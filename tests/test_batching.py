@@ -137,6 +137,30 @@ def test_expensive_model_waits_to_serve_many_at_once(tiny):
     assert forwards[1][1] < 0.8 * forwards[0][1], forwards
 
 
+def test_same_prompt_requests_share_one_prefill(tiny):
+    """Requests with the prompt of a sequence still in prefill copy its caches (KV extension fork)
+    instead of recomputing them, and emit what they emit alone; if that sequence is aborted first,
+    they prefill themselves."""
+    spec = EnsembleSpec.weighted([0.5, 0.5])
+    prompt = list(range(40, 70))
+    params = [SamplingParams(temperature=1.0, seed=s, max_new_tokens=12, ignore_eos=True) for s in range(5)]
+    one = Engine(tiny[:2], spec, "se", [3, 1], max_batch=1)
+    solo = [one.generate(prompt, p)[0] for p in params]
+    results = Engine(tiny[:2], spec, "se", [3, 1]).generate([prompt] * 5, params)
+    assert [r.token_ids for r in results] == [r.token_ids for r in solo]
+    # The first prefills; the others score exactly what they score alone, less the prompt.
+    assert results[0].metrics.positions_scored == solo[0].metrics.positions_scored
+    for got, ref in zip(results[1:], solo[1:]):
+        assert got.metrics.positions_scored == [n - len(prompt) for n in ref.metrics.positions_scored]
+
+    engine = Engine(tiny[:2], spec, "se", [3, 1])
+    first = engine.submit(prompt, params[0])
+    second = engine.submit(prompt, params[1])
+    engine.abort(first)  # before any tick: the copy has no source and prefills itself
+    outputs = [o for _ in range(40) for o in engine.step() if o.request_id == second]
+    assert outputs[-1].result.token_ids == solo[1].token_ids
+
+
 def test_engine_request_api_errors(tiny):
     with pytest.raises(ValueError, match="max_batch=32 but the loaded models hold 16"):
         Engine(tiny[:2], None, "se", max_batch=32)

@@ -220,14 +220,14 @@ class Scheduler:
         moved on, they prefill themselves."""
         for seq in seqs:
             src = seq.source
-            if src in self.running and len(src.tokens) == src.prompt_len and all(f == len(src.tokens)
-                                                                                 for f in src.fed):
+            in_prefill = src in self.running and len(src.tokens) == src.prompt_len
+            if in_prefill and all(f == src.prompt_len for f in src.fed):
                 for runner in self.runners:
                     runner.fork(src.slot, [seq.slot])
                 seq.fed = list(src.fed)
                 seq.logits = [dict(d) for d in src.logits]
-            elif src in self.running and src.action[0] == ENSEMBLE and len(src.tokens) == src.prompt_len:
-                continue  # its prefill is under way
+            elif in_prefill:
+                continue
             seq.source = None
             seq.action = (ENSEMBLE, tuple(range(self.n)))
 
@@ -315,21 +315,23 @@ class Scheduler:
         params = [s.params for s in seqs]
         res = verify(logits, self.spec, drafts, proposers, positions, offsets, params, seeds,
                      want_logprobs=any(p.logprobs for p in params), max_n=max(counts), backend=self.backend)
-        accepted, emitted = torch.stack([res.num_accepted, res.num_emitted]).tolist()
-        tokens = res.tokens.tolist()
+        # One read-back of the integer results (a second only for logprobs): the tick's sync point.
+        results = torch.cat([res.num_accepted[:, None], res.num_emitted[:, None], res.tokens], dim=1).tolist()
         logprobs = res.logprobs.tolist() if res.logprobs is not None else None
         elapsed = time.perf_counter() - start
         self.stats.verify_calls += 1
         self.stats.verify_s += elapsed
-        for i, (s, t, a, e) in enumerate(zip(seqs, counts, accepted, emitted)):
+        for i, (s, t, (a, e, *tokens)) in enumerate(zip(seqs, counts, results)):
             s.metrics.verify_steps += 1
             s.metrics.verify_s += elapsed
+            tested, accepted = [0] * self.n, [0] * self.n
+            for j in range(min(t, a + 1)):
+                tested[s.pending_by[j]] += 1
+                accepted[s.pending_by[j]] += j < a
             for m in set(s.pending_by[:t]):
-                tested = sum(1 for j in range(min(t, a + 1)) if s.pending_by[j] == m)
-                accepted = sum(1 for j in range(a) if s.pending_by[j] == m)
-                s.metrics.drafts_tested[m] += tested
-                s.metrics.drafts_accepted[m] += accepted
-                observe(s.acceptance[m], tested, accepted)
+                s.metrics.drafts_tested[m] += tested[m]
+                s.metrics.drafts_accepted[m] += accepted[m]
+                observe(s.acceptance[m], tested[m], accepted[m])
             if s.params.logprobs:
                 s.logprobs.extend(logprobs[i][:e])
             rejected = a < t
@@ -337,7 +339,7 @@ class Scheduler:
                 self._roll_back(s, len(s.tokens) + a)
             else:
                 del s.pending[:t], s.pending_by[:t]
-            self._commit(s, tokens[i][:e])
+            self._commit(s, tokens[:e])
             if not s.finished:
                 self._after_score(s, rejected)
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
 from bench.env import header, header_markdown, write_result
-from bench.speedup import LARGE, SMALL, humaneval_prompts
+from bench.datasets import humaneval_tasks
+from bench.speedup import LARGE, SMALL
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.runner import load_model
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
 
-    prompts = humaneval_prompts(args.prompts)
+    prompts = [t.prompt for t in humaneval_tasks(args.prompts)]
     params = [SamplingParams(temperature=1.0, seed=i, max_new_tokens=args.max_new_tokens) for i in range(len(prompts))]
     models = [load_model(name, max_batch=max(args.batches), max_len=1024) for name in (SMALL, LARGE)]
     spec = EnsembleSpec.weighted([0.5, 0.5])

@@ -14,16 +14,15 @@ uses the same costs for every workload. Writes bench/results/gammas-<device>.{md
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from bench.env import header, header_markdown, write_result
-from bench.speedup import LARGE, SMALL, humaneval_prompts
+from bench.datasets import gsm8k_tasks, humaneval_tasks
+from bench.speedup import LARGE, SMALL
 from se_engine.decode import Metrics
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
@@ -31,15 +30,7 @@ from se_engine.gamma import MAX_GAMMA, AutoGammas, measure_costs
 from se_engine.runner import load_model
 from se_engine.sampling import SamplingParams
 
-DATASETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
 FIXED = [[2, 1], [4, 1], [6, 1], [8, 1], [6, 2]]
-
-
-def gsm8k_prompts(n: int) -> list[str]:
-    prefix = (DATASETS / "gsm8k_fewshot_prompt.txt").read_text()
-    with open(DATASETS / "gsm8k_test.jsonl") as f:
-        questions = [json.loads(line)["question"] for line, _ in zip(f, range(n))]
-    return [f"{prefix}Question: {q}\nAnswer: Let's think step by step.\n" for q in questions]
 
 
 def run(engine: Engine, prompts: list[str], max_new_tokens: int, label: str) -> Metrics:
@@ -80,7 +71,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
 
-    he, gsm = humaneval_prompts(args.prompts), gsm8k_prompts(args.prompts)
+    he, gsm = ([t.prompt for t in load(args.prompts)] for load in (humaneval_tasks, gsm8k_tasks))
     half = args.prompts // 2
     workloads = {"HumanEval": he, "GSM8K": gsm, "mixed": [p for pair in zip(he[:half], gsm[:half]) for p in pair]}
     workloads = {name: prompts for name, prompts in workloads.items() if name in args.workloads}

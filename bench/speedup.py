@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from bench.datasets import humaneval_tasks
 from bench.env import header, header_markdown
 from se_engine.decode import Metrics
 from se_engine.engine import Engine
@@ -27,7 +28,6 @@ from se_engine.runner import LoadedModel, load_model
 from se_engine.sampling import SamplingParams
 
 SMALL, LARGE = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
-HUMANEVAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "humaneval.jsonl"
 
 # name -> (model order, ensemble, temperature, runs as (method, gammas in model order), time singles too).
 # A single model's speed does not depend on the ensemble or the temperature: singles run once, at T = 1.
@@ -39,11 +39,6 @@ CONFIGS = {
     "contrastive-greedy": ((LARGE, SMALL), EnsembleSpec.contrastive(0.1), 0.0,
                            [("ensemble_sd", [1, 6]), ("se", [1, 6])], False),
 }
-
-
-def humaneval_prompts(n: int) -> list[str]:
-    with open(HUMANEVAL) as f:
-        return [json.loads(line)["prompt"] for line, _ in zip(f, range(n))]
 
 
 def run(engine: Engine, prompts: list[str], temperature: float, max_new_tokens: int, label: str) -> Metrics:
@@ -98,7 +93,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
 
-    prompts = humaneval_prompts(args.prompts)
+    prompts = [t.prompt for t in humaneval_tasks(args.prompts)]
     models: dict[str, LoadedModel] = {name: load_model(name, max_len=2048) for name in (SMALL, LARGE)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

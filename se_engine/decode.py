@@ -72,10 +72,14 @@ class Metrics:
     verify_steps: int = 0
     verify_s: float = 0.0  # wall time of the verify calls this sequence took part in, up to their result
     draft_lengths: list[tuple[int, int]] = field(default_factory=list)  # (proposer, gamma) of each proposal
+    # [model][d]: drafts of that proposer at depth d of their proposal (0 = first) that were tested / accepted
+    tested_at_depth: list[list[int]] = field(default_factory=list)
+    accepted_at_depth: list[list[int]] = field(default_factory=list)
 
     @classmethod
     def zeros(cls, n: int) -> "Metrics":
-        return cls(forwards=[0] * n, positions_scored=[0] * n, drafts_tested=[0] * n, drafts_accepted=[0] * n)
+        return cls(forwards=[0] * n, positions_scored=[0] * n, drafts_tested=[0] * n, drafts_accepted=[0] * n,
+                   tested_at_depth=[[] for _ in range(n)], accepted_at_depth=[[] for _ in range(n)])
 
     @property
     def tokens_per_s(self) -> float:
@@ -102,13 +106,24 @@ class Metrics:
         self.draft_lengths += other.draft_lengths
         for name in ("forwards", "positions_scored", "drafts_tested", "drafts_accepted"):
             setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
+        for name in ("tested_at_depth", "accepted_at_depth"):
+            for mine, theirs in zip(getattr(self, name), getattr(other, name)):
+                _count_at(mine, range(len(theirs)), theirs)
 
     def as_dict(self) -> dict:
         return {"tokens": self.tokens, "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
                 "forwards": self.forwards, "positions_scored": self.positions_scored,
                 "drafts_tested": self.drafts_tested, "drafts_accepted": self.drafts_accepted,
                 "acceptance_rate": self.acceptance_rate, "verify_steps": self.verify_steps, "verify_s": self.verify_s,
-                "mean_accepted_per_step": self.mean_accepted_per_step, "mean_draft_length": self.mean_draft_length}
+                "mean_accepted_per_step": self.mean_accepted_per_step, "mean_draft_length": self.mean_draft_length,
+                "tested_at_depth": self.tested_at_depth, "accepted_at_depth": self.accepted_at_depth}
+
+
+def _count_at(counts: list[int], depths: Seq[int], amounts: Seq[int]) -> None:
+    """counts[d] += amount for each (d, amount), growing counts as needed."""
+    for d, amount in zip(depths, amounts):
+        counts.extend([0] * (d + 1 - len(counts)))
+        counts[d] += amount
 
 
 @dataclass
@@ -135,6 +150,7 @@ class Sequence:
     slot: int = -1
     pending: list[int] = field(default_factory=list)
     pending_by: list[int] = field(default_factory=list)
+    pending_depth: list[int] = field(default_factory=list)  # index of each draft in its proposal
     fed: list[int] = field(default_factory=list)
     logits: list[dict[int, Tensor]] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -326,8 +342,11 @@ class Scheduler:
             s.metrics.verify_s += elapsed
             tested, accepted = [0] * self.n, [0] * self.n
             for j in range(min(t, a + 1)):
-                tested[s.pending_by[j]] += 1
-                accepted[s.pending_by[j]] += j < a
+                m = s.pending_by[j]
+                tested[m] += 1
+                accepted[m] += j < a
+                _count_at(s.metrics.tested_at_depth[m], [s.pending_depth[j]], [1])
+                _count_at(s.metrics.accepted_at_depth[m], [s.pending_depth[j]], [int(j < a)])
             for m in set(s.pending_by[:t]):
                 s.metrics.drafts_tested[m] += tested[m]
                 s.metrics.drafts_accepted[m] += accepted[m]
@@ -338,14 +357,14 @@ class Scheduler:
             if rejected:  # at position c + a: every later draft and cache entry is void
                 self._roll_back(s, len(s.tokens) + a)
             else:
-                del s.pending[:t], s.pending_by[:t]
+                del s.pending[:t], s.pending_by[:t], s.pending_depth[:t]
             self._commit(s, tokens[:e])
             if not s.finished:
                 self._after_score(s, rejected)
 
     def _roll_back(self, s: Sequence, keep: int) -> None:
         """Drops every pending draft and every cache entry and logit past position ``keep``."""
-        s.pending, s.pending_by = [], []
+        s.pending, s.pending_by, s.pending_depth = [], [], []
         for m, runner in enumerate(self.runners):
             s.fed[m] = min(s.fed[m], keep)
             runner.truncate([s.slot], [s.fed[m]])
@@ -368,6 +387,7 @@ class Scheduler:
         for s, token in zip(seqs, tokens):
             s.pending.append(token)
             s.pending_by.append(m)
+            s.pending_depth.append(s.metrics.draft_lengths[-1][1] - s.drafts_left)
             s.drafts_left -= 1
             if s.drafts_left == 0:
                 others = [k for k in self.order if k != m]

@@ -112,3 +112,47 @@ def observe(acceptance: list[float], tested: int, accepted: int) -> None:
     """Folds one verification's outcome for one proposer into its discounted counts, in place."""
     acceptance[0] = DECAY * acceptance[0] + accepted
     acceptance[1] = DECAY * acceptance[1] + tested
+
+
+def cycle_rate(method: str, costs: list[ForwardCost], gammas: list[float] | None = None,
+               acceptance: list[float] | None = None, order: list[int] | None = None) -> float:
+    """Expected tokens per second of a two-model method at batch 1, prefill left out, when every
+    draft of model m is accepted independently with probability acceptance[m] (the analytic model
+    of the speculative decoding papers, with this engine's forwards). P = order[0] proposes first,
+    V is the other model; a_m = acceptance[m], g_m = gammas[m], c_m(k) = costs[m](k),
+    S(a, g) = sum_{j<g} a^j (accepted drafts, or the recovered token at a rejection):
+
+        ensemble     1 token per c_P(1) + c_V(1)
+        ensemble_sd  tokens  S(a_P, g_P) + a_P^g_P          (after a full accept r draws one more)
+                     time    (g_P + 1) c_P(1) + c_V(g_P + 1)   (P also feeds its last draft to score it)
+        se           one cycle: P's proposal, then V's when P's is fully accepted
+                     tokens  S(a_P, g_P) + a_P^g_P S(a_V, g_V)
+                     time    (g_P - f) c_P(1) + c_V(g_P + 1) + a_P^g_P ((g_V - 1) c_V(1) + c_P(g_V + 1))
+                     f = a_P^g_P a_V^g_V: the chance that P's first draft is free (it scored V's
+                     fully accepted proposal, so it holds logits at the frontier)
+
+    Gammas may be fractional (the mean draft length of an automatic choice)."""
+    if len(costs) != 2:
+        raise ValueError(f"the cycle model covers two models, got {len(costs)}")
+    p, v = order or (0, 1)
+    if method == "ensemble":
+        return 1 / (costs[p](1) + costs[v](1))
+    if gammas is None or acceptance is None:
+        raise ValueError(f"{method} needs gammas and acceptance rates")
+
+    def accepted(m: int) -> float:
+        a, g = acceptance[m], gammas[m]
+        return g if a == 1 else (1 - a ** g) / (1 - a)
+
+    full_p = acceptance[p] ** gammas[p]
+    if method == "ensemble_sd":
+        tokens = accepted(p) + full_p
+        seconds = (gammas[p] + 1) * costs[p](1) + costs[v](gammas[p] + 1)
+    elif method == "se":
+        free = full_p * acceptance[v] ** gammas[v]
+        tokens = accepted(p) + full_p * accepted(v)
+        seconds = ((gammas[p] - free) * costs[p](1) + costs[v](gammas[p] + 1)
+                   + full_p * ((gammas[v] - 1) * costs[v](1) + costs[p](gammas[v] + 1)))
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return tokens / seconds

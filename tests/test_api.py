@@ -137,3 +137,16 @@ def test_uniforms_stay_below_one_and_one_hot_sampling_is_exact(monkeypatch):
     one_hot[0, 4] = 1.0
     monkeypatch.setattr(sampling, "uniform", lambda seed, pos, stream, n=None: torch.ones(1, n))
     assert int(sampling.sample(one_hot, torch.tensor([1]), torch.tensor([0]), 3)[0]) == 4
+
+
+def test_acceptance_by_draft_depth_adds_up(pair):
+    """Per-depth counters: every tested draft is counted at its depth in its proposal, and a draft
+    at depth d is tested only after the one at d - 1 was accepted."""
+    engine = Engine(pair, EnsembleSpec.weighted([0.5, 0.5]), "se", [3, 2])
+    m = engine.generate(["hello world", "abc"], SamplingParams(temperature=1.0, seed=3, max_new_tokens=40))[0].metrics
+    assert [sum(d) for d in m.tested_at_depth] == m.drafts_tested
+    assert [sum(d) for d in m.accepted_at_depth] == m.drafts_accepted
+    assert len(m.tested_at_depth[0]) == 3 and len(m.tested_at_depth[1]) <= 2
+    for tested, accepted in zip(m.tested_at_depth, m.accepted_at_depth):
+        assert all(t <= a for t, a in zip(tested[1:], accepted))
+    assert 0 < m.accepted_at_depth[0][0] < m.tested_at_depth[0][0]  # both outcomes happened

@@ -53,7 +53,8 @@ setup(
     ],
     extras_require={
         "server": SERVER,
-        "dev": ["pytest>=8", "scipy", *SERVER, "openai>=1.0", "httpx"],
+        "bench": ["matplotlib"],  # bench.e2e's plots
+        "dev": ["pytest>=8", "scipy", *SERVER, "openai>=1.0", "httpx", "matplotlib"],
     },
     entry_points={"console_scripts": ["se-engine=se_engine.cli:main"]},
     ext_modules=[kv_extension()],

@@ -115,6 +115,6 @@ def score_mmlu(task: Task, completion: str) -> bool:
 
 DATASETS_BY_NAME = {
     "humaneval": Dataset(humaneval_tasks, score_humaneval, 128),
-    "gsm8k": Dataset(gsm8k_tasks, score_gsm8k, 160),
+    "gsm8k": Dataset(gsm8k_tasks, score_gsm8k, 128),
     "mmlu": Dataset(mmlu_tasks, score_mmlu, 1),
 }

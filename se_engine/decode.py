@@ -116,7 +116,7 @@ class Metrics:
                 "drafts_tested": self.drafts_tested, "drafts_accepted": self.drafts_accepted,
                 "acceptance_rate": self.acceptance_rate, "verify_steps": self.verify_steps, "verify_s": self.verify_s,
                 "mean_accepted_per_step": self.mean_accepted_per_step, "mean_draft_length": self.mean_draft_length,
-                "tested_at_depth": self.tested_at_depth, "accepted_at_depth": self.accepted_at_depth}
+                "draft_lengths": self.draft_lengths, "tested_at_depth": self.tested_at_depth, "accepted_at_depth": self.accepted_at_depth}
 
 
 def _count_at(counts: list[int], depths: Seq[int], amounts: Seq[int]) -> None:

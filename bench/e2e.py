@@ -1,0 +1,415 @@
+"""End-to-end benchmark: methods x ensembles x datasets on the real pair, speed and quality side by side.
+
+    python -m bench.e2e [--ensembles weighted-t1 ...] [--datasets humaneval gsm8k mmlu] [--limit 30]
+                        [--methods ensemble se ...] [--out bench/results] [--report-only]
+
+The real pair (Qwen2.5-Coder 0.5B + 1.5B Instruct, bf16, batch 1). For each ensemble and dataset it
+takes the first --limit tasks (bench.datasets) and runs every method on one task before the next, so
+that a slowdown of the machine hits all methods alike; seed = task index. Tokens/s is new tokens over
+the wall time of the calls (tokenization, prefill and detokenization included), summed over the tasks
+that every method has finished, so every ratio compares the same prompts.
+
+Methods:
+    single-small, single-large  this engine, one model
+    ensemble                    this engine, every model every token (the baseline of the speed-ups)
+    ensemble_sd, se             this engine, speculative, with the ensemble's fixed gammas
+    se-auto                     this engine, se with automatic draft lengths (gammas="auto")
+    tf-large                    transformers ``generate`` of the larger model alone
+    tf-assisted                 transformers assisted generation: the larger model verifies the smaller
+                                one's drafts (lossless speculative decoding of the larger model alone)
+    tf-assisted-ens             the same with ``assistant_ensemble_weight=0.5`` (weighted 0.5 / 0.5
+                                ensembles only). It accepts drafts against 0.5 p + 0.5 q, but draws the
+                                token after the drafts and the residual from the larger model alone, so
+                                its output is not the ensemble's distribution (ours is)
+    tf-ensemble                 the ensemble as a transformers user writes it: both models every token
+                                through their own KV caches, the ensemble's r from se_engine's spec
+
+Beside each measured speed-up stands the analytic cycle model (``se_engine.gamma.cycle_rate``) fed
+with the forward costs measured at start-up and the acceptance rates measured in the run.
+
+Resumable: each finished (ensemble, dataset, method, task) is stored at once in
+<out>/e2e-<device>.json; a rerun with the same settings skips what is there. The Markdown report
+(<out>/e2e-<device>.md) and one PNG per ensemble (<out>/e2e-<device>-<ensemble>.png, needs
+matplotlib) are rewritten after every task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bench.datasets import DATASETS_BY_NAME, Task
+from bench.env import header, header_markdown
+from se_engine.engine import Engine
+from se_engine.ensemble import EnsembleSpec
+from se_engine.gamma import MAX_GAMMA, AutoGammas, ForwardCost, cycle_rate, measure_costs
+from se_engine.runner import LoadedModel, load_model
+from se_engine.sampling import SamplingParams
+from se_engine.sources import resolve
+
+SMALL, LARGE = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
+OURS = ("single-small", "single-large", "ensemble", "ensemble_sd", "se", "se-auto")
+PEERS = ("tf-large", "tf-assisted", "tf-assisted-ens", "tf-ensemble")
+SPECULATIVE = ("ensemble_sd", "se", "se-auto")
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    expert_first: bool  # ensemble order: (large, small) if True, else (small, large)
+    spec: EnsembleSpec
+    temperature: float
+    gammas: tuple[int, int]  # in ensemble order
+
+
+ENSEMBLES = {
+    "weighted-t1": EnsembleConfig(False, EnsembleSpec.weighted([0.5, 0.5]), 1.0, (6, 1)),
+    "weighted-greedy": EnsembleConfig(False, EnsembleSpec.weighted([0.5, 0.5]), 0.0, (6, 1)),
+    "contrastive-greedy": EnsembleConfig(True, EnsembleSpec.contrastive(0.1), 0.0, (1, 6)),
+    "contrastive-t1": EnsembleConfig(True, EnsembleSpec.contrastive(0.1), 1.0, (1, 6)),
+}
+
+
+def applies(method: str, ensemble: str) -> bool:
+    """transformers' ensemble weight is a 0.5 / 0.5 mixture of probabilities: weighted only."""
+    return method != "tf-assisted-ens" or ensemble.startswith("weighted")
+
+
+@dataclass
+class Generation:
+    completion: str
+    tokens: int
+    wall_s: float
+    metrics: dict | None  # this engine's Metrics.as_dict()
+
+
+class Ours:
+    """This engine: one Engine per (ensemble, method) over the two loaded models."""
+
+    def __init__(self, small: LoadedModel, large: LoadedModel, auto: AutoGammas):
+        self.small, self.large, self.auto = small, large, auto
+        self.engines: dict[tuple[str, str], Engine] = {}
+
+    def order(self, cfg: EnsembleConfig) -> list[LoadedModel]:
+        return [self.large, self.small] if cfg.expert_first else [self.small, self.large]
+
+    def engine(self, ensemble: str, method: str) -> Engine:
+        if (ensemble, method) not in self.engines:
+            cfg = ENSEMBLES[ensemble]
+            if method.startswith("single"):
+                engine = Engine([self.small if method == "single-small" else self.large], None, "single")
+            elif method == "se-auto":
+                costs = self.auto.costs if not cfg.expert_first else self.auto.costs[::-1]
+                engine = Engine(self.order(cfg), cfg.spec, "se", AutoGammas(costs))
+            else:
+                engine = Engine(self.order(cfg), cfg.spec, method, list(cfg.gammas))
+            self.engines[ensemble, method] = engine
+        return self.engines[ensemble, method]
+
+    def run(self, ensemble: str, method: str, prompt: str, seed: int, max_new_tokens: int) -> Generation:
+        engine = self.engine(ensemble, method)
+        params = SamplingParams(temperature=ENSEMBLES[ensemble].temperature, seed=seed, max_new_tokens=max_new_tokens)
+        start = time.perf_counter()
+        result = engine.generate(prompt, params)[0]
+        wall = time.perf_counter() - start
+        return Generation(result.text, len(result.token_ids), wall, result.metrics.as_dict())
+
+
+class Transformers:
+    """The peer: transformers' generate, assisted generation, and a hand-written ensemble loop."""
+
+    def __init__(self, small: str, large: str, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.small, self.large = (AutoModelForCausalLM.from_pretrained(resolve(n, dtype), dtype=dtype).eval()
+                                  for n in (small, large))
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve(large, dtype))
+        self.eos = self.tokenizer.eos_token_id
+
+    def config(self, temperature: float, max_new_tokens: int, **extra):
+        from transformers import GenerationConfig
+
+        if "assistant_ensemble_weight" in extra and not hasattr(GenerationConfig(), "assistant_ensemble_weight"):
+            raise SystemExit("tf-assisted-ens needs a transformers with assistant_ensemble_weight (5.24 has it)")
+        # Explicit top_k / top_p: transformers' defaults (top_k = 50) would cut the distribution.
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else {
+            "do_sample": False}
+        return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=self.eos, pad_token_id=self.eos,
+                                **sampling, **extra)
+
+    def run(self, ensemble: str, method: str, prompt: str, seed: int, max_new_tokens: int) -> Generation:
+        cfg = ENSEMBLES[ensemble]
+        start = time.perf_counter()
+        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            if method == "tf-ensemble":
+                new = self.ensemble_loop(cfg, ids, seed, max_new_tokens)
+            else:
+                extra = {"assistant_ensemble_weight": 0.5} if method == "tf-assisted-ens" else {}
+                assistant = {} if method == "tf-large" else {"assistant_model": self.small}
+                out = self.large.generate(ids, generation_config=self.config(cfg.temperature, max_new_tokens, **extra),
+                                          **assistant)
+                new = out[0, ids.shape[1]:].tolist()
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return Generation(text, len(new), time.perf_counter() - start, None)
+
+    def ensemble_loop(self, cfg: EnsembleConfig, ids: torch.Tensor, seed: int, max_new_tokens: int) -> list[int]:
+        models = [self.large, self.small] if cfg.expert_first else [self.small, self.large]
+        generator = torch.Generator().manual_seed(seed)
+        outs = [m(ids, use_cache=True) for m in models]
+        new: list[int] = []
+        while len(new) < max_new_tokens and (not new or new[-1] != self.eos):
+            r = cfg.spec.target([o.logits[0, -1:].float() for o in outs], cfg.temperature, 0, 1.0)[0]
+            token = int(r.argmax()) if cfg.temperature == 0 else int(torch.multinomial(r, 1, generator=generator))
+            new.append(token)
+            step = torch.tensor([[token]])
+            outs = [m(step, cache=o.cache, use_cache=True) for m, o in zip(models, outs)]
+        return new
+
+
+# ------------------------------------------------------------------ the report
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k / n."""
+    if n == 0:
+        return 0.0, 1.0
+    p, d = k / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return centre - half, centre + half
+
+
+def predicted_speedup(method: str, rows: list[dict], costs: list[ForwardCost], cfg: EnsembleConfig) -> float | None:
+    """The cycle model's speed-up over the ensemble, fed with this run's acceptance and draft lengths."""
+    tested = [sum(r["metrics"]["drafts_tested"][m] for r in rows) for m in range(2)] if method in SPECULATIVE else [0]
+    if not any(tested):
+        return None
+    accepted = [sum(r["metrics"]["drafts_accepted"][m] for r in rows) for m in range(2)]
+    acceptance = [a / t if t else 0.0 for a, t in zip(accepted, tested)]
+    if method == "se-auto":
+        lengths = [[g for r in rows for p, g in r["metrics"]["draft_lengths"] if p == m] for m in range(2)]
+        gammas = [sum(g) / len(g) if g else 1.0 for g in lengths]
+    else:
+        gammas = list(cfg.gammas)
+    order = [1, 0] if cfg.expert_first else [0, 1]  # the small model proposes first
+    costs = costs[::-1] if cfg.expert_first else costs
+    name = "se" if method == "se-auto" else method
+    return cycle_rate(name, costs, gammas, acceptance, order) / cycle_rate("ensemble", costs, order=order)
+
+
+def summarise(store: dict, ensemble: str, dataset: str, methods: list[str]) -> list[dict] | None:
+    """One row per method over the tasks every method has finished."""
+    runs = store["runs"]
+    methods = [m for m in methods if applies(m, ensemble)]
+    done = [i for i in range(store["settings"]["limit"])
+            if all(f"{ensemble}/{dataset}/{m}/{i}" in runs for m in methods)]
+    if not done:
+        return None
+    costs = [ForwardCost(**c) for c in store["costs"]]
+    cfg = ENSEMBLES[ensemble]
+    base = [runs[f"{ensemble}/{dataset}/ensemble/{i}"] for i in done] if "ensemble" in methods else None
+    base_rate = sum(r["tokens"] for r in base) / sum(r["wall_s"] for r in base) if base else None
+    table = []
+    for method in methods:
+        rows = [runs[f"{ensemble}/{dataset}/{method}/{i}"] for i in done]
+        rate = sum(r["tokens"] for r in rows) / sum(r["wall_s"] for r in rows)
+        correct = sum(r["correct"] for r in rows)
+        tested = [sum(r["metrics"]["drafts_tested"][m] for r in rows) for m in range(2)] if method in SPECULATIVE else None
+        accepted = [sum(r["metrics"]["drafts_accepted"][m] for r in rows) for m in range(2)] if tested else None
+        depth = None
+        if tested:
+            small = 1 if cfg.expert_first else 0
+            t = _sum_lists([r["metrics"]["tested_at_depth"][small] for r in rows])
+            a = _sum_lists([r["metrics"]["accepted_at_depth"][small] for r in rows])
+            depth = [x / y if y else None for x, y in zip(a, t)]
+        table.append({
+            "method": method, "tasks": len(done), "correct": correct, "ci": wilson(correct, len(done)),
+            "tokens": sum(r["tokens"] for r in rows), "tok_s": rate,
+            "speedup": rate / base_rate if base_rate else None,
+            "predicted": predicted_speedup(method, rows, costs, cfg) if base_rate else None,
+            "acceptance": [a / t if t else None for a, t in zip(accepted, tested)] if tested else None,
+            "acceptance_by_depth": depth,
+            "identical": (sum(r["completion"] == b["completion"] for r, b in zip(rows, base)) if base else None),
+        })
+    return table
+
+
+def _sum_lists(lists: list[list[int]]) -> list[int]:
+    out = [0] * max((len(x) for x in lists), default=0)
+    for x in lists:
+        for i, v in enumerate(x):
+            out[i] += v
+    return out
+
+
+def parity(table: list[dict], temperature: float) -> str:
+    """se against ensemble: identical text when greedy; else the accuracy difference and its 95% CI."""
+    by = {r["method"]: r for r in table}
+    if "se" not in by or "ensemble" not in by:
+        return ""
+    se, ens = by["se"], by["ensemble"]
+    if temperature == 0:
+        return f"quality parity (greedy): se's text identical to ensemble's on {se['identical']} of {se['tasks']} tasks"
+    n = se["tasks"]
+    p1, p0 = se["correct"] / n, ens["correct"] / n
+    half = 1.96 * math.sqrt((p1 * (1 - p1) + p0 * (1 - p0)) / n)
+    inside = "includes 0: no difference detected" if abs(p1 - p0) <= half else "excludes 0"
+    return (f"quality parity (sampling, independent seeds streams): se - ensemble = {p1 - p0:+.3f}, "
+            f"95% CI +-{half:.3f} ({inside})")
+
+
+def markdown(store: dict, methods: list[str]) -> str:
+    s = store["settings"]
+    lines = ["# End-to-end: speed and quality per method, ensemble and dataset", ""]
+    for h in store["sessions"]:
+        lines += [header_markdown(h)]
+    costs = ", ".join(f"{n}: {c['fixed_s'] * 1e3:.1f} ms + {c['per_token_s'] * 1e3:.2f} ms/token"
+                      for n, c in zip(s["models"], store["costs"]))
+    lines += [f"- models: {', '.join(s['models'])}; {s['dtype']}, batch 1, native runner",
+              f"- tasks: the first {s['limit']} of each dataset (tables count those every method finished); "
+              f"new tokens at most {s['max_new_tokens']}; seed = task index",
+              f"- forward costs measured at start-up (cycle model, se-auto): {costs}",
+              f"- transformers assisted generation: {s['assisted']}",
+              "- tf-assisted-ens draws the token after the drafts and the residual from the larger model alone: "
+              "its output is not the ensemble's distribution; this engine's methods are exact", ""]
+    for ensemble in s["ensembles"]:
+        cfg = ENSEMBLES[ensemble]
+        lines += [f"## {ensemble} (T = {cfg.temperature}, gammas {list(cfg.gammas)} in ensemble order)", ""]
+        for dataset in s["datasets"]:
+            table = summarise(store, ensemble, dataset, methods)
+            if table is None:
+                continue
+            lines += [f"### {dataset}: {table[0]['tasks']} tasks", "",
+                      "| method | quality (95% CI) | tokens | tok/s | speed-up vs ensemble | cycle model | "
+                      "acceptance per model | same text as ensemble |", "|---|---|---|---|---|---|---|---|"]
+            for r in table:
+                q = f"{r['correct'] / r['tasks']:.3f} ({r['ci'][0]:.2f}-{r['ci'][1]:.2f})"
+                speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+                model = "-" if r["predicted"] is None else f"{r['predicted']:.2f}x"
+                acc = "-" if r["acceptance"] is None else " / ".join(
+                    "-" if a is None else f"{a:.2f}" for a in r["acceptance"])
+                same = "-" if r["identical"] is None else f"{r['identical']}/{r['tasks']}"
+                lines.append(f"| {r['method']} | {q} | {r['tokens']} | {r['tok_s']:.2f} | {speed} | {model} | {acc} "
+                             f"| {same} |")
+            lines += ["", parity(table, cfg.temperature), ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(store: dict, methods: list[str], path: Path, ensemble: str) -> None:
+    """Tokens/s per method per dataset, and the small model's acceptance by draft depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = {d: t for d in store["settings"]["datasets"] if (t := summarise(store, ensemble, d, methods))}
+    if not tables:
+        return
+    fig, (bars, depth) = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(tables)
+    for k, (dataset, table) in enumerate(tables.items()):
+        xs = [i + k * width for i in range(len(table))]
+        bars.bar(xs, [r["tok_s"] for r in table], width, label=f"{dataset} ({table[0]['tasks']} tasks)")
+        bars.set_xticks([i + 0.4 - width / 2 for i in range(len(table))], [r["method"] for r in table],
+                        rotation=35, ha="right")
+        for r in table:
+            if r["acceptance_by_depth"]:
+                depth.plot(range(1, len(r["acceptance_by_depth"]) + 1), r["acceptance_by_depth"], marker="o",
+                           label=f"{r['method']}, {dataset}")
+    bars.set_ylabel("tokens / s (batch 1)")
+    bars.set_title(f"{ensemble}: throughput")
+    bars.legend()
+    depth.set_xlabel("draft position in the small model's proposal")
+    depth.set_ylabel("acceptance rate")
+    depth.set_title(f"{ensemble}: acceptance by position")
+    depth.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ the run
+
+
+def open_store(path: Path, settings: dict) -> dict:
+    """The results so far; refuses to mix runs made with other settings."""
+    if not path.exists():
+        return {"settings": settings, "sessions": [], "costs": None, "runs": {}}
+    store = json.loads(path.read_text())
+    fixed = ("models", "dtype", "max_new_tokens")
+    if any(store["settings"][k] != settings[k] for k in fixed):
+        raise SystemExit(f"{path} holds a run with other settings ({ {k: store['settings'][k] for k in fixed} }); "
+                         "pass another --out or the same settings")
+    for key in ("ensembles", "datasets", "methods"):
+        store["settings"][key] = list(dict.fromkeys(store["settings"][key] + settings[key]))
+    store["settings"]["limit"] = max(store["settings"]["limit"], settings["limit"])
+    return store
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ensembles", nargs="+", choices=list(ENSEMBLES), default=list(ENSEMBLES))
+    ap.add_argument("--datasets", nargs="+", choices=list(DATASETS_BY_NAME), default=list(DATASETS_BY_NAME))
+    ap.add_argument("--methods", nargs="+", choices=[*OURS, *PEERS], default=[*OURS, *PEERS])
+    ap.add_argument("--limit", type=int, default=30, help="tasks per dataset")
+    ap.add_argument("--max-new-tokens", type=json.loads, default=None,
+                    help='per dataset, as JSON, e.g. \'{"humaneval": 128}\' (default: each dataset\'s own)')
+    ap.add_argument("--models", nargs=2, default=[SMALL, LARGE], metavar=("SMALL", "LARGE"))
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from the stored runs")
+    args = ap.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"e2e-{device}.json"
+    budgets = {d: ds.max_new_tokens for d, ds in DATASETS_BY_NAME.items()} | (args.max_new_tokens or {})
+    settings = {"models": args.models, "dtype": "bfloat16", "max_new_tokens": budgets, "limit": args.limit,
+                "ensembles": args.ensembles, "datasets": args.datasets, "methods": args.methods,
+                "assisted": "transformers defaults (assistant's num_assistant_tokens, schedule and confidence)"}
+    store = open_store(path, settings)
+    methods = store["settings"]["methods"]
+
+    def report() -> None:
+        (out / f"e2e-{device}.md").write_text(markdown(store, methods))
+        for ensemble in store["settings"]["ensembles"]:
+            plot(store, methods, out / f"e2e-{device}-{ensemble}.png", ensemble)
+
+    todo = [(e, d, i, m) for e in args.ensembles for d in args.datasets for i in range(args.limit)
+            for m in args.methods if applies(m, e) and f"{e}/{d}/{m}/{i}" not in store["runs"]]
+    if args.report_only or not todo:
+        report()
+        return
+    small, large = (load_model(n, max_len=4096) for n in args.models)
+    auto = AutoGammas(measure_costs([small.runner, large.runner], slot=0, max_k=MAX_GAMMA + 1))
+    store["costs"] = store["costs"] or [asdict(c) for c in auto.costs]
+    store["sessions"].append(header())
+    ours = Ours(small, large, AutoGammas([ForwardCost(**c) for c in store["costs"]]))
+    peer = Transformers(*args.models, torch.bfloat16) if set(args.methods) & set(PEERS) else None
+    tasks = {d: DATASETS_BY_NAME[d].load(args.limit) for d in args.datasets}
+    warm = tasks[args.datasets[0]][0].prompt
+    for runner, method in ((ours, "se"), (peer, "tf-assisted")):  # warm-up: allocations, thread pools
+        if runner:
+            runner.run("weighted-t1", method, warm, 0, 8)
+    for ensemble, dataset, i, method in tqdm(todo, desc="e2e", unit="run"):
+        task: Task = tasks[dataset][i]
+        runner = ours if method in OURS else peer
+        gen = runner.run(ensemble, method, task.prompt, i, budgets[dataset])
+        store["runs"][f"{ensemble}/{dataset}/{method}/{i}"] = {
+            **asdict(gen), "correct": DATASETS_BY_NAME[dataset].score(task, gen.completion),
+            "session": len(store["sessions"]) - 1}
+        path.write_text(json.dumps(store))
+        if method == args.methods[-1]:
+            report()
+    report()
+
+
+if __name__ == "__main__":
+    main()

@@ -27,6 +27,9 @@ Methods:
 Beside each measured speed-up stands the analytic cycle model (``se_engine.gamma.cycle_rate``) fed
 with the forward costs measured at start-up and the acceptance rates measured in the run.
 
+Each run is timed alone (bench.env.run_alone): it waits for a quiet machine and is redone if another
+process took CPU time while it ran; the number of redone runs is stored with each run.
+
 Resumable: each finished (ensemble, dataset, method, task) is stored at once in
 <out>/e2e-<device>.json; a rerun with the same settings skips what is there. The Markdown report
 (<out>/e2e-<device>.md) and one PNG per ensemble (<out>/e2e-<device>-<ensemble>.png, needs
@@ -46,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from bench.datasets import DATASETS_BY_NAME, Task
-from bench.env import header, header_markdown
+from bench.env import header, header_markdown, run_alone
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.gamma import MAX_GAMMA, AutoGammas, ForwardCost, cycle_rate, measure_costs
@@ -277,6 +280,8 @@ def markdown(store: dict, methods: list[str]) -> str:
               f"new tokens at most {s['max_new_tokens']}; seed = task index",
               f"- forward costs measured at start-up (cycle model, se-auto): {costs}",
               f"- transformers assisted generation: {s['assisted']}",
+              f"- runs redone because another process used the CPU meanwhile: "
+              f"{sum(r.get('redone', 0) for r in store['runs'].values())}",
               "- tf-assisted-ens draws the token after the drafts and the residual from the larger model alone: "
               "its output is not the ensemble's distribution; this engine's methods are exact", ""]
     for ensemble in s["ensembles"]:
@@ -363,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
                     help='per dataset, as JSON, e.g. \'{"humaneval": 128}\' (default: each dataset\'s own)')
     ap.add_argument("--models", nargs=2, default=[SMALL, LARGE], metavar=("SMALL", "LARGE"))
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--alone", action=argparse.BooleanOptionalAction, default=True,
+                    help="time each run on a quiet machine, redoing runs that shared the CPU (bench.env.run_alone)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the stored runs")
     args = ap.parse_args(argv)
 
@@ -401,10 +408,11 @@ def main(argv: list[str] | None = None) -> None:
     for ensemble, dataset, i, method in tqdm(todo, desc="e2e", unit="run"):
         task: Task = tasks[dataset][i]
         runner = ours if method in OURS else peer
-        gen = runner.run(ensemble, method, task.prompt, i, budgets[dataset])
+        run = lambda: runner.run(ensemble, method, task.prompt, i, budgets[dataset])  # noqa: E731
+        gen, redone = run_alone(run) if args.alone else (run(), 0)
         store["runs"][f"{ensemble}/{dataset}/{method}/{i}"] = {
             **asdict(gen), "correct": DATASETS_BY_NAME[dataset].score(task, gen.completion),
-            "session": len(store["sessions"]) - 1}
+            "session": len(store["sessions"]) - 1, "redone": redone}
         path.write_text(json.dumps(store))
         if method == args.methods[-1]:
             report()

@@ -8,6 +8,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -60,3 +61,34 @@ def write_result(out: str | Path, stem: str, result: dict, markdown: str) -> Non
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (out / f"{stem}.md").write_text(markdown)
     print(markdown)
+
+
+def others_cpu_s() -> float:
+    """CPU seconds spent so far by everything on this machine except this process (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK") - own.user - own.system
+
+
+def run_alone(fn, max_share: float = 0.05, window_s: float = 1.0):
+    """Runs fn() on a quiet machine: first waits until other processes use under ``max_share`` of a
+    core for ``window_s``, then redoes fn() while they took more than ``max_share`` of its wall time.
+    Two cores shared with another job can slow a 2-thread run 10x or more (its threads end up on
+    one core), so a shared measurement is not kept. Returns (fn's result, redone runs)."""
+    redone = 0
+    while True:
+        while True:
+            before = others_cpu_s()
+            time.sleep(window_s)
+            if others_cpu_s() - before <= max_share * window_s:
+                break
+        before, start = others_cpu_s(), time.perf_counter()
+        result = fn()
+        if others_cpu_s() - before <= max_share * max(time.perf_counter() - start, window_s):
+            return result, redone
+        redone += 1

@@ -42,7 +42,7 @@ def test_wilson_interval():
 def test_e2e_runs_resumes_and_refuses_other_settings(tmp_path):
     args = ["--models", "tiny-random-llama", "tiny-random-qwen2", "--limit", "2", "--datasets", "humaneval",
             "mmlu", "--ensembles", "weighted-greedy", "--methods", "ensemble", "se", "tf-ensemble",
-            "tf-assisted-ens", "--max-new-tokens", '{"humaneval": 12}', "--out", str(tmp_path)]
+            "tf-assisted-ens", "--no-alone", "--max-new-tokens", '{"humaneval": 12}', "--out", str(tmp_path)]
     e2e.main(args)
     store = json.loads((tmp_path / "e2e-cpu.json").read_text())
     assert len(store["runs"]) == 2 * 2 * 4

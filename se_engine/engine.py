@@ -56,7 +56,7 @@ class Engine:
 
     models: names / paths (see ``se_engine.sources``) or already loaded models, in ensemble order.
     ensemble: an EnsembleSpec over the models (default: equal weights); unused by ``single``.
-    method: "single" | "ensemble" | "ensemble_sd" | "se".
+    method: "single" | "ensemble" | "ensemble_sd" | "se" ("ensemble_sd" with one model needs a drafter).
     gammas: draft length per model, in model order (default: 4 for the cheapest model, 1 for the rest);
         or "auto": chosen per proposal from the models' forward costs, measured here at start-up, and
         each sequence's acceptance rates (``se_engine.gamma``); or an ``AutoGammas`` with given costs.
@@ -146,6 +146,11 @@ class Engine:
                                    max_batch=max_batch or capacity, drafter=drafter)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
+
+    @property
+    def runner_names(self) -> list[str]:
+        """Names in the order of the per-model metrics: the models, then "drafter" where there is one."""
+        return [m.name for m in self.models] + ["drafter"] * (self.drafter is not None)
 
     # ------------------------------------------------------------ request API
 

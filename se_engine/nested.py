@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -66,6 +67,7 @@ class NestedDrafter:
                              f"tables), got {max_batch} and {max_len}")
         self.model, self.depths, self.thresholds = model, depths, [float(t) for t in thresholds]
         self.max_batch, self.max_len = max_batch, max_len
+        self.vocab_size, self.device = model.vocab_size, model.device
         cfg, dtype, device = model.cfg, model.k_cache.dtype, model.device
         cache_shape = (depths[-1], max_batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k_cache = torch.zeros(cache_shape, dtype=dtype, device=device)
@@ -78,14 +80,6 @@ class NestedDrafter:
     def lengths(self) -> list[int]:
         return self.filled[0]
 
-    @property
-    def vocab_size(self) -> int:
-        return self.model.vocab_size
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
     @torch.inference_mode()
     def forward(self, rows: Sequence[int], tokens: Sequence[Sequence[int]], num_logits: Sequence[int]) -> Tensor:
         """Appends ``tokens[i]`` to slot ``rows[i]`` as ``Transformer.forward`` does; returns fp32 logits
@@ -94,12 +88,11 @@ class NestedDrafter:
         starts = check_forward(rows, tokens, num_logits, self.lengths, self.max_batch, self.max_len)
         model, device = self.model, self.device
         ends = [s + len(t) for s, t in zip(starts, tokens)]
-        out_at = [0]
-        for n in num_logits:
-            out_at.append(out_at[-1] + n)
+        out_at = [0, *accumulate(num_logits)]  # row j's logits go to out[out_at[j]:out_at[j + 1]]
         out = torch.empty(out_at[-1], self.vocab_size, device=device)
+        # x: [tokens of the active rows, hidden], row after row; row j's span is positions firsts .. ends[j] - 1.
         x = model.tok_embeddings(torch.tensor([t for row in tokens for t in row], device=device))
-        active, firsts = list(range(len(rows))), starts  # rows still running; where each one's x begins
+        active, firsts = list(range(len(rows))), starts
         for i, depth in enumerate(self.depths):
             # Deferred tokens that stopped at the previous depth join their row here, in front.
             joined = [self.filled[i][rows[j]] for j in active]

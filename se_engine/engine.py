@@ -116,7 +116,7 @@ class Engine:
         all_runners = runners + ([drafter] if drafter is not None else [])
         capacity = min(r.max_batch for r in all_runners)
         if max_batch is not None and max_batch > capacity:
-            raise ValueError(f"max_batch={max_batch} but the loaded models (and drafter) hold {capacity} sequences")
+            raise ValueError(f"max_batch={max_batch} but the loaded models hold {capacity} sequences")
         if proposer_order is None:
             proposer_order = sorted(range(n), key=lambda i: self.models[i].num_params)
         if sorted(proposer_order) != list(range(n)):
@@ -130,7 +130,7 @@ class Engine:
                              else FixedGammas([1] * runs))
         elif isinstance(gammas, AutoGammas):
             if len(gammas.costs) != runs:
-                raise ValueError(f"AutoGammas has costs for {len(gammas.costs)} runners, the engine runs {runs}")
+                raise ValueError(f"AutoGammas has costs for {len(gammas.costs)} models, the engine runs {runs}")
             draft_lengths = gammas
         else:
             gammas = list(gammas) if isinstance(gammas, Sequence) and not isinstance(gammas, str) else gammas

@@ -64,7 +64,7 @@ class AsyncEngine:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        n = len(engine.models)
+        n = len(engine.runner_names)
         self.stats = ServingStats(drafts_tested=[0] * n, drafts_accepted=[0] * n)
         # (batch, requests): submit them; (batch, None): abort what is left of the batch; None: close.
         self._commands: queue.SimpleQueue[tuple[_Batch, _Requests | None] | None] = queue.SimpleQueue()

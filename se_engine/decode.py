@@ -26,7 +26,11 @@ none of its tokens (its randomness is keyed on its seed and positions).
 Methods (their action cycles):
     single, ensemble  ENSEMBLE, ENSEMBLE, ...
     ensemble_sd       a fixed proposer P: DRAFT P x gamma_P, SCORE (all models; P's last draft too,
-                      so that after a full accept the next token is drawn from r in the same tick)
+                      so that after a full accept the next token is drawn from r in the same tick).
+                      P is the cheapest model, or a draft-only runner outside the ensemble (the
+                      drafter, e.g. a ``NestedDrafter``): runner index n, after the n models; it feeds
+                      only when it drafts, and verify takes its logits as q through
+                      ``EnsembleSpec.with_drafter`` (r ignores them)
     se                alternate proposal: DRAFT p x gamma_p, SCORE by the model that has waited
                       longest; after a full accept the scorer, which now holds logits at the frontier,
                       draws its own draft there in the same tick and proposes next; after a
@@ -183,19 +187,23 @@ class Scheduler:
 
     def __init__(self, runners: list[Runner], spec: EnsembleSpec, method: str, draft_lengths: DraftLengths,
                  order: list[int], backend: Backend = "auto", max_batch: int | None = None,
-                 max_stall: int | None = None):
-        self.runners, self.spec, self.method, self.order = runners, spec, method, order
+                 max_stall: int | None = None, drafter: Runner | None = None):
+        """runners: the ensemble's models; drafter: a draft-only proposer (ensemble_sd), runner index
+        len(runners); order: runner indices, first proposes first (the drafter, where there is one)."""
+        self.spec, self.method, self.order = spec, method, order
+        self.n = len(runners)  # ensemble members; self.runners adds the drafter
+        self.runners = runners + ([drafter] if drafter is not None else [])
+        self.verify_spec = spec.with_drafter() if drafter is not None else spec
         self.draft_lengths = draft_lengths
         # Ticks a sequence may wait for an expensive model while others draft: about one proposal.
         self.max_stall = draft_lengths.max_gamma if max_stall is None else max_stall
         self.backend = backend
-        self.n = len(runners)
         self.device = runners[0].device
-        self.max_batch = max_batch or min(r.max_batch for r in runners)
+        self.max_batch = max_batch or min(r.max_batch for r in self.runners)
         self.free = list(range(self.max_batch - 1, -1, -1))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.stats = TickStats(forwards=[0] * self.n, forward_s=[0.0] * self.n)
+        self.stats = TickStats(forwards=[0] * len(self.runners), forward_s=[0.0] * len(self.runners))
 
     # ------------------------------------------------------------ requests
 
@@ -218,9 +226,9 @@ class Scheduler:
             seq = self.waiting.popleft()
             seq.slot = self.free.pop()
             seq.prompt_len = len(seq.tokens)
-            seq.fed = [0] * self.n
-            seq.logits = [{} for _ in range(self.n)]
-            seq.acceptance = [[0.0, 0.0] for _ in range(self.n)]
+            seq.fed = [0] * len(self.runners)
+            seq.logits = [{} for _ in self.runners]
+            seq.acceptance = [[0.0, 0.0] for _ in self.runners]
             seq.action = (ENSEMBLE, tuple(range(self.n)))
             seq.source = next((s for s in self.running if s.action[0] == ENSEMBLE and s.tokens == seq.tokens
                                and s.source is None and len(s.tokens) == s.prompt_len), None)
@@ -237,7 +245,7 @@ class Scheduler:
         for seq in seqs:
             src = seq.source
             in_prefill = src in self.running and len(src.tokens) == src.prompt_len
-            if in_prefill and all(f == src.prompt_len for f in src.fed):
+            if in_prefill and all(f == src.prompt_len for f in src.fed[:self.n]):
                 for runner in self.runners:
                     runner.fork(src.slot, [seq.slot])
                 seq.fed = list(src.fed)
@@ -256,7 +264,7 @@ class Scheduler:
         running = list(self.running)
         for seq in running:
             seq.new = []
-        for m in range(self.n):
+        for m in range(len(self.runners)):
             need = [s for s in running if m in s.action[1] and s.fed[m] < s.frontier]
             if self._defer(m, running, need):
                 for seq in need:
@@ -269,10 +277,10 @@ class Scheduler:
             seq.stalled = 0
         self._verify([s for s in fed if s.action[0] == SCORE])
         ready = [s for s in fed if not s.finished and all(s.fed[m] == s.frontier for m in s.action[1])]
-        drafts = [[s for s in ready if s.action == (DRAFT, (m,))] for m in range(self.n)]
+        drafts = [[s for s in ready if s.action == (DRAFT, (m,))] for m in range(len(self.runners))]
         self._draw_ensemble([s for s in ready if s.action[0] == ENSEMBLE])
-        for m in range(self.n):
-            self._draw_drafts(m, drafts[m])
+        for m, seqs in enumerate(drafts):
+            self._draw_drafts(m, seqs)
         self.stats.ticks += 1
         for seq in running:
             if seq.finished:
@@ -322,14 +330,14 @@ class Scheduler:
             return
         start = time.perf_counter()
         rows = [(s, len(s.tokens) + j) for s, t in zip(seqs, counts) for j in range(t)]
-        logits = [torch.stack([s.logits[m][pos] for s, pos in rows]) for m in range(self.n)]
+        logits = [torch.stack([s.logits[m][pos] for s, pos in rows]) for m in range(len(self.runners))]
         drafts, proposers, positions = torch.tensor(
             [[s.pending[pos - len(s.tokens)] for s, pos in rows], [s.pending_by[pos - len(s.tokens)] for s, pos in rows],
              [pos for _, pos in rows]], device=self.device)
         offsets = torch.tensor([0, *counts], device=self.device).cumsum(0)
         seeds = torch.tensor([s.seed for s in seqs], device=self.device)
         params = [s.params for s in seqs]
-        res = verify(logits, self.spec, drafts, proposers, positions, offsets, params, seeds,
+        res = verify(logits, self.verify_spec, drafts, proposers, positions, offsets, params, seeds,
                      want_logprobs=any(p.logprobs for p in params), max_n=max(counts), backend=self.backend)
         # One read-back of the integer results (a second only for logprobs): the tick's sync point.
         results = torch.cat([res.num_accepted[:, None], res.num_emitted[:, None], res.tokens], dim=1).tolist()
@@ -340,7 +348,7 @@ class Scheduler:
         for i, (s, t, (a, e, *tokens)) in enumerate(zip(seqs, counts, results)):
             s.metrics.verify_steps += 1
             s.metrics.verify_s += elapsed
-            tested, accepted = [0] * self.n, [0] * self.n
+            tested, accepted = [0] * len(self.runners), [0] * len(self.runners)
             for j in range(min(t, a + 1)):
                 m = s.pending_by[j]
                 tested[m] += 1
@@ -391,7 +399,7 @@ class Scheduler:
             s.drafts_left -= 1
             if s.drafts_left == 0:
                 others = [k for k in self.order if k != m]
-                scorers = others + [m] if self.method == "ensemble_sd" else [min(others, key=lambda k: s.fed[k])]
+                scorers = range(self.n) if self.method == "ensemble_sd" else [min(others, key=lambda k: s.fed[k])]
                 s.action = (SCORE, tuple(scorers))
 
     def _draw(self, models: list[int], spec: EnsembleSpec, stream: int,

@@ -17,7 +17,8 @@ from . import decode
 from .decode import METHODS, Metrics, Scheduler
 from .ensemble import EnsembleSpec
 from .gamma import MAX_GAMMA, AutoGammas, FixedGammas, measure_costs
-from .runner import LoadedModel, check_same_vocabulary, load_model
+from .errors import VocabularyMismatchError
+from .runner import LoadedModel, Runner, check_same_vocabulary, load_model
 from .sampling import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -55,11 +56,15 @@ class Engine:
 
     models: names / paths (see ``se_engine.sources``) or already loaded models, in ensemble order.
     ensemble: an EnsembleSpec over the models (default: equal weights); unused by ``single``.
-    method: "single" | "ensemble" | "ensemble_sd" | "se".
+    method: "single" | "ensemble" | "ensemble_sd" | "se" ("ensemble_sd" with one model needs a drafter).
     gammas: draft length per model, in model order (default: 4 for the cheapest model, 1 for the rest);
         or "auto": chosen per proposal from the models' forward costs, measured here at start-up, and
         each sequence's acceptance rates (``se_engine.gamma``); or an ``AutoGammas`` with given costs.
     proposer_order: model indices, first proposes first (default: fewest parameters first).
+    drafter: a draft-only proposer outside the ensemble (method "ensemble_sd", one or more models): any
+        runner over the models' vocabulary, typically ``NestedDrafter`` (early-exit views of a loaded
+        model; of the only model: self-speculation). It is runner index n (after the n models) in
+        ``gammas`` (then n + 1 entries, default 4 for the drafter) and in the per-model metrics.
     max_batch: sequences decoded at once (cache slots per model; more requests wait in FIFO order).
         Default: 8 for models loaded here (1 with runner="hf"), else what the loaded models hold.
     max_len: cache capacity per sequence (prompt + new tokens + draft slots), for models loaded here.
@@ -74,7 +79,8 @@ class Engine:
                  method: Literal["single", "ensemble", "ensemble_sd", "se"] = "se",
                  gammas: Sequence[int] | Literal["auto"] | AutoGammas | None = None, *, proposer_order: Sequence[int] | None = None,
                  max_batch: int | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
-                 max_len: int = 2048, runner: Literal["native", "hf"] = "native", sampler: Backend = "auto"):
+                 max_len: int = 2048, runner: Literal["native", "hf"] = "native", sampler: Backend = "auto",
+                 drafter: Runner | None = None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if not models:
@@ -86,51 +92,65 @@ class Engine:
         n = len(models)
         if method == "single" and n != 1:
             raise ValueError(f"method 'single' runs one model, got {n}")
-        if method in ("ensemble_sd", "se") and n < 2:
-            raise ValueError(f"method {method!r} needs at least two models, got {n}")
+        if drafter is not None and method != "ensemble_sd":
+            raise ValueError(f"a drafter proposes for method 'ensemble_sd', got method {method!r}")
+        if method in ("ensemble_sd", "se") and n < 2 and drafter is None:
+            raise ValueError(f"method {method!r} needs at least two models (or a drafter), got {n}")
         if method == "single":
             ensemble = EnsembleSpec.weighted([1.0])
         elif ensemble is None:
             ensemble = EnsembleSpec.weighted([1.0] * n)
         ensemble.check_num_models(n)
-        if sampler == "triton" and (why := fused_unsupported(ensemble, [], n)):
+        runs = n + (drafter is not None)  # runners: the models, then the drafter
+        if sampler == "triton" and (why := fused_unsupported(ensemble, [], runs)):
             raise ValueError(f"sampler='triton' cannot run this ensemble: {why}")
         load_batch = max_batch or (1 if runner == "hf" else 8)
         self.models = [m if isinstance(m, LoadedModel) else
                        load_model(m, runner=runner, dtype=dtype, device=device, max_batch=load_batch,
                                   max_len=max_len) for m in models]
         check_same_vocabulary(self.models)
-        capacity = min(m.runner.max_batch for m in self.models)
+        runners = [m.runner for m in self.models]
+        if drafter is not None and drafter.vocab_size != runners[0].vocab_size:
+            raise VocabularyMismatchError(f"the drafter has {drafter.vocab_size} output logits, the models "
+                                          f"{runners[0].vocab_size}")
+        all_runners = runners + ([drafter] if drafter is not None else [])
+        capacity = min(r.max_batch for r in all_runners)
         if max_batch is not None and max_batch > capacity:
             raise ValueError(f"max_batch={max_batch} but the loaded models hold {capacity} sequences")
         if proposer_order is None:
             proposer_order = sorted(range(n), key=lambda i: self.models[i].num_params)
         if sorted(proposer_order) != list(range(n)):
             raise ValueError(f"proposer_order must be a permutation of 0..{n - 1}, got {list(proposer_order)}")
-        runners = [m.runner for m in self.models]
+        order = [n] * (drafter is not None) + list(proposer_order)  # the drafter proposes first
         if gammas is None:
-            gammas = [4 if i == proposer_order[0] else 1 for i in range(n)]
+            gammas = [4 if i == order[0] else 1 for i in range(runs)]
         if gammas == "auto":
             speculative = method in ("ensemble_sd", "se")  # the other methods never draft
-            draft_lengths = (AutoGammas(measure_costs(runners, slot=0, max_k=MAX_GAMMA + 1)) if speculative
-                             else FixedGammas([1] * n))
+            draft_lengths = (AutoGammas(measure_costs(all_runners, slot=0, max_k=MAX_GAMMA + 1)) if speculative
+                             else FixedGammas([1] * runs))
         elif isinstance(gammas, AutoGammas):
-            if len(gammas.costs) != n:
-                raise ValueError(f"AutoGammas has costs for {len(gammas.costs)} models, the engine runs {n}")
+            if len(gammas.costs) != runs:
+                raise ValueError(f"AutoGammas has costs for {len(gammas.costs)} models, the engine runs {runs}")
             draft_lengths = gammas
         else:
             gammas = list(gammas) if isinstance(gammas, Sequence) and not isinstance(gammas, str) else gammas
-            if not isinstance(gammas, list) or len(gammas) != n or any(not isinstance(g, int) or g < 1 for g in gammas):
-                raise ValueError(f"gammas must be 'auto' or {n} ints >= 1 (one per model), got {gammas!r}")
+            if not isinstance(gammas, list) or len(gammas) != runs or any(not isinstance(g, int) or g < 1 for g in gammas):
+                raise ValueError(f"gammas must be 'auto' or {runs} ints >= 1 (one per model"
+                                 f"{', then the drafter' if drafter is not None else ''}), got {gammas!r}")
             draft_lengths = FixedGammas(gammas)
-        self.ensemble, self.method, self.order = ensemble, method, list(proposer_order)
+        self.ensemble, self.method, self.order, self.drafter = ensemble, method, order, drafter
         self.gammas = draft_lengths.gammas if isinstance(draft_lengths, FixedGammas) else "auto"
         self.tokenizer = self.models[0].tokenizer
-        self.max_len = min(m.runner.max_len for m in self.models)
+        self.max_len = min(r.max_len for r in all_runners)
         self.scheduler = Scheduler(runners, ensemble, method, draft_lengths, self.order, sampler,
-                                   max_batch=max_batch or capacity)
+                                   max_batch=max_batch or capacity, drafter=drafter)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
+
+    @property
+    def runner_names(self) -> list[str]:
+        """Names in the order of the per-model metrics: the models, then "drafter" where there is one."""
+        return [m.name for m in self.models] + ["drafter"] * (self.drafter is not None)
 
     # ------------------------------------------------------------ request API
 
@@ -152,7 +172,8 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         request_id = self._next_id
         self._next_id += 1
-        seq = decode.Sequence(request_id, ids, params, seed, frozenset(stop_ids), Metrics.zeros(len(self.models)))
+        seq = decode.Sequence(request_id, ids, params, seed, frozenset(stop_ids),
+                              Metrics.zeros(len(self.scheduler.runners)))
         self._requests[request_id] = _Request(seq, params.stop, time.perf_counter())
         self.scheduler.add(seq)
         return request_id

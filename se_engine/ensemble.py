@@ -14,7 +14,7 @@ weighted / custom-probs, z for linear / custom-logits); ties go to the lowest to
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -72,6 +72,15 @@ class EnsembleSpec:
         if num_models < 1:
             raise ValueError(f"num_models must be >= 1, got {num_models}")
         return cls("custom", fn=fn, on=on, num_models=num_models)
+
+    def with_drafter(self) -> "EnsembleSpec":
+        """The same target r over n + 1 logits tensors, the last (a draft-only proposer's) with weight 0:
+        verify then takes the drafter's logits as the q of its drafts. Adding a zero term changes no
+        value of r (the Triton kernels take the extra model like a member)."""
+        if self.kind == "custom":
+            fn = self.fn
+            return replace(self, fn=lambda xs: fn(xs[:-1]), num_models=self.num_models + 1)
+        return replace(self, coefficients=self.coefficients + (0.0,), num_models=self.num_models + 1)
 
     def check_num_models(self, n: int) -> None:
         if self.num_models != n:

@@ -123,6 +123,58 @@ class PackedBatch:
     width: int
     kv_len: int          # attention reads cache entries [0, kv_len) of each slot
 
+    @classmethod
+    def build(cls, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int], num_logits: Sequence[int],
+              tokens: Sequence[int], device: torch.device) -> "PackedBatch":
+        """Lays out ``counts[i]`` tokens of slot ``rows[i]`` at positions starts[i] .. starts[i] + counts[i] - 1
+        (arguments already checked); ``tokens``: their ids, flat, or empty where the caller brings hidden
+        states instead of ids."""
+        b = len(rows)
+        kv_len = max(s + c for s, c in zip(starts, counts))
+        lo, width = min(rows), max(counts)
+        span = max(rows) - lo + 1
+        dense = span == b and list(rows) == sorted(rows) and min(counts) == width
+        slots, positions, pad_index, logit_index = [], [], [], []
+        query_pos = [0] * (span * width)
+        for r, start, c, n in zip(rows, starts, counts, num_logits):
+            at, base = len(positions), (r - lo) * width
+            logit_index.extend(range(at + c - n, at + c))
+            slots.extend([r] * c)
+            positions.extend(range(start, start + c))
+            pad_index.extend(range(base, base + c))
+            query_pos[base:base + width] = range(start, start + width)
+        if dense:
+            pad_index = []
+        fields = [list(tokens), slots, positions, pad_index, query_pos, logit_index]
+        # One host-to-device copy for all index tensors.
+        packed = torch.tensor([v for f in fields for v in f], dtype=torch.long).to(device)
+        flat, slots_t, positions_t, pad_t, query_t, logit_t = packed.split([len(f) for f in fields])
+        return cls(tokens=flat, slots=slots_t, positions=positions_t, pad_index=None if dense else pad_t,
+                   query_pos=query_t.view(span, width), logit_index=logit_t, lo=lo, span=span,
+                   width=width, kv_len=kv_len)
+
+
+def check_forward(rows: Sequence[int], tokens: Sequence[Sequence[int]], num_logits: Sequence[int],
+                  lengths: Sequence[int], max_batch: int, max_len: int) -> list[int]:
+    """Checks a runner forward's arguments on the host (see ``Transformer.forward``) against the
+    slots' ``lengths``; returns each row's start position (its slot's length)."""
+    b = len(rows)
+    counts = [len(t) for t in tokens]
+    if b == 0 or len(counts) != b or len(num_logits) != b:
+        raise ValueError(f"forward needs one token list and one logit count per row, got {b} rows, "
+                         f"{len(counts)} token lists, {len(num_logits)} counts")
+    if len(set(rows)) != b or not all(0 <= r < max_batch for r in rows):
+        raise ValueError(f"rows must be distinct slots in [0, {max_batch}), got {list(rows)}")
+    if min(counts) < 1 or any(not 0 <= n <= c for n, c in zip(num_logits, counts)):
+        raise ValueError(f"every row needs >= 1 token and 0 <= num_logits <= its tokens, got {counts} tokens "
+                         f"and {list(num_logits)} logits")
+    starts = [lengths[r] for r in rows]
+    r = max(range(b), key=lambda i: starts[i] + counts[i])
+    if starts[r] + counts[r] > max_len:
+        raise CacheOverflowError(f"cannot append {counts[r]} tokens to slot {rows[r]}: it holds {starts[r]} of "
+                                 f"max_len={max_len} positions")
+    return starts
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -175,6 +227,12 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, batch: PackedBatch,
+                mask: Tensor) -> Tensor:
+        """x: [N, hidden] -> [N, hidden]; writes the N tokens' K, V into this layer's cache."""
+        x = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, batch, mask)
+        return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Transformer(nn.Module):
@@ -269,58 +327,28 @@ class Transformer(nn.Module):
         [0, len(tokens[i])]: logits are returned for the last num_logits[i] tokens of row i.
         Returns fp32 logits [sum(num_logits), V], row after row; each slot's length grows by its row.
         """
-        batch = self._pack(rows, tokens, num_logits)
-        device = batch.tokens.device
-        # A padded query at position p sees its slot's entries 0 .. p.
-        mask = (torch.arange(batch.kv_len, device=device) <= batch.query_pos[..., None])[:, None]
-        cos, sin = self.rope_cos[batch.positions][:, None], self.rope_sin[batch.positions][:, None]
-        x = self.tok_embeddings(batch.tokens)
-        for i, layer in enumerate(self.layers):
-            x = x + layer.attention(layer.attention_norm(x), cos, sin, self.k_cache[i], self.v_cache[i], batch, mask)
-            x = x + layer.feed_forward(layer.ffn_norm(x))
+        starts = check_forward(rows, tokens, num_logits, self.lengths, self.max_batch, self.max_len)
+        batch = PackedBatch.build(rows, starts, [len(t) for t in tokens], num_logits,
+                                  [t for row in tokens for t in row], self.device)
+        x = self.run_layers(self.tok_embeddings(batch.tokens), batch, range(self.cfg.num_layers),
+                            self.k_cache, self.v_cache)
         for r, row in zip(rows, tokens):
             self.lengths[r] += len(row)
-        return self.output(self.norm(x[batch.logit_index])).float()
+        return self.head(x[batch.logit_index])
 
-    def _pack(self, rows: Sequence[int], tokens: Sequence[Sequence[int]], num_logits: Sequence[int]) -> PackedBatch:
-        """Checks a forward's arguments on the host and lays its rows out for the device."""
-        b = len(rows)
-        counts = [len(t) for t in tokens]
-        if b == 0 or len(counts) != b or len(num_logits) != b:
-            raise ValueError(f"forward needs one token list and one logit count per row, got {b} rows, "
-                             f"{len(counts)} token lists, {len(num_logits)} counts")
-        if len(set(rows)) != b or not all(0 <= r < self.max_batch for r in rows):
-            raise ValueError(f"rows must be distinct slots in [0, {self.max_batch}), got {list(rows)}")
-        if min(counts) < 1 or any(not 0 <= n <= c for n, c in zip(num_logits, counts)):
-            raise ValueError(f"every row needs >= 1 token and 0 <= num_logits <= its tokens, got {counts} tokens "
-                             f"and {list(num_logits)} logits")
-        starts = [self.lengths[r] for r in rows]
-        kv_len = max(s + c for s, c in zip(starts, counts))
-        if kv_len > self.max_len:
-            r = max(range(b), key=lambda i: starts[i] + counts[i])
-            raise CacheOverflowError(f"cannot append {counts[r]} tokens to slot {rows[r]}: it holds {starts[r]} of "
-                                     f"max_len={self.max_len} positions")
-        lo, width = min(rows), max(counts)
-        span = max(rows) - lo + 1
-        dense = span == b and list(rows) == sorted(rows) and min(counts) == width
-        slots, positions, pad_index, logit_index = [], [], [], []
-        query_pos = [0] * (span * width)
-        for r, start, row, n in zip(rows, starts, tokens, num_logits):
-            c, at, base = len(row), len(positions), (r - lo) * width
-            logit_index.extend(range(at + c - n, at + c))
-            slots.extend([r] * c)
-            positions.extend(range(start, start + c))
-            pad_index.extend(range(base, base + c))
-            query_pos[base:base + width] = range(start, start + width)
-        if dense:
-            pad_index = []
-        fields = [[t for row in tokens for t in row], slots, positions, pad_index, query_pos, logit_index]
-        # One host-to-device copy for all index tensors.
-        packed = torch.tensor([v for f in fields for v in f], dtype=torch.long).to(self.device)
-        flat, slots_t, positions_t, pad_t, query_t, logit_t = packed.split([len(f) for f in fields])
-        return PackedBatch(tokens=flat, slots=slots_t, positions=positions_t, pad_index=None if dense else pad_t,
-                           query_pos=query_t.view(span, width), logit_index=logit_t, lo=lo, span=span,
-                           width=width, kv_len=kv_len)
+    def run_layers(self, x: Tensor, batch: PackedBatch, layers: range, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """Runs the packed hidden states x [N, hidden] through ``layers``, layer l writing K, V into
+        ``k_cache[l]``, ``v_cache[l]`` (caches [>= layers.stop, B, Hkv, S, D]); returns [N, hidden]."""
+        # A padded query at position p sees its slot's entries 0 .. p.
+        mask = (torch.arange(batch.kv_len, device=x.device) <= batch.query_pos[..., None])[:, None]
+        cos, sin = self.rope_cos[batch.positions][:, None], self.rope_sin[batch.positions][:, None]
+        for l in layers:
+            x = self.layers[l](x, cos, sin, k_cache[l], v_cache[l], batch, mask)
+        return x
+
+    def head(self, x: Tensor) -> Tensor:
+        """Final norm and LM head: hidden states [M, hidden] -> fp32 logits [M, V]."""
+        return self.output(self.norm(x)).float()
 
     def fork(self, src: int, dst: Sequence[int]) -> None:
         """Copies slot ``src``'s cache entries to the slots ``dst`` (n samples of one prompt, one

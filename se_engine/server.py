@@ -380,7 +380,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None
 def _prometheus(engine: AsyncEngine) -> str:
     """The serving counters in the Prometheus text format (version 0.0.4)."""
     s, sched = engine.stats, engine.engine.scheduler
-    names = [m.name for m in engine.engine.models]
+    names = engine.engine.runner_names
     rates = [a / t if t else math.nan for a, t in zip(s.drafts_accepted, s.drafts_tested)]
     finished = sum(s.finished.values())
     families = [

@@ -140,9 +140,9 @@ def chi_square_pvalue(samples, probs):
     return (0.0 if impossible else chi2.sf(stat, df)), stat, df
 
 
-def draw(models, spec, method, gammas, params, sampler="torch", num=N):
+def draw(models, spec, method, gammas, params, sampler="torch", num=N, drafter=None):
     """num samples of T tokens, one seed each, decoded BATCH sequences at a time."""
-    engine = Engine(models, spec, method, gammas, sampler=sampler)
+    engine = Engine(models, spec, method, gammas, sampler=sampler, drafter=drafter)
     per_seed = [SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                                seed=seed, max_new_tokens=T, ignore_eos=True) for seed in range(num)]
     return [tuple(r.token_ids) for r in engine.generate([PROMPT] * num, per_seed)]

@@ -395,8 +395,9 @@ def main(argv: list[str] | None = None) -> None:
         report()
         return
     small, large = (load_model(n, max_len=4096) for n in args.models)
-    auto = AutoGammas(measure_costs([small.runner, large.runner], slot=0, max_k=MAX_GAMMA + 1))
-    store["costs"] = store["costs"] or [asdict(c) for c in auto.costs]
+    if store["costs"] is None:
+        measure = lambda: measure_costs([small.runner, large.runner], slot=0, max_k=MAX_GAMMA + 1)  # noqa: E731
+        store["costs"] = [asdict(c) for c in (run_alone(measure)[0] if args.alone else measure())]
     store["sessions"].append(header())
     ours = Ours(small, large, AutoGammas([ForwardCost(**c) for c in store["costs"]]))
     peer = Transformers(*args.models, torch.bfloat16) if set(args.methods) & set(PEERS) else None

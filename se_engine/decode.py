@@ -53,7 +53,7 @@ from torch import Tensor
 from triton_kernels.verify import Backend, sample_ensemble, verify
 
 from .ensemble import EnsembleSpec
-from .gamma import DraftLengths, observe
+from .gamma import DraftLengths
 from .runner import Runner
 from .sampling import STREAM_DRAFT, STREAM_ENSEMBLE, SamplingParams
 
@@ -358,7 +358,7 @@ class Scheduler:
             for m in set(s.pending_by[:t]):
                 s.metrics.drafts_tested[m] += tested[m]
                 s.metrics.drafts_accepted[m] += accepted[m]
-                observe(s.acceptance[m], tested[m], accepted[m])
+                self.draft_lengths.observe(s.acceptance[m], tested[m], accepted[m])
             if s.params.logprobs:
                 s.logprobs.extend(logprobs[i][:e])
             rejected = a < t

@@ -80,20 +80,27 @@ class FixedGammas:
     def choose(self, m: int, acceptance: list[float], free: bool, scorers: dict[int, int], method: str) -> int:
         return self.gammas[m]
 
+    def observe(self, acceptance: list[float], tested: int, accepted: int) -> None:
+        """Nothing to learn: fixed lengths ignore acceptance."""
+
 
 class AutoGammas:
     """The gamma maximising expected tokens per second of each proposal (module docstring)."""
 
-    def __init__(self, costs: list[ForwardCost], max_gamma: int = MAX_GAMMA):
+    def __init__(self, costs: list[ForwardCost], max_gamma: int = MAX_GAMMA,
+                 prior: tuple[float, float] = PRIOR, decay: float = DECAY):
         if max_gamma < 1:
             raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
-        self.costs, self.max_gamma = costs, max_gamma
+        if not (0 <= prior[0] <= 1 and prior[1] > 0 and 0 <= decay <= 1):
+            raise ValueError(f"prior must be (mean in [0, 1], weight > 0) and decay in [0, 1], got {prior}, {decay}")
+        self.costs, self.max_gamma, self.prior, self.decay = costs, max_gamma, prior, decay
 
     def choose(self, m: int, acceptance: list[float], free: bool, scorers: dict[int, int], method: str) -> int:
         """acceptance: smoothed [accepted, tested] of m's drafts; scorers: the other models that
         score the drafts -> k_o."""
         accepted, tested = acceptance
-        a = min((accepted + PRIOR[0] * PRIOR[1]) / (tested + PRIOR[1]), 0.999)
+        mean, weight = self.prior
+        a = min((accepted + mean * weight) / (tested + weight), 0.999)
         best, best_rate = 1, 0.0
         for g in range(1, self.max_gamma + 1):
             full = a ** g
@@ -105,13 +112,13 @@ class AutoGammas:
         return best
 
 
+    def observe(self, acceptance: list[float], tested: int, accepted: int) -> None:
+        """Folds one verification's outcome for one proposer into its discounted counts, in place."""
+        acceptance[0] = self.decay * acceptance[0] + accepted
+        acceptance[1] = self.decay * acceptance[1] + tested
+
+
 DraftLengths = FixedGammas | AutoGammas
-
-
-def observe(acceptance: list[float], tested: int, accepted: int) -> None:
-    """Folds one verification's outcome for one proposer into its discounted counts, in place."""
-    acceptance[0] = DECAY * acceptance[0] + accepted
-    acceptance[1] = DECAY * acceptance[1] + tested
 
 
 def cycle_rate(method: str, costs: list[ForwardCost], gammas: list[float] | None = None,

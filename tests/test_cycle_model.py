@@ -70,3 +70,19 @@ def test_cycle_model_limits():
     assert cycle_rate("se", costs, [4, 1], [0.0, 0.0]) == pytest.approx(1 / (4 + 3))
     with pytest.raises(ValueError, match="two models"):
         cycle_rate("se", costs * 2, [1] * 4, [0.5] * 4)
+
+
+@pytest.mark.parametrize("gammas", [[3, 2], [6, 1]])
+def test_replay_walk_matches_the_cycle_model(gammas):
+    """bench.gamma_replay's walk over coins, with the same acceptance at every position, prices se
+    as the cycle model does (the model itself is checked against the engine above)."""
+    import random
+
+    from bench.gamma_replay import simulate
+    from se_engine.gamma import FixedGammas
+
+    costs, acceptance, n = [ForwardCost(0.07, 0.001), ForwardCost(0.17, 0.002)], [0.8, 0.6], 200_000
+    coins = random.Random(0).random
+    seconds, _ = simulate(FixedGammas(gammas), [[acceptance[0]] * n, [acceptance[1]] * n],
+                          [coins() for _ in range(n)], costs)
+    assert (n - 1) / seconds == pytest.approx(cycle_rate("se", costs, gammas, acceptance), rel=0.01)

@@ -6,7 +6,7 @@ import torch
 from se_engine import load_model
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
-from se_engine.gamma import AutoGammas, ForwardCost, measure_costs, observe
+from se_engine.gamma import AutoGammas, ForwardCost, measure_costs
 from se_engine.sampling import SamplingParams
 
 NAMES = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep"]
@@ -20,7 +20,7 @@ def tiny():
 
 def acceptance(accepted: int, tested: int) -> list[float]:
     counts = [0.0, 0.0]
-    observe(counts, tested, accepted)
+    AutoGammas([CHEAP, DEAR]).observe(counts, tested, accepted)
     return counts
 
 
@@ -35,6 +35,9 @@ def test_auto_gamma_follows_costs_and_acceptance():
     assert AutoGammas([DEAR, DEAR]).choose(0, acceptance(2, 20), False, {1: 1}, "se") == 1
     with pytest.raises(ValueError, match="max_gamma"):
         AutoGammas([CHEAP, DEAR], max_gamma=0)
+    for prior, decay in (((1.5, 2.0), 0.8), ((0.8, 0.0), 0.8), ((0.8, 2.0), 1.5)):
+        with pytest.raises(ValueError, match="prior"):
+            AutoGammas([CHEAP, DEAR], prior=prior, decay=decay)
 
 
 def test_measure_costs_leaves_the_slot_empty(tiny):

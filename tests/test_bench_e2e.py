@@ -56,3 +56,16 @@ def test_e2e_runs_resumes_and_refuses_other_settings(tmp_path):
     assert all(again["runs"][k] == v for k, v in store["runs"].items())
     with pytest.raises(SystemExit, match="other settings"):
         e2e.main([*args[:-4], "--max-new-tokens", '{"humaneval": 13}', "--out", str(tmp_path)])
+
+
+def test_nested_benchmark_runs_on_tiny_models(tmp_path, monkeypatch):
+    from bench import env, nested
+
+    monkeypatch.setattr(nested, "run_alone", lambda fn: (fn(), 0))  # the test shares the CPU
+    nested.main(["--models", "tiny-random-llama", "tiny-random-qwen2-deep", "--prompts", "2", "--max-new-tokens",
+                 "8", "--thresholds", "0.5", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "nested-cpu.json").read_text())["rows"]
+    assert [(r["target"], r["draft"].split(" [")[0]) for r in rows] == [
+        (t, d) for t in ("large", "small + large") for d in ("none (baseline)", "small", "nested small", "nested large")]
+    assert all(r["tokens"] == 16 for r in rows) and all(r["exits"] for r in rows if r["draft"].startswith("nested"))
+    assert env.header()["machine"] in (tmp_path / "nested-cpu.md").read_text()

@@ -37,7 +37,8 @@ from bench.env import header, header_markdown, run_alone, write_result
 from bench.speedup import LARGE, SMALL
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
-from se_engine.gamma import DECAY, MAX_GAMMA, PRIOR, AutoGammas, DraftLengths, FixedGammas, ForwardCost, measure_costs
+from se_engine.gamma import (DECAY, MAX_GAMMA, PRIOR, AutoGammas, DraftLengths, FixedGammas, ForwardCost, cycle_rate,
+                             measure_costs)
 from se_engine.runner import load_model
 from se_engine.sampling import SamplingParams
 
@@ -45,7 +46,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRACES = Path("bench/results") / f"acceptance-traces-{DEVICE}.json"
 
 
-def record(prompts: int, max_new_tokens: int) -> None:
+def record(prompts: int, max_new_tokens: int, traces_path: Path) -> None:
     models = [load_model(name, max_len=2048) for name in (SMALL, LARGE)]
     runners = [m.runner for m in models]
     costs = run_alone(lambda: measure_costs(runners, slot=0, max_k=MAX_GAMMA + 1))[0]
@@ -65,9 +66,9 @@ def record(prompts: int, max_new_tokens: int) -> None:
             p = [q.gather(1, x)[:, 0] for q in probs]
             r = 0.5 * (p[0] + p[1])
             traces.setdefault(dataset, []).append([(torch.minimum(q, r) / r).tolist() for q in p])
-    TRACES.write_text(json.dumps({**header(), "models": [SMALL, LARGE], "max_new_tokens": max_new_tokens,
+    traces_path.write_text(json.dumps({**header(), "models": [SMALL, LARGE], "max_new_tokens": max_new_tokens,
                                   "costs": [asdict(c) for c in costs], "traces": traces}))
-    print(f"wrote {TRACES}")
+    print(f"wrote {traces_path}")
 
 
 def simulate(policy: DraftLengths, betas: list[list[float]], coins: list[float],
@@ -93,15 +94,29 @@ def simulate(policy: DraftLengths, betas: list[list[float]], coins: list[float],
     return seconds, lengths
 
 
+class CycleGammas(AutoGammas):
+    """A candidate rule: the small model's gamma maximises the whole alternate-proposal cycle's rate
+    (se_engine.gamma.cycle_rate, the large model drafting 1), taking the smoothed acceptance for both
+    proposers (for a 0.5 / 0.5 weighted ensemble both accept with 1 - TV(p_small, p_large) / 2)."""
+
+    def choose(self, m: int, acceptance: list[float], free: bool, scorers: dict[int, int], method: str) -> int:
+        if m != 0:
+            return 1
+        mean, weight = self.prior
+        a = min((acceptance[0] + mean * weight) / (acceptance[1] + weight), 0.999)
+        return max(range(1, self.max_gamma + 1), key=lambda g: cycle_rate("se", self.costs, [g, 1], [a, a]))
+
+
 def policies(costs: list[ForwardCost]) -> dict[str, DraftLengths]:
     fixed = {f"fixed {[g, h]}": FixedGammas([g, h]) for h in (1, 2) for g in range(1, 11)}
-    auto = {f"auto prior {prior} decay {decay}": AutoGammas(costs, prior=prior, decay=decay)
+    auto = {f"{name} prior {prior} decay {decay}": rule(costs, prior=prior, decay=decay)
+            for name, rule in (("auto", AutoGammas), ("cycle", CycleGammas))
             for prior in (PRIOR, (0.9, 4.0)) for decay in (0.5, DECAY, 0.9, 0.95, 0.99)}
     return fixed | auto
 
 
-def replay(seeds: int) -> None:
-    data = json.loads(TRACES.read_text())
+def replay(seeds: int, traces_path: Path, out: str) -> None:
+    data = json.loads(traces_path.read_text())
     costs = [ForwardCost(**c) for c in data["costs"]]
     workloads = {**data["traces"], "mixed": [t for traces in data["traces"].values() for t in traces]}
     candidates = policies(costs)
@@ -122,7 +137,7 @@ def replay(seeds: int) -> None:
         for r in rows:
             r["vs_best_fixed"] = r["tokens_per_s"] / best["tokens_per_s"]
         result["workloads"][workload] = rows
-    write_result("bench/results", f"gamma-replay-{DEVICE}", result, markdown(result))
+    write_result(out, f"gamma-replay-{DEVICE}", result, markdown(result))
 
 
 def markdown(result: dict) -> str:
@@ -143,19 +158,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--traces", type=Path, default=TRACES)
     sub = ap.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("record")
     rec.add_argument("--prompts", type=int, default=16)
     rec.add_argument("--max-new-tokens", type=int, default=128)
     rep = sub.add_parser("replay")
     rep.add_argument("--seeds", type=int, default=20)
-    args = ap.parse_args()
+    rep.add_argument("--out", default="bench/results")
+    args = ap.parse_args(argv)
     if args.command == "record":
-        record(args.prompts, args.max_new_tokens)
+        record(args.prompts, args.max_new_tokens, args.traces)
     else:
-        replay(args.seeds)
+        replay(args.seeds, args.traces, args.out)
 
 
 if __name__ == "__main__":

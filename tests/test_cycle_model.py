@@ -86,3 +86,28 @@ def test_replay_walk_matches_the_cycle_model(gammas):
     seconds, _ = simulate(FixedGammas(gammas), [[acceptance[0]] * n, [acceptance[1]] * n],
                           [coins() for _ in range(n)], costs)
     assert (n - 1) / seconds == pytest.approx(cycle_rate("se", costs, gammas, acceptance), rel=0.01)
+
+
+def test_replay_ranks_policies_on_traces(tmp_path):
+    """The replay over a bursty synthetic trace set: every policy has a row, fixed ones rank as the
+    walk says, and the best fixed setting is the reference."""
+    import json
+    import random
+
+    from bench import gamma_replay
+
+    rng = random.Random(1)
+    bursty = [[[0.98 if (t // 20) % 2 else 0.3 for t in range(120)]] * 2 for _ in range(3)]
+    flat = [[[rng.uniform(0.85, 1.0) for _ in range(120)]] * 2 for _ in range(3)]
+    traces = tmp_path / "traces.json"
+    traces.write_text(json.dumps({"command": "synthetic", "machine": "-", "date": "-", "max_new_tokens": 120,
+                                  "costs": [{"fixed_s": 0.07, "per_token_s": 0.001}, {"fixed_s": 0.17, "per_token_s": 0.002}],
+                                  "traces": {"bursty": bursty, "flat": flat}}))
+    gamma_replay.main(["--traces", str(traces), "replay", "--seeds", "2", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "gamma-replay-cpu.json").read_text())
+    assert set(result["workloads"]) == {"bursty", "flat", "mixed"}
+    for rows in result["workloads"].values():
+        assert len(rows) == len(gamma_replay.policies([ForwardCost(0.07, 0.001), ForwardCost(0.17, 0.002)]))
+        assert max(r["vs_best_fixed"] for r in rows if r["policy"].startswith("fixed")) == 1.0
+    flat_rates = {r["policy"]: r["tokens_per_s"] for r in result["workloads"]["flat"]}
+    assert flat_rates["fixed [6, 1]"] > flat_rates["fixed [1, 1]"]  # high acceptance: long drafts pay

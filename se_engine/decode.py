@@ -23,10 +23,11 @@ packed; sequences of every target together), except that a model other than the 
 tick out while other sequences advance without it (up to max_stall ticks), so that its waiting
 sequences line up for one shared forward; (2) one verify call per target over its sequences with
 verifiable positions; (3) every action whose models hold logits at the frontier draws its token (per
-target, one sampling call per drafting model and one for the ensemble). After a rejection every cache is truncated to the committed prefix it holds: no
-committed token is ever recomputed. Each sequence keeps its own pending drafts, proposer and
-accepted length, and a rejection in one discards nothing of another; when a sequence runs changes
-none of its tokens (its randomness is keyed on its seed and positions).
+target, one sampling call per drafting model and one for the ensemble). After a rejection every
+cache is truncated to the committed prefix it holds: no committed token is ever recomputed. Each
+sequence keeps its own pending drafts, proposer and accepted length, and a rejection in one discards
+nothing of another; when a sequence runs changes none of its tokens (its randomness is keyed on its
+seed and positions).
 
 Methods (their action cycles):
     single, ensemble  ENSEMBLE, ENSEMBLE, ...

@@ -105,7 +105,7 @@ class Engine:
                 raise ValueError(f"method {method!r} needs at least two models (or a drafter), got {n}")
             if method == "single":
                 ensemble = EnsembleSpec.weighted([1.0])
-            members = {DEFAULT_TARGET: (tuple(range(n)), _checked_spec(ensemble, n))}
+            entries = {DEFAULT_TARGET: (tuple(range(n)), _checked_spec(ensemble, n))}
         else:
             if method != "ensemble_sd":
                 raise ValueError(f"targets share one proposer: method 'ensemble_sd', got {method!r}")
@@ -114,7 +114,7 @@ class Engine:
             if not isinstance(targets, Mapping) or not targets:
                 raise ValueError(f"targets must be a non-empty mapping name -> (model indices, EnsembleSpec | None), "
                                  f"got {targets!r}")
-            members = {name: _checked_target(name, value, n) for name, value in targets.items()}
+            entries = {name: _checked_target(name, value, n) for name, value in targets.items()}
         runs = n + (drafter is not None)  # runners: the models, then the drafter
         load_batch = max_batch or (1 if runner == "hf" else 8)
         self.models = [m if isinstance(m, LoadedModel) else
@@ -134,7 +134,7 @@ class Engine:
         if sorted(proposer_order) != list(range(n)):
             raise ValueError(f"proposer_order must be a permutation of 0..{n - 1}, got {list(proposer_order)}")
         order = [n] * (drafter is not None) + list(proposer_order)  # the drafter proposes first
-        self.targets = {name: _target(name, ms, spec, order, method) for name, (ms, spec) in members.items()}
+        self.targets = {name: _target(name, ms, spec, order, method) for name, (ms, spec) in entries.items()}
         for name, target in self.targets.items():
             if sampler == "triton" and (why := fused_unsupported(target.spec, [], len(target.runners))):
                 raise ValueError(f"sampler='triton' cannot run {_target_label(name)}: {why}")
@@ -154,7 +154,7 @@ class Engine:
                 raise ValueError(f"gammas must be 'auto' or {runs} ints >= 1 (one per model"
                                  f"{', then the drafter' if drafter is not None else ''}), got {gammas!r}")
             draft_lengths = FixedGammas(gammas)
-        self.ensemble = None if targets is not None else members[DEFAULT_TARGET][1]
+        self.ensemble = None if targets is not None else entries[DEFAULT_TARGET][1]
         self.method, self.order, self.drafter = method, order, drafter
         self.gammas = draft_lengths.gammas if isinstance(draft_lengths, FixedGammas) else "auto"
         self.tokenizer = self.models[0].tokenizer

@@ -78,7 +78,8 @@ def markdown(result: dict) -> str:
                 if result["nested"] else "the small model (plain draft model)")
     lines = ["# Multi-target serving: one engine and one proposer vs an engine per target", "",
              header_markdown(result),
-             f"- models: {result['models'][0]} (small) + {result['models'][1]} (large), {result['dtype']}, native runner",
+             f"- models: {result['models'][0]} (small) + {result['models'][1]} (large), {result['dtype']}, "
+             "native runner",
              f"- targets: large alone; ensemble = small + large weighted 0.5/0.5; method ensemble_sd, proposer: "
              f"{proposer}, gamma {result['gamma']}",
              f"- workload: first {result['prompts']} HumanEval prompts, alternately for large and ensemble; up to "
@@ -128,9 +129,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def engine(members: list[LoadedModel], **kwargs) -> Engine:
         drafter = proposer()
-        if drafter is None and small not in members:
+        if drafter is None and not any(m is small for m in members):
             drafter = small.runner  # the plain draft model, outside this engine's only target
-        gammas = [args.gamma if m is small and drafter is None else 1 for m in members] + [args.gamma] * (drafter is not None)
+        proposes = [m is small and drafter is None for m in members] + [True] * (drafter is not None)
+        gammas = [args.gamma if p else 1 for p in proposes]
         return Engine(members, method="ensemble_sd", gammas=gammas, proposer_order=list(range(len(members))),
                       max_batch=args.batch, drafter=drafter, **kwargs)
 

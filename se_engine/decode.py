@@ -371,7 +371,8 @@ class Scheduler:
         local = {m: i for i, m in enumerate(target.runners)}  # verify indexes logits by place in target.runners
         drafts, proposers, positions = torch.tensor(
             [[s.pending[pos - len(s.tokens)] for s, pos in rows],
-             [local[s.pending_by[pos - len(s.tokens)]] for s, pos in rows], [pos for _, pos in rows]], device=self.device)
+             [local[s.pending_by[pos - len(s.tokens)]] for s, pos in rows],
+             [pos for _, pos in rows]], device=self.device)
         offsets = torch.tensor([0, *counts], device=self.device).cumsum(0)
         seeds = torch.tensor([s.seed for s in seqs], device=self.device)
         params = [s.params for s in seqs]

@@ -2,6 +2,7 @@
 ensembles) batched together. Each request emits what an engine of its own target emits, greedy and
 seeded; the proposer runs at most once per tick over the drafts of every target; bad input."""
 
+import json
 import random
 
 import pytest
@@ -9,12 +10,16 @@ import torch
 
 from bench import multi_target
 from se_engine import load_model
+from se_engine.decode import Scheduler
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.nested import NestedDrafter
-from se_engine.sampling import SamplingParams
+from se_engine.sampling import STREAM_DRAFT, SamplingParams
 
-NAMES = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep"]  # fewest parameters first
+# The last is a second copy of tiny-random-qwen2: as a plain draft model outside a target with
+# tiny-random-qwen2 it gets drafts accepted (independent random models never agree), so that the
+# draws of its drafts matter there.
+NAMES = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep", "tiny-random-qwen2"]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +38,9 @@ def nested(tiny) -> NestedDrafter:
 SETUPS = {
     "nested": ([0, 1, 2], True, {"llama": ([0], None), "qwen2": ([1], None), "deep": ([2], None),
                                  "weighted": ([0, 1], EnsembleSpec.weighted([0.6, 0.4]))}),
-    "plain": ([0, 1], False, {"qwen2": ([1], None), "weighted": ([0, 1], EnsembleSpec.weighted([0.6, 0.4])),
-                              "contrastive": ([1, 0], EnsembleSpec.contrastive(0.2))}),
+    "plain": ([3, 1, 0], False, {"qwen2": ([1], None), "outside": ([2, 1], EnsembleSpec.weighted([0.4, 0.6])),
+                                 "member": ([2, 0], EnsembleSpec.weighted([0.4, 0.6])),
+                                 "contrastive": ([1, 2], EnsembleSpec.contrastive(0.2))}),
 }
 GAMMA = 3
 
@@ -42,8 +48,8 @@ GAMMA = 3
 def multi_engine(tiny, setup: str) -> Engine:
     models, drafts, targets = SETUPS[setup]
     gammas = [1] * len(models) + [GAMMA] if drafts else [GAMMA] + [1] * (len(models) - 1)
-    return Engine([tiny[i] for i in models], None, "ensemble_sd", gammas, proposer_order=list(range(len(models))), drafter=nested(tiny) if drafts else None,
-                  targets=targets)
+    return Engine([tiny[i] for i in models], None, "ensemble_sd", gammas, proposer_order=list(range(len(models))),
+                  drafter=nested(tiny) if drafts else None, targets=targets)
 
 
 def own_engine(tiny, setup: str, name: str) -> Engine:
@@ -77,12 +83,10 @@ def requests(setup: str, temperature: float) -> tuple[list[list[int]], list[Samp
     return prompts, params, targets
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
-@pytest.mark.parametrize("setup", SETUPS)
-def test_each_request_emits_what_its_own_engine_emits(tiny, setup, temperature):
+def check_against_own_engines(tiny, setup: str, temperature: float) -> None:
     """Mixed requests through one engine emit, token for token, what an engine of each request's
-    target emits; the proposer runs at most once per tick, fewer times than in the separate engines
-    together, and verify once per target present in the tick."""
+    target emits (assertion message: the target's name); the proposer runs at most once per tick,
+    fewer times than in the separate engines together, and verify once per target present in the tick."""
     prompts, params, targets = requests(setup, temperature)
     engine = multi_engine(tiny, setup)
     ids = [engine.submit(p, sp, t) for p, sp, t in zip(prompts, params, targets)]
@@ -110,13 +114,33 @@ def test_each_request_emits_what_its_own_engine_emits(tiny, setup, temperature):
     assert stats.forwards[proposer] < separate_forwards
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("setup", SETUPS)
+def test_each_request_emits_what_its_own_engine_emits(tiny, setup, temperature):
+    check_against_own_engines(tiny, setup, temperature)
+
+
+def test_draft_streams_numbered_by_engine_runner_are_caught(tiny, monkeypatch):
+    """Planted bug: drafts drawn from the random stream of the proposer's runner index in the engine
+    instead of its place among the target's runners. Still the target's distribution, but not the
+    tokens its own engine draws: the seeded comparison must fail on a target the proposer is outside."""
+    real_draw = Scheduler._draw
+
+    def engine_streams(self, models, spec, stream, seqs):
+        return real_draw(self, models, spec, STREAM_DRAFT + models[0] if stream >= STREAM_DRAFT else stream, seqs)
+
+    monkeypatch.setattr(Scheduler, "_draw", engine_streams)
+    with pytest.raises(AssertionError, match="qwen2"):
+        check_against_own_engines(tiny, "plain", 1.0)
+
+
 def test_generate_and_stream_take_targets(tiny):
     engine = multi_engine(tiny, "plain")
     params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
-    both = engine.generate([[5, 6, 7], [5, 6, 7]], params, ["qwen2", "weighted"])
-    alone = [own_engine(tiny, "plain", name).generate([5, 6, 7], params)[0] for name in ("qwen2", "weighted")]
+    both = engine.generate([[5, 6, 7], [5, 6, 7]], params, ["qwen2", "member"])
+    alone = [own_engine(tiny, "plain", name).generate([5, 6, 7], params)[0] for name in ("qwen2", "member")]
     assert [r.token_ids for r in both] == [r.token_ids for r in alone]
-    streamed = [t for out in engine.stream([5, 6, 7], params, "weighted") for t in out.token_ids]
+    streamed = [t for out in engine.stream([5, 6, 7], params, "member") for t in out.token_ids]
     assert streamed == alone[1].token_ids
     single = Engine(tiny[:2], None, "ensemble_sd")  # one target: its name may be left out
     assert single.generate([5, 6, 7], params, "default")[0].token_ids == single.generate([5, 6, 7], params)[0].token_ids
@@ -125,7 +149,7 @@ def test_generate_and_stream_take_targets(tiny):
 def test_bad_input(tiny):
     pair = tiny[:2]
     bad = [(dict(targets={"x": ([], None)}), "target 'x' has no models"),
-           (dict(targets={"x": ([2], None)}), r"target 'x': model indices must be distinct ints in \[0, 2\), got \[2\]"),
+           (dict(targets={"x": ([2], None)}), r"target 'x': model indices must be distinct ints in \[0, 2\), got \[2"),
            (dict(targets={"x": ([1, 1], None)}), "distinct ints"),
            (dict(targets={"x": ([0, 1], EnsembleSpec.weighted([1.0]))}),
             "target 'x': the ensemble is defined over 1 models but 2 were given"),
@@ -153,5 +177,8 @@ def test_bench_runs_on_tiny_models(tmp_path):
     for extra in ([], ["--nested", "1", "2"]):
         multi_target.main(["--models", "tiny-random-llama", "tiny-random-qwen2", "--prompts", "4",
                            "--max-new-tokens", "8", "--no-alone", "--out", str(tmp_path), *extra])
-        result = (tmp_path / f"multi-target-{multi_target.device()}.json").read_text()
-        assert '"tokens_per_s"' in result and "identical" in (tmp_path / f"multi-target-{multi_target.device()}.md").read_text()
+        stem = tmp_path / f"multi-target-{multi_target.device()}"
+        result = json.loads(stem.with_suffix(".json").read_text())
+        assert [r["requests"] for r in result["rows"]] == [4, 4] and all(r["tokens"] > 0 for r in result["rows"])
+        assert result["nested"] == ([1, 2] if extra else None)
+        assert "outputs identical in both setups on" in stem.with_suffix(".md").read_text()

@@ -45,11 +45,11 @@ SETUPS = {
 GAMMA = 3
 
 
-def multi_engine(tiny, setup: str) -> Engine:
+def multi_engine(tiny, setup: str, sampler: str = "auto") -> Engine:
     models, drafts, targets = SETUPS[setup]
     gammas = [1] * len(models) + [GAMMA] if drafts else [GAMMA] + [1] * (len(models) - 1)
     return Engine([tiny[i] for i in models], None, "ensemble_sd", gammas, proposer_order=list(range(len(models))),
-                  drafter=nested(tiny) if drafts else None, targets=targets)
+                  sampler=sampler, drafter=nested(tiny) if drafts else None, targets=targets)
 
 
 def own_engine(tiny, setup: str, name: str) -> Engine:
@@ -132,6 +132,17 @@ def test_draft_streams_numbered_by_engine_runner_are_caught(tiny, monkeypatch):
     monkeypatch.setattr(Scheduler, "_draw", engine_streams)
     with pytest.raises(AssertionError, match="qwen2"):
         check_against_own_engines(tiny, "plain", 1.0)
+
+
+def test_triton_sampler_draws_the_same_tokens(tiny):
+    """The fused kernels take each target's runners (an outside proposer as a zero-weight model)."""
+    names = list(SETUPS["plain"][2])
+    params = [SamplingParams(temperature=1.0, seed=s, max_new_tokens=8, ignore_eos=True) for s in range(len(names))]
+    tokens = []
+    for sampler in ("torch", "triton"):
+        engine = multi_engine(tiny, "plain", sampler)
+        tokens.append([r.token_ids for r in engine.generate([[3, 1, 4, 1, 5]] * len(names), params, names)])
+    assert tokens[0] == tokens[1]
 
 
 def test_generate_and_stream_take_targets(tiny):

@@ -68,8 +68,8 @@ def own_engine(tiny, setup: str, name: str) -> Engine:
 
 
 def requests(setup: str, temperature: float) -> tuple[list[list[int]], list[SamplingParams], list[str]]:
-    """Three requests per target, ragged prompts and lengths; one prompt is asked of two targets and
-    twice of one (a shared prefill must not cross targets)."""
+    """Three requests per target, ragged prompts and lengths; one prompt is asked twice of one target
+    (the second request copies the first's prefill) and once of another (it prefills itself)."""
     names = list(SETUPS[setup][2])
     rng = random.Random(len(names))
     prompts, params, targets = [], [], []

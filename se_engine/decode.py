@@ -7,6 +7,11 @@ by logits "at p", computed by forwarding the tokens before p):
     fed[m]     number of tokens of tokens + pending in model m's cache slot
     logits[m]  model m's logits at positions c .. fed[m]
 
+Each sequence decodes one target (``Target``): an ensemble spec over some of the scheduler's runners
+(its members). An engine with one target has all its models as members; a multi-target engine
+serves requests for several targets (single models and ensembles over its models) with one shared
+proposer. "Every model" below means the sequence's target's members.
+
 Each sequence has one next action, and a tick runs it:
     ENSEMBLE   every model feeds up to the frontier; a token is drawn from r there and committed
     DRAFT m    model m feeds up to the frontier (unless it holds logits there); it draws a draft from its q
@@ -14,23 +19,24 @@ Each sequence has one next action, and a tick runs it:
                scored is verified, oldest first, in one verify call for the whole batch
 
 A tick: (1) each model forwards once, over every sequence whose action needs it (ragged rows
-packed), except that a model other than the cheapest may sit a tick out while other sequences
-advance without it (up to max_stall ticks), so that its waiting sequences line up for one shared
-forward; (2) one verify call over all sequences with verifiable positions; (3) every action whose
-models hold logits at the frontier draws its token (one sampling call per drafting model and one
-for the ensemble). After a rejection every cache is truncated to the committed prefix it holds: no
-committed token is ever recomputed. Each sequence keeps its own pending drafts, proposer and
-accepted length, and a rejection in one discards nothing of another; when a sequence runs changes
-none of its tokens (its randomness is keyed on its seed and positions).
+packed; sequences of every target together), except that a model other than the cheapest may sit a
+tick out while other sequences advance without it (up to max_stall ticks), so that its waiting
+sequences line up for one shared forward; (2) one verify call per target over its sequences with
+verifiable positions; (3) every action whose models hold logits at the frontier draws its token (per
+target, one sampling call per drafting model and one for the ensemble). After a rejection every
+cache is truncated to the committed prefix it holds: no committed token is ever recomputed. Each
+sequence keeps its own pending drafts, proposer and accepted length, and a rejection in one discards
+nothing of another; when a sequence runs changes none of its tokens (its randomness is keyed on its
+seed and positions).
 
 Methods (their action cycles):
     single, ensemble  ENSEMBLE, ENSEMBLE, ...
     ensemble_sd       a fixed proposer P: DRAFT P x gamma_P, SCORE (all models; P's last draft too,
                       so that after a full accept the next token is drawn from r in the same tick).
                       P is the cheapest model, or a draft-only runner outside the ensemble (the
-                      drafter, e.g. a ``NestedDrafter``): runner index n, after the n models; it feeds
-                      only when it drafts, and verify takes its logits as q through
-                      ``EnsembleSpec.with_drafter`` (r ignores them)
+                      drafter, e.g. a ``NestedDrafter``): runner index n, after the n models. A P
+                      outside a target's members feeds only when it drafts, and verify takes its
+                      logits as q through ``EnsembleSpec.with_drafter`` (r ignores them)
     se                alternate proposal: DRAFT p x gamma_p, SCORE by the model that has waited
                       longest; after a full accept the scorer, which now holds logits at the frontier,
                       draws its own draft there in the same tick and proposes next; after a
@@ -45,6 +51,7 @@ import time
 from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -64,9 +71,34 @@ ENSEMBLE, DRAFT, SCORE, FORK = "ensemble", "draft", "score", "fork"
 Action = tuple[Literal["ensemble", "draft", "score", "fork"], tuple[int, ...]]
 
 
+@dataclass(frozen=True, eq=False)  # identity: the scheduler groups sequences by target
+class Target:
+    """What a sequence decodes: r = spec over the logits of the runners ``members``.
+
+    order: runner indices, first proposes first (ensemble_sd: the proposer, a member or not, then the
+    other members; se: the members). Draft random streams are numbered by a runner's place in
+    ``runners``, so a target served beside others draws what an engine of its own would draw (its
+    members as the models, in order, and an outside proposer as the drafter)."""
+    members: tuple[int, ...]
+    spec: EnsembleSpec
+    order: tuple[int, ...]
+
+    @cached_property
+    def runners(self) -> tuple[int, ...]:
+        """The runners whose logits verify takes, in its order: the members, then a proposer from
+        outside them (its logits are the q of its drafts)."""
+        return self.members + tuple(m for m in self.order if m not in self.members)
+
+    @cached_property
+    def verify_spec(self) -> EnsembleSpec:
+        """spec over ``runners``: an outside proposer joins with weight 0."""
+        return self.spec.with_drafter() if len(self.runners) > len(self.members) else self.spec
+
+
 @dataclass
 class Metrics:
-    """Counters of one generation; per-model lists are in the engine's model order."""
+    """Counters of one generation; per-model lists run over all the engine's runners (its models,
+    then the drafter), also those outside the request's target (zero there)."""
     tokens: int = 0
     wall_s: float = 0.0  # from submission to the last token
     forwards: list[int] = field(default_factory=list)  # forwards of each model that included this sequence
@@ -145,6 +177,7 @@ class TickStats:
 class Sequence:
     """One request's decoding state (see the module docstring); owned by the Scheduler."""
     request_id: int
+    target: Target
     tokens: list[int]
     params: SamplingParams
     seed: int
@@ -173,7 +206,7 @@ class Sequence:
     def num_verifiable(self) -> int:
         """Leading pending positions that every model has scored."""
         c, t = len(self.tokens), 0
-        while t < len(self.pending) and all(c + t in d for d in self.logits):
+        while t < len(self.pending) and all(c + t in self.logits[m] for m in self.target.runners):
             t += 1
         return t
 
@@ -182,18 +215,16 @@ class Scheduler:
     """Runs the sequences of one engine in up to ``max_batch`` cache slots, one tick at a time.
 
     Requests wait in FIFO order for a free slot; ``add`` and ``abort`` may be called between ticks
-    (continuous batching). Each runner's slot s holds the same sequence.
+    (continuous batching). Each runner's slot s holds the same sequence (runners outside its target
+    hold nothing there).
     """
 
-    def __init__(self, runners: list[Runner], spec: EnsembleSpec, method: str, draft_lengths: DraftLengths,
-                 order: list[int], backend: Backend = "auto", max_batch: int | None = None,
-                 max_stall: int | None = None, drafter: Runner | None = None):
-        """runners: the ensemble's models; drafter: a draft-only proposer (ensemble_sd), runner index
-        len(runners); order: runner indices, first proposes first (the drafter, where there is one)."""
-        self.spec, self.method, self.order = spec, method, order
-        self.n = len(runners)  # ensemble members; self.runners adds the drafter
-        self.runners = runners + ([drafter] if drafter is not None else [])
-        self.verify_spec = spec.with_drafter() if drafter is not None else spec
+    def __init__(self, runners: list[Runner], method: str, draft_lengths: DraftLengths, order: list[int],
+                 backend: Backend = "auto", max_batch: int | None = None, max_stall: int | None = None):
+        """runners: the engine's models, then the drafter where there is one; order: runner indices,
+        cheapest first (the shared proposer of ensemble_sd first); each sequence brings its Target."""
+        self.method, self.order = method, order
+        self.runners = runners
         self.draft_lengths = draft_lengths
         # Ticks a sequence may wait for an expensive model while others draft: about one proposal.
         self.max_stall = draft_lengths.max_gamma if max_stall is None else max_stall
@@ -229,9 +260,10 @@ class Scheduler:
             seq.fed = [0] * len(self.runners)
             seq.logits = [{} for _ in self.runners]
             seq.acceptance = [[0.0, 0.0] for _ in self.runners]
-            seq.action = (ENSEMBLE, tuple(range(self.n)))
-            seq.source = next((s for s in self.running if s.action[0] == ENSEMBLE and s.tokens == seq.tokens
-                               and s.source is None and len(s.tokens) == s.prompt_len), None)
+            seq.action = (ENSEMBLE, seq.target.members)
+            seq.source = next((s for s in self.running if s.action[0] == ENSEMBLE and s.target is seq.target
+                               and s.tokens == seq.tokens and s.source is None and len(s.tokens) == s.prompt_len),
+                              None)
             if seq.source is not None:
                 seq.action = (FORK, ())
             for runner in self.runners:
@@ -245,7 +277,7 @@ class Scheduler:
         for seq in seqs:
             src = seq.source
             in_prefill = src in self.running and len(src.tokens) == src.prompt_len
-            if in_prefill and all(f == src.prompt_len for f in src.fed[:self.n]):
+            if in_prefill and all(src.fed[m] == src.prompt_len for m in src.target.members):
                 for runner in self.runners:
                     runner.fork(src.slot, [seq.slot])
                 seq.fed = list(src.fed)
@@ -253,7 +285,7 @@ class Scheduler:
             elif in_prefill:
                 continue
             seq.source = None
-            seq.action = (ENSEMBLE, tuple(range(self.n)))
+            seq.action = (ENSEMBLE, seq.target.members)
 
     # ------------------------------------------------------------ one tick
 
@@ -278,9 +310,11 @@ class Scheduler:
         self._verify([s for s in fed if s.action[0] == SCORE])
         ready = [s for s in fed if not s.finished and all(s.fed[m] == s.frontier for m in s.action[1])]
         drafts = [[s for s in ready if s.action == (DRAFT, (m,))] for m in range(len(self.runners))]
-        self._draw_ensemble([s for s in ready if s.action[0] == ENSEMBLE])
+        for seqs in _by_target([s for s in ready if s.action[0] == ENSEMBLE]):
+            self._draw_ensemble(seqs)
         for m, seqs in enumerate(drafts):
-            self._draw_drafts(m, seqs)
+            for group in _by_target(seqs):
+                self._draw_drafts(m, group)
         self.stats.ticks += 1
         for seq in running:
             if seq.finished:
@@ -319,27 +353,32 @@ class Scheduler:
         self.stats.forward_s[m] += time.perf_counter() - start
 
     def _verify(self, scored: list[Sequence]) -> None:
-        """One verify call over the verifiable positions of every sequence that was just scored.
-        (With three or more models a scored segment may still wait for another model's logits.)"""
-        counts = [s.num_verifiable() for s in scored]
-        for s, t in zip(scored, counts):
+        """One verify call per target over the verifiable positions of its sequences that were just
+        scored. (With three or more models a scored segment may still wait for another model's logits.)"""
+        counts = {s: s.num_verifiable() for s in scored}
+        for s, t in counts.items():
             if not t:
                 self._after_score(s, rejected=False)
-        seqs, counts = [s for s, t in zip(scored, counts) if t], [t for t in counts if t]
-        if not seqs:
-            return
+        for seqs in _by_target([s for s, t in counts.items() if t]):
+            self._verify_target(seqs, [counts[s] for s in seqs])
+
+    def _verify_target(self, seqs: list[Sequence], counts: list[int]) -> None:
+        """Verifies the first counts[i] pending drafts of seqs[i], sequences of one target."""
         start = time.perf_counter()
+        target = seqs[0].target
         rows = [(s, len(s.tokens) + j) for s, t in zip(seqs, counts) for j in range(t)]
-        logits = [torch.stack([s.logits[m][pos] for s, pos in rows]) for m in range(len(self.runners))]
+        logits = [torch.stack([s.logits[m][pos] for s, pos in rows]) for m in target.runners]
+        local = {m: i for i, m in enumerate(target.runners)}  # verify indexes logits by place in target.runners
         drafts, proposers, positions = torch.tensor(
-            [[s.pending[pos - len(s.tokens)] for s, pos in rows], [s.pending_by[pos - len(s.tokens)] for s, pos in rows],
+            [[s.pending[pos - len(s.tokens)] for s, pos in rows],
+             [local[s.pending_by[pos - len(s.tokens)]] for s, pos in rows],
              [pos for _, pos in rows]], device=self.device)
         offsets = torch.tensor([0, *counts], device=self.device).cumsum(0)
         seeds = torch.tensor([s.seed for s in seqs], device=self.device)
         params = [s.params for s in seqs]
-        res = verify(logits, self.verify_spec, drafts, proposers, positions, offsets, params, seeds,
+        res = verify(logits, target.verify_spec, drafts, proposers, positions, offsets, params, seeds,
                      want_logprobs=any(p.logprobs for p in params), max_n=max(counts), backend=self.backend)
-        # One read-back of the integer results (a second only for logprobs): the tick's sync point.
+        # One read-back of the integer results (a second only for logprobs): the call's sync point.
         results = torch.cat([res.num_accepted[:, None], res.num_emitted[:, None], res.tokens], dim=1).tolist()
         logprobs = res.logprobs.tolist() if res.logprobs is not None else None
         elapsed = time.perf_counter() - start
@@ -380,32 +419,34 @@ class Scheduler:
                 del s.logits[m][pos]
 
     def _draw_ensemble(self, seqs: list[Sequence]) -> None:
-        """A token from r at each sequence's frontier, committed."""
-        tokens, logprobs = self._draw(list(range(self.n)), self.spec, STREAM_ENSEMBLE, seqs)
+        """A token from r at the frontier of each sequence (all of one target), committed."""
+        target = seqs[0].target
+        tokens, logprobs = self._draw(list(target.members), target.spec, STREAM_ENSEMBLE, seqs)
         for i, s in enumerate(seqs):
             if s.params.logprobs:
                 s.logprobs.append(logprobs[i])
             self._commit(s, tokens[i:i + 1])
             if not s.finished and self.method != "ensemble" and self.method != "single":
-                self._start_proposal(s, self.order[0])
+                self._start_proposal(s, target.order[0])
 
     def _draw_drafts(self, m: int, seqs: list[Sequence]) -> None:
-        """A draft from model m's own q at each sequence's frontier."""
-        tokens, _ = self._draw([m], _OWN, STREAM_DRAFT + m, seqs)
+        """A draft from model m's own q at the frontier of each sequence (all of one target)."""
+        target = seqs[0].target
+        tokens, _ = self._draw([m], _OWN, STREAM_DRAFT + target.runners.index(m), seqs)
         for s, token in zip(seqs, tokens):
             s.pending.append(token)
             s.pending_by.append(m)
             s.pending_depth.append(s.metrics.draft_lengths[-1][1] - s.drafts_left)
             s.drafts_left -= 1
             if s.drafts_left == 0:
-                others = [k for k in self.order if k != m]
-                scorers = range(self.n) if self.method == "ensemble_sd" else [min(others, key=lambda k: s.fed[k])]
+                others = [k for k in target.order if k != m]
+                scorers = target.members if self.method == "ensemble_sd" else [min(others, key=lambda k: s.fed[k])]
                 s.action = (SCORE, tuple(scorers))
 
     def _draw(self, models: list[int], spec: EnsembleSpec, stream: int,
               seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
-        if not seqs:
-            return [], None
+        """One sampling call: a token from spec over the models' logits at each sequence's frontier
+        (and its log r, for the ensemble stream when a sequence asks for logprobs)."""
         start = time.perf_counter()
         logits = [torch.stack([s.logits[m][s.frontier] for s in seqs]) for m in models]
         positions = torch.tensor([s.frontier for s in seqs], device=self.device)
@@ -422,16 +463,16 @@ class Scheduler:
     def _after_score(self, s: Sequence, rejected: bool) -> None:
         scorer = s.action[1][0]
         if rejected:
-            self._start_proposal(s, self.order[0])
+            self._start_proposal(s, s.target.order[0])
         elif self.method == "ensemble_sd":
-            s.action = (ENSEMBLE, tuple(range(self.n)))  # every model holds logits at the frontier
+            s.action = (ENSEMBLE, s.target.members)  # every model holds logits at the frontier
         else:
             self._start_proposal(s, scorer)  # it holds logits at the frontier: its first draft is free
 
     def _start_proposal(self, s: Sequence, m: int) -> None:
         """Model m proposes gamma drafts (its fixed gamma, or the auto choice), capped so that drafts
         never run past max_new_tokens."""
-        others = [k for k in self.order if k != m]
+        others = [k for k in s.target.order if k != m]
         scorers = others if self.method == "ensemble_sd" else [min(others, key=lambda k: s.fed[k])]
         gamma = self.draft_lengths.choose(m, s.acceptance[m], s.frontier in s.logits[m],
                                           {o: s.frontier - s.fed[o] for o in scorers}, self.method)
@@ -456,3 +497,11 @@ class Scheduler:
         for d in s.logits:
             for pos in [p for p in d if p < c]:
                 del d[pos]
+
+
+def _by_target(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """seqs grouped by target, each group in the order of seqs."""
+    groups: dict[Target, list[Sequence]] = {}
+    for s in seqs:
+        groups.setdefault(s.target, []).append(s)
+    return list(groups.values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,7 +14,7 @@ from tqdm import tqdm
 from triton_kernels.verify import Backend, fused_unsupported
 
 from . import decode
-from .decode import METHODS, Metrics, Scheduler
+from .decode import METHODS, Metrics, Scheduler, Target
 from .ensemble import EnsembleSpec
 from .gamma import MAX_GAMMA, AutoGammas, FixedGammas, measure_costs
 from .errors import VocabularyMismatchError
@@ -22,6 +22,8 @@ from .runner import LoadedModel, Runner, check_same_vocabulary, load_model
 from .sampling import SamplingParams
 
 Prompt = str | Sequence[int]
+TargetArg = tuple[Sequence[int], EnsembleSpec | None]  # model indices, the ensemble over them (None: equal weights)
+DEFAULT_TARGET = "default"  # the one target of an engine built without ``targets``
 
 
 @dataclass
@@ -65,6 +67,10 @@ class Engine:
         runner over the models' vocabulary, typically ``NestedDrafter`` (early-exit views of a loaded
         model; of the only model: self-speculation). It is runner index n (after the n models) in
         ``gammas`` (then n + 1 entries, default 4 for the drafter) and in the per-model metrics.
+    targets: multi-target serving (method "ensemble_sd", no ``ensemble``): name -> (model indices,
+        EnsembleSpec over those models in that order, or None for equal weights). Every request names
+        one (``submit(..., target=name)``); one proposer drafts for all: the drafter, or else the
+        first model of ``proposer_order`` (a member of some targets, outside others).
     max_batch: sequences decoded at once (cache slots per model; more requests wait in FIFO order).
         Default: 8 for models loaded here (1 with runner="hf"), else what the loaded models hold.
     max_len: cache capacity per sequence (prompt + new tokens + draft slots), for models loaded here.
@@ -80,7 +86,7 @@ class Engine:
                  gammas: Sequence[int] | Literal["auto"] | AutoGammas | None = None, *, proposer_order: Sequence[int] | None = None,
                  max_batch: int | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
                  max_len: int = 2048, runner: Literal["native", "hf"] = "native", sampler: Backend = "auto",
-                 drafter: Runner | None = None):
+                 drafter: Runner | None = None, targets: Mapping[str, TargetArg] | None = None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if not models:
@@ -90,20 +96,26 @@ class Engine:
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         n = len(models)
-        if method == "single" and n != 1:
-            raise ValueError(f"method 'single' runs one model, got {n}")
         if drafter is not None and method != "ensemble_sd":
             raise ValueError(f"a drafter proposes for method 'ensemble_sd', got method {method!r}")
-        if method in ("ensemble_sd", "se") and n < 2 and drafter is None:
-            raise ValueError(f"method {method!r} needs at least two models (or a drafter), got {n}")
-        if method == "single":
-            ensemble = EnsembleSpec.weighted([1.0])
-        elif ensemble is None:
-            ensemble = EnsembleSpec.weighted([1.0] * n)
-        ensemble.check_num_models(n)
+        if targets is None:
+            if method == "single" and n != 1:
+                raise ValueError(f"method 'single' runs one model, got {n}")
+            if method in ("ensemble_sd", "se") and n < 2 and drafter is None:
+                raise ValueError(f"method {method!r} needs at least two models (or a drafter), got {n}")
+            if method == "single":
+                ensemble = EnsembleSpec.weighted([1.0])
+            entries = {DEFAULT_TARGET: (tuple(range(n)), _checked_spec(ensemble, n))}
+        else:
+            if method != "ensemble_sd":
+                raise ValueError(f"targets share one proposer: method 'ensemble_sd', got {method!r}")
+            if ensemble is not None:
+                raise ValueError("with targets, each target names its ensemble: pass ensemble=None")
+            if not isinstance(targets, Mapping) or not targets:
+                raise ValueError(f"targets must be a non-empty mapping name -> (model indices, EnsembleSpec | None), "
+                                 f"got {targets!r}")
+            entries = {name: _checked_target(name, value, n) for name, value in targets.items()}
         runs = n + (drafter is not None)  # runners: the models, then the drafter
-        if sampler == "triton" and (why := fused_unsupported(ensemble, [], runs)):
-            raise ValueError(f"sampler='triton' cannot run this ensemble: {why}")
         load_batch = max_batch or (1 if runner == "hf" else 8)
         self.models = [m if isinstance(m, LoadedModel) else
                        load_model(m, runner=runner, dtype=dtype, device=device, max_batch=load_batch,
@@ -122,6 +134,10 @@ class Engine:
         if sorted(proposer_order) != list(range(n)):
             raise ValueError(f"proposer_order must be a permutation of 0..{n - 1}, got {list(proposer_order)}")
         order = [n] * (drafter is not None) + list(proposer_order)  # the drafter proposes first
+        self.targets = {name: _target(name, ms, spec, order, method) for name, (ms, spec) in entries.items()}
+        for name, target in self.targets.items():
+            if sampler == "triton" and (why := fused_unsupported(target.spec, [], len(target.runners))):
+                raise ValueError(f"sampler='triton' cannot run {_target_label(name)}: {why}")
         if gammas is None:
             gammas = [4 if i == order[0] else 1 for i in range(runs)]
         if gammas == "auto":
@@ -138,12 +154,13 @@ class Engine:
                 raise ValueError(f"gammas must be 'auto' or {runs} ints >= 1 (one per model"
                                  f"{', then the drafter' if drafter is not None else ''}), got {gammas!r}")
             draft_lengths = FixedGammas(gammas)
-        self.ensemble, self.method, self.order, self.drafter = ensemble, method, order, drafter
+        self.ensemble = None if targets is not None else entries[DEFAULT_TARGET][1]
+        self.method, self.order, self.drafter = method, order, drafter
         self.gammas = draft_lengths.gammas if isinstance(draft_lengths, FixedGammas) else "auto"
         self.tokenizer = self.models[0].tokenizer
         self.max_len = min(r.max_len for r in all_runners)
-        self.scheduler = Scheduler(runners, ensemble, method, draft_lengths, self.order, sampler,
-                                   max_batch=max_batch or capacity, drafter=drafter)
+        self.scheduler = Scheduler(all_runners, method, draft_lengths, self.order, sampler,
+                                   max_batch=max_batch or capacity)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
 
@@ -154,9 +171,14 @@ class Engine:
 
     # ------------------------------------------------------------ request API
 
-    def submit(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
-        """Queues a request (validated here) and returns its id; ``step`` decodes it."""
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, target: str | None = None) -> int:
+        """Queues a request (validated here) and returns its id; ``step`` decodes it. target: the name
+        of one of the engine's targets (may be left out when there is only one)."""
         params = params or SamplingParams()
+        if target is None and len(self.targets) == 1:
+            (target,) = self.targets
+        if target not in self.targets:
+            raise ValueError(f"unknown target {target!r}; this engine serves {sorted(self.targets)}")
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("prompt is empty")
@@ -172,7 +194,7 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         request_id = self._next_id
         self._next_id += 1
-        seq = decode.Sequence(request_id, ids, params, seed, frozenset(stop_ids),
+        seq = decode.Sequence(request_id, self.targets[target], ids, params, seed, frozenset(stop_ids),
                               Metrics.zeros(len(self.scheduler.runners)))
         self._requests[request_id] = _Request(seq, params.stop, time.perf_counter())
         self.scheduler.add(seq)
@@ -224,11 +246,12 @@ class Engine:
 
     # ------------------------------------------------------------ convenience
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               target: str | None = None) -> Iterator[RequestOutput]:
         """Yields one prompt's text as it is committed; the last output carries the whole result.
         Closing the iterator early cancels the request."""
         self._check_idle()
-        request_id = self.submit(prompt, params)
+        request_id = self.submit(prompt, params, target)
         try:
             while request_id in self._requests:
                 yield from self.step()
@@ -237,19 +260,23 @@ class Engine:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, progress: bool = False) -> list[GenerationResult]:
+                 target: str | Sequence[str] | None = None, *, progress: bool = False) -> list[GenerationResult]:
         """One result per prompt (a single prompt is a list of one), decoded together in batches
-        of up to max_batch. ``progress`` shows a bar of finished requests."""
+        of up to max_batch; target: one name for all prompts or one per prompt (requests of different
+        targets share the batch). ``progress`` shows a bar of finished requests."""
         self._check_idle()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
+        names = [target] * len(prompts) if target is None or isinstance(target, str) else list(target)
+        if len(names) != len(prompts):
+            raise ValueError(f"{len(names)} targets for {len(prompts)} prompts")
         ids = []
         try:
-            for prompt, p in zip(prompts, params_list):
-                ids.append(self.submit(prompt, p))
+            for prompt, p, name in zip(prompts, params_list, names):
+                ids.append(self.submit(prompt, p, name))
             results: dict[int, GenerationResult] = {}
             with tqdm(total=len(ids), disable=not progress, desc="generate", unit="req") as bar:
                 while self.has_unfinished():
@@ -281,3 +308,44 @@ def _safe_prefix(text: str, stops: tuple[str, ...]) -> int:
                 safe -= k
                 break
     return max(safe, 0)
+
+
+def _checked_spec(spec: EnsembleSpec | None, n: int) -> EnsembleSpec:
+    """spec over n models (None: equal weights)."""
+    spec = EnsembleSpec.weighted([1.0] * n) if spec is None else spec
+    if not isinstance(spec, EnsembleSpec):
+        raise TypeError(f"an ensemble must be an EnsembleSpec or None, got {type(spec).__name__}")
+    spec.check_num_models(n)
+    return spec
+
+
+def _checked_target(name: str, value: TargetArg, n: int) -> tuple[tuple[int, ...], EnsembleSpec]:
+    """A ``targets`` entry of an engine with n models -> (model indices, spec over them)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"target names must be non-empty strings, got {name!r}")
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not isinstance(value[0], Sequence):
+        raise ValueError(f"target {name!r} must be (model indices, EnsembleSpec or None), got {value!r}")
+    members = tuple(value[0])
+    if not members:
+        raise ValueError(f"target {name!r} has no models")
+    if any(not isinstance(i, int) or not 0 <= i < n for i in members) or len(set(members)) != len(members):
+        raise ValueError(f"target {name!r}: model indices must be distinct ints in [0, {n}), got {list(members)}")
+    try:
+        return members, _checked_spec(value[1], len(members))
+    except ValueError as e:
+        raise ValueError(f"target {name!r}: {e}") from None
+
+
+def _target(name: str, members: tuple[int, ...], spec: EnsembleSpec, order: list[int], method: str) -> Target:
+    """The Target of a checked entry; order: the engine's runner indices, first proposes first."""
+    if method == "ensemble_sd":  # the engine's one proposer drafts for every target
+        proposer = order[0]
+        if members == (proposer,):
+            raise ValueError(f"{_target_label(name)} is the proposer (model {proposer}) alone: ensemble_sd "
+                             "needs another model or a drafter")
+        return Target(members, spec, (proposer, *(k for k in order[1:] if k in members)))
+    return Target(members, spec, tuple(k for k in order if k in members))
+
+
+def _target_label(name: str) -> str:
+    return "this ensemble" if name == DEFAULT_TARGET else f"target {name!r}"

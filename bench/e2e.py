@@ -189,13 +189,13 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def predicted_speedup(method: str, rows: list[dict], costs: list[ForwardCost], cfg: EnsembleConfig) -> float | None:
-    """The cycle model's speed-up over the ensemble, fed with this run's acceptance and draft lengths."""
-    tested = [sum(r["metrics"]["drafts_tested"][m] for r in rows) for m in range(2)] if method in SPECULATIVE else [0]
-    if not any(tested):
+def predicted_speedup(method: str, acceptance: list[float | None], rows: list[dict], costs: list[ForwardCost],
+                      cfg: EnsembleConfig) -> float | None:
+    """The cycle model's speed-up over the ensemble, fed with this run's acceptance per model (None:
+    never tested) and draft lengths."""
+    if all(a is None for a in acceptance):
         return None
-    accepted = [sum(r["metrics"]["drafts_accepted"][m] for r in rows) for m in range(2)]
-    acceptance = [a / t if t else 0.0 for a, t in zip(accepted, tested)]
+    acceptance = [0.0 if a is None else a for a in acceptance]
     if method == "se-auto":
         lengths = [[g for r in rows for p, g in r["metrics"]["draft_lengths"] if p == m] for m in range(2)]
         gammas = [sum(g) / len(g) if g else 1.0 for g in lengths]
@@ -224,10 +224,11 @@ def summarise(store: dict, ensemble: str, dataset: str, methods: list[str]) -> l
         rows = [runs[f"{ensemble}/{dataset}/{method}/{i}"] for i in done]
         rate = sum(r["tokens"] for r in rows) / sum(r["wall_s"] for r in rows)
         correct = sum(r["correct"] for r in rows)
-        tested = [sum(r["metrics"]["drafts_tested"][m] for r in rows) for m in range(2)] if method in SPECULATIVE else None
-        accepted = [sum(r["metrics"]["drafts_accepted"][m] for r in rows) for m in range(2)] if tested else None
-        depth = None
-        if tested:
+        acceptance, depth = None, None
+        if method in SPECULATIVE:
+            tested, accepted = ([sum(r["metrics"][key][m] for r in rows) for m in range(2)]
+                                for key in ("drafts_tested", "drafts_accepted"))
+            acceptance = [a / t if t else None for a, t in zip(accepted, tested)]
             small = 1 if cfg.expert_first else 0
             t = _sum_lists([r["metrics"]["tested_at_depth"][small] for r in rows])
             a = _sum_lists([r["metrics"]["accepted_at_depth"][small] for r in rows])
@@ -236,8 +237,8 @@ def summarise(store: dict, ensemble: str, dataset: str, methods: list[str]) -> l
             "method": method, "tasks": len(done), "correct": correct, "ci": wilson(correct, len(done)),
             "tokens": sum(r["tokens"] for r in rows), "tok_s": rate,
             "speedup": rate / base_rate if base_rate else None,
-            "predicted": predicted_speedup(method, rows, costs, cfg) if base_rate else None,
-            "acceptance": [a / t if t else None for a, t in zip(accepted, tested)] if tested else None,
+            "predicted": predicted_speedup(method, acceptance, rows, costs, cfg) if base_rate and acceptance else None,
+            "acceptance": acceptance,
             "acceptance_by_depth": depth,
             "identical": (sum(r["completion"] == b["completion"] for r, b in zip(rows, base)) if base else None),
         })

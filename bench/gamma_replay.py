@@ -102,8 +102,7 @@ class CycleGammas(AutoGammas):
     def choose(self, m: int, acceptance: list[float], free: bool, scorers: dict[int, int], method: str) -> int:
         if m != 0:
             return 1
-        mean, weight = self.prior
-        a = min((acceptance[0] + mean * weight) / (acceptance[1] + weight), 0.999)
+        a = self.estimate(acceptance)
         return max(range(1, self.max_gamma + 1), key=lambda g: cycle_rate("se", self.costs, [g, 1], [a, a]))
 
 
@@ -152,7 +151,8 @@ def markdown(result: dict) -> str:
     for workload, rows in result["workloads"].items():
         lines += [f"## {workload}", "", "| policy | modelled tok/s | vs best fixed | small model's mean draft length |",
                   "|---|---|---|---|"]
-        lines += [f"| {r['policy']} | {r['tokens_per_s']:.2f} | {r['vs_best_fixed']:.3f} | {r['mean_draft_length']:.2f} |"
+        lines += [f"| {r['policy']} | {r['tokens_per_s']:.2f} | {r['vs_best_fixed']:.3f} "
+                  f"| {r['mean_draft_length']:.2f} |"
                   for r in sorted(rows, key=lambda r: -r["tokens_per_s"])]
         lines.append("")
     return "\n".join(lines)

@@ -144,7 +144,8 @@ class Metrics:
             setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
         for name in ("tested_at_depth", "accepted_at_depth"):
             for mine, theirs in zip(getattr(self, name), getattr(other, name)):
-                _count_at(mine, range(len(theirs)), theirs)
+                for d, amount in enumerate(theirs):
+                    _count_at(mine, d, amount)
 
     def as_dict(self) -> dict:
         return {"tokens": self.tokens, "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
@@ -152,14 +153,14 @@ class Metrics:
                 "drafts_tested": self.drafts_tested, "drafts_accepted": self.drafts_accepted,
                 "acceptance_rate": self.acceptance_rate, "verify_steps": self.verify_steps, "verify_s": self.verify_s,
                 "mean_accepted_per_step": self.mean_accepted_per_step, "mean_draft_length": self.mean_draft_length,
-                "draft_lengths": self.draft_lengths, "tested_at_depth": self.tested_at_depth, "accepted_at_depth": self.accepted_at_depth}
+                "draft_lengths": self.draft_lengths, "tested_at_depth": self.tested_at_depth,
+                "accepted_at_depth": self.accepted_at_depth}
 
 
-def _count_at(counts: list[int], depths: Seq[int], amounts: Seq[int]) -> None:
-    """counts[d] += amount for each (d, amount), growing counts as needed."""
-    for d, amount in zip(depths, amounts):
-        counts.extend([0] * (d + 1 - len(counts)))
-        counts[d] += amount
+def _count_at(counts: list[int], d: int, amount: int) -> None:
+    """counts[d] += amount, growing counts as needed."""
+    counts.extend([0] * (d + 1 - len(counts)))
+    counts[d] += amount
 
 
 @dataclass
@@ -392,8 +393,8 @@ class Scheduler:
                 m = s.pending_by[j]
                 tested[m] += 1
                 accepted[m] += j < a
-                _count_at(s.metrics.tested_at_depth[m], [s.pending_depth[j]], [1])
-                _count_at(s.metrics.accepted_at_depth[m], [s.pending_depth[j]], [int(j < a)])
+                _count_at(s.metrics.tested_at_depth[m], s.pending_depth[j], 1)
+                _count_at(s.metrics.accepted_at_depth[m], s.pending_depth[j], int(j < a))
             for m in set(s.pending_by[:t]):
                 s.metrics.drafts_tested[m] += tested[m]
                 s.metrics.drafts_accepted[m] += accepted[m]

@@ -98,9 +98,7 @@ class AutoGammas:
     def choose(self, m: int, acceptance: list[float], free: bool, scorers: dict[int, int], method: str) -> int:
         """acceptance: smoothed [accepted, tested] of m's drafts; scorers: the other models that
         score the drafts -> k_o."""
-        accepted, tested = acceptance
-        mean, weight = self.prior
-        a = min((accepted + mean * weight) / (tested + weight), 0.999)
+        a = self.estimate(acceptance)
         best, best_rate = 1, 0.0
         for g in range(1, self.max_gamma + 1):
             full = a ** g
@@ -111,6 +109,11 @@ class AutoGammas:
                 best, best_rate = g, tokens / seconds
         return best
 
+
+    def estimate(self, acceptance: list[float]) -> float:
+        """The smoothed acceptance rate of discounted [accepted, tested] counts under the prior."""
+        mean, weight = self.prior
+        return min((acceptance[0] + mean * weight) / (acceptance[1] + weight), 0.999)
 
     def observe(self, acceptance: list[float], tested: int, accepted: int) -> None:
         """Folds one verification's outcome for one proposer into its discounted counts, in place."""

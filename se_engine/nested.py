@@ -112,28 +112,34 @@ class NestedDrafter:
             # One read-back per depth: the exit decision is the host's.
             top = [] if last else logits.softmax(-1).amax(-1).tolist()
             keep, keep_index, at, logit_at = [], [], 0, 0
+            out_dst, out_src, kept_x, kept_slot, kept_pos = [], [], [], [], []  # the exiting rows, gathered
             for j, first, size in zip(active, firsts, sizes):
                 n = num_logits[j]
                 if not last and n and top[logit_at + n - 1] < self.thresholds[i]:
                     keep.append(j)
                     keep_index.extend(range(at, at + size))
                 else:
-                    self._exit(i, rows[j], first, ends[j], x[at:at + size])
-                    out[out_at[j]:out_at[j + 1]] = logits[logit_at:logit_at + n]
+                    out_dst.extend(range(out_at[j], out_at[j + 1]))
+                    out_src.extend(range(logit_at, logit_at + n))
+                    if not last:  # they will resume from these hidden states
+                        kept_x.extend(range(at, at + size))
+                        kept_slot.extend([rows[j]] * size)
+                        kept_pos.extend(range(first, ends[j]))
+                    for k in range(i + 1):
+                        self.filled[k][rows[j]] = ends[j]
+                    self.exits[i] += 1
                 at, logit_at = at + size, logit_at + n
+            # One copy each for the exiting rows' logits and hidden states.
+            fields = [out_dst, out_src, kept_x, kept_slot, kept_pos]
+            index = torch.tensor([v for f in fields for v in f], dtype=torch.long, device=device)
+            out_dst_t, out_src_t, x_t, slot_t, pos_t = index.split([len(f) for f in fields])
+            out[out_dst_t] = logits[out_src_t]
+            self.hidden[slot_t, pos_t] = x[x_t]
             if not keep:
                 break
             active, firsts = keep, [f for j, f in zip(active, firsts) if j in keep]
             x = x[torch.tensor(keep_index, device=device)]
         return out
-
-    def _exit(self, i: int, slot: int, first: int, end: int, x: Tensor) -> None:
-        """Tokens first .. end - 1 of ``slot`` stop at depth i with hidden states x [end - first, hidden]."""
-        if i < len(self.depths) - 1:
-            self.hidden[slot, first:end] = x
-        for k in range(i + 1):
-            self.filled[k][slot] = end
-        self.exits[i] += 1
 
     def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
         """Rolls slots back to ``lengths`` (each <= its current length), at every depth: O(1)."""

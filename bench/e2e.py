@@ -14,6 +14,9 @@ Methods:
     ensemble                    this engine, every model every token (the baseline of the speed-ups)
     ensemble_sd, se             this engine, speculative, with the ensemble's fixed gammas
     se-auto                     this engine, se with automatic draft lengths (gammas="auto")
+    sd-int8, sd-int4            this engine, ensemble_sd with a weight-only int8 / int4 copy of the smaller
+                                model as the drafter (``se_engine.quant``; DRAFTER_GAMMA drafts per
+                                proposal), verified by both exact models: exactly the ensemble's distribution
     tf-large                    transformers ``generate`` of the larger model alone
     tf-assisted                 transformers assisted generation: the larger model verifies the smaller
                                 one's drafts (lossless speculative decoding of the larger model alone)
@@ -53,14 +56,19 @@ from bench.env import header, header_markdown, run_alone
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.gamma import MAX_GAMMA, AutoGammas, ForwardCost, cycle_rate, measure_costs
-from se_engine.runner import LoadedModel, load_model
+from se_engine.runner import LoadedModel, Runner, load_model
 from se_engine.sampling import SamplingParams
 from se_engine.sources import resolve
 
 SMALL, LARGE = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
-OURS = ("single-small", "single-large", "ensemble", "ensemble_sd", "se", "se-auto")
+DRAFTED = {"sd-int8": "int8", "sd-int4": "int4"}  # method -> its drafter's quantization scheme
+OURS = ("single-small", "single-large", "ensemble", "ensemble_sd", "se", "se-auto", *DRAFTED)
 PEERS = ("tf-large", "tf-assisted", "tf-assisted-ens", "tf-ensemble")
-SPECULATIVE = ("ensemble_sd", "se", "se-auto")
+SPECULATIVE = ("ensemble_sd", "se", "se-auto", *DRAFTED)
+# The drafters' draft length: near the cycle model's best at the acceptance measured in trial runs
+# on 2-5 HumanEval and GSM8K prompts (int8 0.89-0.94 at 43 ms a forward, int4 0.90-0.91 at 35 ms;
+# the models 81 / 186 ms over 9 tokens), where the model is flat (within 1-2% over 8-12).
+DRAFTER_GAMMA = 8
 
 
 @dataclass(frozen=True)
@@ -95,8 +103,8 @@ class Generation:
 class Ours:
     """This engine: one Engine per (ensemble, method) over the two loaded models."""
 
-    def __init__(self, small: LoadedModel, large: LoadedModel, auto: AutoGammas):
-        self.small, self.large, self.auto = small, large, auto
+    def __init__(self, small: LoadedModel, large: LoadedModel, auto: AutoGammas, drafters: dict[str, Runner]):
+        self.small, self.large, self.auto, self.drafters = small, large, auto, drafters
         self.engines: dict[tuple[str, str], Engine] = {}
 
     def order(self, cfg: EnsembleConfig) -> list[LoadedModel]:
@@ -110,6 +118,9 @@ class Ours:
             elif method == "se-auto":
                 costs = self.auto.costs if not cfg.expert_first else self.auto.costs[::-1]
                 engine = Engine(self.order(cfg), cfg.spec, "se", AutoGammas(costs))
+            elif method in DRAFTED:
+                engine = Engine(self.order(cfg), cfg.spec, "ensemble_sd", [1, 1, DRAFTER_GAMMA],
+                                drafter=self.drafters[DRAFTED[method]])
             else:
                 engine = Engine(self.order(cfg), cfg.spec, method, list(cfg.gammas))
             self.engines[ensemble, method] = engine
@@ -191,20 +202,23 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def predicted_speedup(method: str, acceptance: list[float | None], rows: list[dict], costs: list[ForwardCost],
                       cfg: EnsembleConfig) -> float | None:
-    """The cycle model's speed-up over the ensemble, fed with this run's acceptance per model (None:
-    never tested) and draft lengths."""
+    """The cycle model's speed-up over the ensemble, fed with this run's acceptance per runner (None:
+    never tested) and draft lengths; costs: the small and the large model's (, the method's drafter's)."""
     if all(a is None for a in acceptance):
         return None
     acceptance = [0.0 if a is None else a for a in acceptance]
+    order = [1, 0] if cfg.expert_first else [0, 1]  # the small model proposes first
+    models = costs[1::-1] if cfg.expert_first else costs[:2]  # in ensemble order
+    ensemble = cycle_rate("ensemble", models, order=order)
+    if method in DRAFTED:
+        return cycle_rate("ensemble_sd", models + costs[2:], [1, 1, DRAFTER_GAMMA], acceptance) / ensemble
     if method == "se-auto":
         lengths = [[g for r in rows for p, g in r["metrics"]["draft_lengths"] if p == m] for m in range(2)]
         gammas = [sum(g) / len(g) if g else 1.0 for g in lengths]
     else:
         gammas = list(cfg.gammas)
-    order = [1, 0] if cfg.expert_first else [0, 1]  # the small model proposes first
-    costs = costs[::-1] if cfg.expert_first else costs
     name = "se" if method == "se-auto" else method
-    return cycle_rate(name, costs, gammas, acceptance, order) / cycle_rate("ensemble", costs, order=order)
+    return cycle_rate(name, models, gammas, acceptance, order) / ensemble
 
 
 def summarise(store: dict, ensemble: str, dataset: str, methods: list[str]) -> list[dict] | None:
@@ -216,6 +230,7 @@ def summarise(store: dict, ensemble: str, dataset: str, methods: list[str]) -> l
     if not done:
         return None
     costs = [ForwardCost(**c) for c in store["costs"]]
+    drafter_costs = {scheme: ForwardCost(**c) for scheme, c in store["drafter_costs"].items()}
     cfg = ENSEMBLES[ensemble]
     base = [runs[f"{ensemble}/{dataset}/ensemble/{i}"] for i in done] if "ensemble" in methods else None
     base_rate = sum(r["tokens"] for r in base) / sum(r["wall_s"] for r in base) if base else None
@@ -226,18 +241,20 @@ def summarise(store: dict, ensemble: str, dataset: str, methods: list[str]) -> l
         correct = sum(r["correct"] for r in rows)
         acceptance, depth = None, None
         if method in SPECULATIVE:
-            tested, accepted = ([sum(r["metrics"][key][m] for r in rows) for m in range(2)]
+            runners = range(len(rows[0]["metrics"]["drafts_tested"]))  # the models (, the drafter)
+            tested, accepted = ([sum(r["metrics"][key][m] for r in rows) for m in runners]
                                 for key in ("drafts_tested", "drafts_accepted"))
             acceptance = [a / t if t else None for a, t in zip(accepted, tested)]
-            small = 1 if cfg.expert_first else 0
-            t = _sum_lists([r["metrics"]["tested_at_depth"][small] for r in rows])
-            a = _sum_lists([r["metrics"]["accepted_at_depth"][small] for r in rows])
+            proposer = 2 if method in DRAFTED else 1 if cfg.expert_first else 0
+            t = _sum_lists([r["metrics"]["tested_at_depth"][proposer] for r in rows])
+            a = _sum_lists([r["metrics"]["accepted_at_depth"][proposer] for r in rows])
             depth = [x / y if y else None for x, y in zip(a, t)]
         table.append({
             "method": method, "tasks": len(done), "correct": correct, "ci": wilson(correct, len(done)),
             "tokens": sum(r["tokens"] for r in rows), "tok_s": rate,
             "speedup": rate / base_rate if base_rate else None,
-            "predicted": predicted_speedup(method, acceptance, rows, costs, cfg) if base_rate and acceptance else None,
+            "predicted": (predicted_speedup(method, acceptance, rows, costs + ([drafter_costs[DRAFTED[method]]]
+                                            if method in DRAFTED else []), cfg) if base_rate and acceptance else None),
             "acceptance": acceptance,
             "acceptance_by_depth": depth,
             "identical": (sum(r["completion"] == b["completion"] for r, b in zip(rows, base)) if base else None),
@@ -275,8 +292,9 @@ def markdown(store: dict, methods: list[str]) -> str:
     lines = ["# End-to-end: speed and quality per method, ensemble and dataset", ""]
     for h in store["sessions"]:
         lines += [header_markdown(h)]
-    costs = ", ".join(f"{n}: {c['fixed_s'] * 1e3:.1f} ms + {c['per_token_s'] * 1e3:.2f} ms/token"
-                      for n, c in zip(s["models"], store["costs"]))
+    named = [*zip(s["models"], store["costs"] or []),
+             *((f"{scheme} {s['models'][0]}", c) for scheme, c in store["drafter_costs"].items())]
+    costs = ", ".join(f"{n}: {c['fixed_s'] * 1e3:.1f} ms + {c['per_token_s'] * 1e3:.2f} ms/token" for n, c in named)
     lines += [f"- models: {', '.join(s['models'])}; {s['dtype']}, batch 1, native runner",
               f"- tasks: the first {s['limit']} of each dataset (tables count those every method finished); "
               f"new tokens at most {s['max_new_tokens']}; seed = task index",
@@ -285,7 +303,10 @@ def markdown(store: dict, methods: list[str]) -> str:
               f"- runs redone because another process used the CPU meanwhile: "
               f"{sum(r.get('redone', 0) for r in store['runs'].values())}",
               "- tf-assisted-ens draws the token after the drafts and the residual from the larger model alone: "
-              "its output is not the ensemble's distribution; this engine's methods are exact", ""]
+              "its output is not the ensemble's distribution; this engine's methods are exact",
+              f"- sd-int8 / sd-int4: ensemble_sd with {DRAFTER_GAMMA} drafts per proposal from an int8 / int4 copy of "
+              f"{s['models'][0]}; both exact models score every draft, so the output is exactly the ensemble's",
+              f"- sessions (numbered as listed above) of each method's runs: {_sessions(store, methods)}", ""]
     for ensemble in s["ensembles"]:
         cfg = ENSEMBLES[ensemble]
         lines += [f"## {ensemble} (T = {cfg.temperature}, gammas {list(cfg.gammas)} in ensemble order)", ""]
@@ -295,7 +316,7 @@ def markdown(store: dict, methods: list[str]) -> str:
                 continue
             lines += [f"### {dataset}: {table[0]['tasks']} tasks", "",
                       "| method | quality (95% CI) | tokens | tok/s | speed-up vs ensemble | cycle model | "
-                      "acceptance per model | same text as ensemble |", "|---|---|---|---|---|---|---|---|"]
+                      "acceptance per model (, drafter) | same text as ensemble |", "|---|---|---|---|---|---|---|---|"]
             for r in table:
                 q = f"{r['correct'] / r['tasks']:.3f} ({r['ci'][0]:.2f}-{r['ci'][1]:.2f})"
                 speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
@@ -307,6 +328,13 @@ def markdown(store: dict, methods: list[str]) -> str:
                              f"| {same} |")
             lines += ["", parity(table, cfg.temperature), ""]
     return "\n".join(lines) + "\n"
+
+
+def _sessions(store: dict, methods: list[str]) -> str:
+    by_method: dict[str, set[int]] = {}
+    for key, run in store["runs"].items():
+        by_method.setdefault(key.split("/")[2], set()).add(run["session"] + 1)
+    return "; ".join(f"{m} {', '.join(map(str, sorted(by_method[m])))}" for m in methods if m in by_method)
 
 
 def plot(store: dict, methods: list[str], path: Path, ensemble: str) -> None:
@@ -333,7 +361,7 @@ def plot(store: dict, methods: list[str], path: Path, ensemble: str) -> None:
     bars.set_ylabel("tokens / s (batch 1)")
     bars.set_title(f"{ensemble}: throughput")
     bars.legend()
-    depth.set_xlabel("draft position in the small model's proposal")
+    depth.set_xlabel("draft position in the proposal of the small model (sd-int*: its quantized copy)")
     depth.set_ylabel("acceptance rate")
     depth.set_title(f"{ensemble}: acceptance by position")
     depth.legend(fontsize=8)
@@ -348,8 +376,9 @@ def plot(store: dict, methods: list[str], path: Path, ensemble: str) -> None:
 def open_store(path: Path, settings: dict) -> dict:
     """The results so far; refuses to mix runs made with other settings."""
     if not path.exists():
-        return {"settings": settings, "sessions": [], "costs": None, "runs": {}}
+        return {"settings": settings, "sessions": [], "costs": None, "drafter_costs": {}, "runs": {}}
     store = json.loads(path.read_text())
+    store.setdefault("drafter_costs", {})
     fixed = ("models", "dtype", "max_new_tokens")
     if any(store["settings"][k] != settings[k] for k in fixed):
         raise SystemExit(f"{path} holds a run with other settings ({ {k: store['settings'][k] for k in fixed} }); "
@@ -397,15 +426,26 @@ def main(argv: list[str] | None = None) -> None:
         report()
         return
     small, large = (load_model(n, max_len=4096) for n in args.models)
-    if store["costs"] is None:
-        measure = lambda: measure_costs([small.runner, large.runner], slot=0, max_k=MAX_GAMMA + 1)  # noqa: E731
-        store["costs"] = [asdict(c) for c in (run_alone(measure)[0] if args.alone else measure())]
+    drafters = {DRAFTED[m]: load_model(args.models[0], max_len=4096, quantize=DRAFTED[m]).runner
+                for m in args.methods if m in DRAFTED}
+
+    def measured(runners: list[Runner], max_k: int) -> list[dict]:
+        measure = lambda: [asdict(c) for c in measure_costs(runners, slot=0, max_k=max_k)]  # noqa: E731
+        return run_alone(measure)[0] if args.alone else measure()
+
+    # Forward costs (cycle model, se-auto): the models' at the first run, a drafter's at its first,
+    # over the query lengths the cycle model uses (a drafter feeds 1 or 2 tokens, through its kernels).
+    store["costs"] = store["costs"] or measured([small.runner, large.runner], MAX_GAMMA + 1)
+    for scheme, drafter in drafters.items():
+        if scheme not in store["drafter_costs"]:
+            store["drafter_costs"][scheme] = measured([drafter], 2)[0]
     store["sessions"].append(header())
-    ours = Ours(small, large, AutoGammas([ForwardCost(**c) for c in store["costs"]]))
+    ours = Ours(small, large, AutoGammas([ForwardCost(**c) for c in store["costs"]]), drafters)
     peer = Transformers(*args.models, torch.bfloat16) if set(args.methods) & set(PEERS) else None
     tasks = {d: DATASETS_BY_NAME[d].load(args.limit) for d in args.datasets}
     warm = tasks[args.datasets[0]][0].prompt
-    for runner, method in ((ours, "se"), (peer, "tf-assisted")):  # warm-up: allocations, thread pools
+    warm_up = [(ours, "se"), *((ours, m) for m in args.methods if m in DRAFTED), (peer, "tf-assisted")]
+    for runner, method in warm_up:  # allocations, thread pools
         if runner:
             runner.run("weighted-t1", method, warm, 0, 8)
     for ensemble, dataset, i, method in tqdm(todo, desc="e2e", unit="run"):

@@ -474,7 +474,7 @@ class Scheduler:
         """Model m proposes gamma drafts (its fixed gamma, or the auto choice), capped so that drafts
         never run past max_new_tokens."""
         others = [k for k in s.target.order if k != m]
-        scorers = others if self.method == "ensemble_sd" else [min(others, key=lambda k: s.fed[k])]
+        scorers = s.target.members if self.method == "ensemble_sd" else [min(others, key=lambda k: s.fed[k])]
         gamma = self.draft_lengths.choose(m, s.acceptance[m], s.frontier in s.logits[m],
                                           {o: s.frontier - s.fed[o] for o in scorers}, self.method)
         left = s.params.max_new_tokens - (len(s.tokens) - s.prompt_len) - len(s.pending)

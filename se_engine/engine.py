@@ -64,9 +64,11 @@ class Engine:
         each sequence's acceptance rates (``se_engine.gamma``); or an ``AutoGammas`` with given costs.
     proposer_order: model indices, first proposes first (default: fewest parameters first).
     drafter: a draft-only proposer outside the ensemble (method "ensemble_sd", one or more models): any
-        runner over the models' vocabulary, typically ``NestedDrafter`` (early-exit views of a loaded
-        model; of the only model: self-speculation). It is runner index n (after the n models) in
-        ``gammas`` (then n + 1 entries, default 4 for the drafter) and in the per-model metrics.
+        runner over the models' vocabulary: a quantized copy of the smallest model
+        (``load_model(name, quantize="int4").runner``, ``se_engine.quant``), or a ``NestedDrafter``
+        (early-exit views of a loaded model; of the only model: self-speculation). It is runner
+        index n (after the n models) in ``gammas`` (then n + 1 entries, default 4 for the drafter)
+        and in the per-model metrics.
     targets: multi-target serving (method "ensemble_sd", no ``ensemble``): name -> (model indices,
         EnsembleSpec over those models in that order, or None for equal weights). Every request names
         one (``submit(..., target=name)``); one proposer drafts for all: the drafter, or else the

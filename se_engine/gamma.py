@@ -5,8 +5,8 @@ per second of that proposal and its verification (the segment of the alternate-p
 
     tokens(g) = (1 - a^g) / (1 - a)        accepted drafts, or the recovered token at a rejection
                 + a^g          (ensemble_sd: after a full accept a token is drawn from r at once)
-    time(g)   = (g - free) c_m(1) + sum_{o in scorers} c_o(k_o + g)
-                + c_m(1)       (ensemble_sd: m also feeds its last draft, to score it)
+    time(g)   = (g - free) c_m(1) + sum_{o in scorers, o != m} c_o(k_o + g)
+                + c_m(1)       (ensemble_sd, m a member: m also feeds its last draft, to score it)
 
     a        the sequence's acceptance rate of m's drafts, smoothed (discounted counts, prior PRIOR)
     free     1 if m already holds logits at the frontier (it has just scored a fully accepted
@@ -96,15 +96,15 @@ class AutoGammas:
         self.costs, self.max_gamma, self.prior, self.decay = costs, max_gamma, prior, decay
 
     def choose(self, m: int, acceptance: list[float], free: bool, scorers: dict[int, int], method: str) -> int:
-        """acceptance: smoothed [accepted, tested] of m's drafts; scorers: the other models that
-        score the drafts -> k_o."""
+        """acceptance: smoothed [accepted, tested] of m's drafts; scorers: the models that score
+        the drafts -> k_o (m among them: a member proposing in ensemble_sd, which feeds its last draft)."""
         a = self.estimate(acceptance)
         best, best_rate = 1, 0.0
         for g in range(1, self.max_gamma + 1):
             full = a ** g
             tokens = (1 - full) / (1 - a) + (full if method == "ensemble_sd" else 0.0)
-            drafting = g - free + (method == "ensemble_sd")  # there m also feeds its last draft
-            seconds = drafting * self.costs[m](1) + sum(self.costs[o](k + g) for o, k in scorers.items())
+            drafting = g - free + (m in scorers)
+            seconds = drafting * self.costs[m](1) + sum(self.costs[o](k + g) for o, k in scorers.items() if o != m)
             if tokens / seconds > best_rate:
                 best, best_rate = g, tokens / seconds
         return best
@@ -135,6 +135,11 @@ def cycle_rate(method: str, costs: list[ForwardCost], gammas: list[float] | None
         ensemble     1 token per c_P(1) + c_V(1)
         ensemble_sd  tokens  S(a_P, g_P) + a_P^g_P          (after a full accept r draws one more)
                      time    (g_P + 1) c_P(1) + c_V(g_P + 1)   (P also feeds its last draft to score it)
+        ensemble_sd with a drafter D outside the two models (costs, gammas and acceptance of three
+        runners, the drafter third; it proposes, order is ignored):
+                     tokens  S(a_D, g_D) + a_D^g_D
+                     time    g_D c_D(1) + a_D^g_D (c_D(2) - c_D(1)) + c_0(g_D + 1) + c_1(g_D + 1)
+                     (D feeds its last draft with the next token, after a full accept)
         se           one cycle: P's proposal, then V's when P's is fully accepted
                      tokens  S(a_P, g_P) + a_P^g_P S(a_V, g_V)
                      time    (g_P - f) c_P(1) + c_V(g_P + 1) + a_P^g_P ((g_V - 1) c_V(1) + c_P(g_V + 1))
@@ -142,8 +147,9 @@ def cycle_rate(method: str, costs: list[ForwardCost], gammas: list[float] | None
                      fully accepted proposal, so it holds logits at the frontier)
 
     Gammas may be fractional (the mean draft length of an automatic choice)."""
-    if len(costs) != 2:
-        raise ValueError(f"the cycle model covers two models, got {len(costs)}")
+    if len(costs) != 2 and not (len(costs) == 3 and method == "ensemble_sd"):
+        raise ValueError(f"the cycle model covers two models (and a drafter for ensemble_sd), got {len(costs)} "
+                         f"for {method!r}")
     p, v = order or (0, 1)
     if method == "ensemble":
         return 1 / (costs[p](1) + costs[v](1))
@@ -154,6 +160,11 @@ def cycle_rate(method: str, costs: list[ForwardCost], gammas: list[float] | None
         a, g = acceptance[m], gammas[m]
         return g if a == 1 else (1 - a ** g) / (1 - a)
 
+    if len(costs) == 3:
+        d, g = 2, gammas[2]
+        full = acceptance[d] ** g
+        seconds = g * costs[d](1) + full * (costs[d](2) - costs[d](1)) + costs[0](g + 1) + costs[1](g + 1)
+        return (accepted(d) + full) / seconds
     full_p = acceptance[p] ** gammas[p]
     if method == "ensemble_sd":
         tokens = accepted(p) + full_p

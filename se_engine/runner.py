@@ -22,6 +22,8 @@ from torch import Tensor
 from .errors import VocabularyMismatchError
 from .hf_runner import HFRunner
 from .model import Transformer
+from .quant import LAYERS, Scheme
+from .quant import quantize as quantize_weights
 from .sources import resolve
 
 
@@ -53,8 +55,18 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 
 def load_model(name: str, *, runner: Literal["native", "hf"] = "native", dtype: torch.dtype | None = None,
-               device: torch.device | str = "cpu", max_batch: int = 1, max_len: int = 2048) -> LoadedModel:
+               device: torch.device | str = "cpu", max_batch: int = 1, max_len: int = 2048,
+               quantize: Scheme | None = None) -> LoadedModel:
+    """quantize="int8" | "int4": weight-only quantized linear layers (``se_engine.quant``), native
+    runner only. Such a model is not the model its name says (its name says so): use it as a drafter,
+    never as an ensemble member. The fast kernels are torch's CPU ones; elsewhere the layers
+    dequantize at every forward and the copy is slower than the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if quantize is not None and quantize not in LAYERS:
+        raise ValueError(f"quantize must be None or one of {sorted(LAYERS)}, got {quantize!r}")
+    if quantize is not None and runner != "native":
+        raise ValueError(f"quantize={quantize!r} needs runner='native', got runner={runner!r}")
 
     dtype = dtype or default_dtype(device)
     path = resolve(name, dtype)
@@ -65,13 +77,16 @@ def load_model(name: str, *, runner: Literal["native", "hf"] = "native", dtype: 
         model: Runner = Transformer.from_hf(hf_model, max_batch=max_batch, max_len=max_len, dtype=dtype,
                                             device=device)
         del hf_model
+        if quantize is not None:
+            model = quantize_weights(model, quantize)
     elif runner == "hf":
         if max_batch != 1:
             raise ValueError(f"runner='hf' serves batch 1 only, got max_batch={max_batch}")
         model = HFRunner(hf_model, max_len=max_len)
     else:
         raise ValueError(f"runner must be 'native' or 'hf', got {runner!r}")
-    return LoadedModel(name=name, runner=model, tokenizer=tokenizer, num_params=num_params)
+    label = name if quantize is None else f"{name} ({quantize})"
+    return LoadedModel(name=label, runner=model, tokenizer=tokenizer, num_params=num_params)
 
 
 def check_same_vocabulary(models: list[LoadedModel]) -> None:

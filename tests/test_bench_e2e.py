@@ -50,10 +50,16 @@ def test_e2e_runs_resumes_and_refuses_other_settings(tmp_path):
     report = (tmp_path / "e2e-cpu.md").read_text()
     assert "se's text identical to ensemble's on 2 of 2 tasks" in report  # greedy: se is exact
     assert (tmp_path / "e2e-cpu-weighted-greedy.png").stat().st_size > 0
-    e2e.main([*args, "--methods", "ensemble", "se", "single-small"])  # runs single-small alone
+    new = ["single-small", "sd-int8", "sd-int4"]
+    e2e.main([*args, "--methods", "ensemble", "se", *new])  # runs the new methods alone
     again = json.loads((tmp_path / "e2e-cpu.json").read_text())
-    assert len(again["sessions"]) == 2 and len(again["runs"]) == len(store["runs"]) + 4
+    assert len(again["sessions"]) == 2 and len(again["runs"]) == len(store["runs"]) + 2 * 2 * len(new)
     assert all(again["runs"][k] == v for k, v in store["runs"].items())
+    assert set(again["drafter_costs"]) == {"int8", "int4"}  # measured when they joined
+    report = (tmp_path / "e2e-cpu.md").read_text()
+    for method in ("sd-int8", "sd-int4"):  # greedy: the ensemble's text
+        rows = [line for line in report.splitlines() if line.startswith(f"| {method} | ")]
+        assert len(rows) == 2 and all(r.endswith(" | 2/2 |") for r in rows)
     with pytest.raises(SystemExit, match="other settings"):
         e2e.main([*args[:-4], "--max-new-tokens", '{"humaneval": 13}', "--out", str(tmp_path)])
 

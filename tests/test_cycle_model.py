@@ -39,25 +39,34 @@ class ConstantRunner:
             self.lengths[r] = self.lengths[src]
 
 
-@pytest.mark.parametrize("method,gammas", [("se", [3, 2]), ("se", [5, 1]), ("ensemble_sd", [4, 1])])
+@pytest.mark.parametrize("method,gammas", [("se", [3, 2]), ("se", [5, 1]), ("ensemble_sd", [4, 1]),
+                                           ("ensemble_sd", [1, 1, 5])], ids=["se-3-2", "se-5-1", "sd", "sd-drafter"])
 def test_cycle_model_predicts_forwards_per_token(method, gammas):
+    """Three gammas: a third stand-in, outside the ensemble, drafts for it."""
     tokenizer = load_model("tiny-random-llama").tokenizer
     g = torch.Generator().manual_seed(0)
     vocab = 259
-    small, large = (torch.randn(vocab, generator=g) * 2 for _ in range(2))
-    models = [LoadedModel("p", ConstantRunner(small), tokenizer, 1), LoadedModel("v", ConstantRunner(large), tokenizer, 2)]
-    engine = Engine(models, EnsembleSpec.weighted([0.5, 0.5]), method, gammas)
+    logits = [torch.randn(vocab, generator=g) * 2 for _ in gammas]
+    models = [LoadedModel("p", ConstantRunner(logits[0]), tokenizer, 1),
+              LoadedModel("v", ConstantRunner(logits[1]), tokenizer, 2)]
+    drafter = ConstantRunner(logits[2]) if len(gammas) == 3 else None
+    engine = Engine(models, EnsembleSpec.weighted([0.5, 0.5]), method, gammas, drafter=drafter)
     params = [SamplingParams(temperature=1.0, seed=s, max_new_tokens=1000, ignore_eos=True) for s in range(16)]
     results = engine.generate([[5, 6, 7]] * 16, params)
     tokens = sum(r.metrics.tokens - 1 for r in results)  # the first token comes with the prefill
-    forwards = [sum(r.metrics.forwards[m] - 1 for r in results) for m in range(2)]
-    # Acceptance of model m's drafts: sum_x min(p_m(x), r(x)) with r the 0.5 / 0.5 mixture.
-    p = [small.softmax(0), large.softmax(0)]
+    runners = range(len(gammas))
+    forwards = [sum(r.metrics.forwards[m] - (m < 2) for r in results) for m in runners]  # the drafter has no prefill
+    # Acceptance of runner m's drafts: sum_x min(p_m(x), r(x)) with r the 0.5 / 0.5 mixture of the models.
+    p = [x.softmax(0) for x in logits]
     r = 0.5 * (p[0] + p[1])
     acceptance = [float(torch.minimum(pm, r).sum()) for pm in p]
-    for m in range(2):
-        unit = [ForwardCost(float(k == m), 0.0) for k in range(2)]
-        predicted = cycle_rate(method, unit, gammas, acceptance)  # tokens per forward of model m
+    if drafter is not None:  # tokens per token the drafter feeds (a cost per token): its c(2) term
+        fed = sum(r.metrics.positions_scored[2] - 3 for r in results)  # less the prompts, fed with a first draft
+        per_token = [ForwardCost(0.0, float(k == 2)) for k in runners]
+        assert tokens / fed == pytest.approx(cycle_rate(method, per_token, gammas, acceptance), rel=0.01)
+    for m in runners:
+        unit = [ForwardCost(float(k == m), 0.0) for k in runners]
+        predicted = cycle_rate(method, unit, gammas, acceptance)  # tokens per forward of runner m
         assert tokens / forwards[m] == pytest.approx(predicted, rel=0.01), (m, acceptance)
 
 
@@ -70,6 +79,12 @@ def test_cycle_model_limits():
     assert cycle_rate("se", costs, [4, 1], [0.0, 0.0]) == pytest.approx(1 / (4 + 3))
     with pytest.raises(ValueError, match="two models"):
         cycle_rate("se", costs * 2, [1] * 4, [0.5] * 4)
+    with pytest.raises(ValueError, match="and a drafter for ensemble_sd"):
+        cycle_rate("se", costs + costs[:1], [1] * 3, [0.5] * 3)
+    # A drafter whose every draft is accepted: g + 1 tokens for g drafter forwards (one over 2
+    # tokens) and one of each model.
+    drafter = costs + [ForwardCost(0.5, 0.25)]
+    assert cycle_rate("ensemble_sd", drafter, [1, 1, 4], [0, 0, 1.0]) == pytest.approx(5 / (4 * 0.75 + 0.25 + 1 + 3))
 
 
 @pytest.mark.parametrize("gammas", [[3, 2], [6, 1]])

@@ -40,6 +40,30 @@ def test_auto_gamma_follows_costs_and_acceptance():
             AutoGammas([CHEAP, DEAR], prior=prior, decay=decay)
 
 
+def test_auto_gamma_prices_who_scores_in_ensemble_sd():
+    """ensemble_sd over models 0 (CHEAP) and 1 (DEAR): a member proposer also feeds its last draft
+    to score it, a drafter (runner 2) outside the ensemble does not, and pays for model 0 scoring
+    instead. Each choice is the argmax of its rate written out by hand; the drafter's differs from
+    what an extra own forward would give (the rule before drafters were priced apart)."""
+    drafter = ForwardCost(0.03, 0.0)
+    auto = AutoGammas([CHEAP, DEAR, drafter])
+    differs = 0
+    for accepted in (11, 15, 19):
+        counts = acceptance(accepted, 20)
+        a = auto.estimate(counts)
+
+        def best(seconds) -> int:
+            rate = {g: ((1 - a ** g) / (1 - a) + a ** g) / seconds(g) for g in range(1, auto.max_gamma + 1)}
+            return max(rate, key=rate.get)
+
+        scorers = {0: 1, 1: 1}
+        assert auto.choose(0, counts, False, scorers, "ensemble_sd") == best(lambda g: (g + 1) * CHEAP(1) + DEAR(1 + g))
+        outside = best(lambda g: g * drafter(1) + CHEAP(1 + g) + DEAR(1 + g))
+        assert auto.choose(2, counts, False, scorers, "ensemble_sd") == outside
+        differs += outside != best(lambda g: (g + 1) * drafter(1) + CHEAP(1 + g) + DEAR(1 + g))
+    assert differs
+
+
 def test_measure_costs_leaves_the_slot_empty(tiny):
     costs = measure_costs([m.runner for m in tiny[:2]], slot=1, max_k=5, context=16, reps=2)
     assert all(c(1) > 0 and c(5) >= c(1) for c in costs)

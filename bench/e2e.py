@@ -240,6 +240,7 @@ def summarise(store: dict, ensemble: str, dataset: str, methods: list[str]) -> l
         rate = sum(r["tokens"] for r in rows) / sum(r["wall_s"] for r in rows)
         correct = sum(r["correct"] for r in rows)
         acceptance, depth = None, None
+        runner_costs = costs + ([drafter_costs[DRAFTED[method]]] if method in DRAFTED else [])
         if method in SPECULATIVE:
             runners = range(len(rows[0]["metrics"]["drafts_tested"]))  # the models (, the drafter)
             tested, accepted = ([sum(r["metrics"][key][m] for r in rows) for m in runners]
@@ -253,8 +254,8 @@ def summarise(store: dict, ensemble: str, dataset: str, methods: list[str]) -> l
             "method": method, "tasks": len(done), "correct": correct, "ci": wilson(correct, len(done)),
             "tokens": sum(r["tokens"] for r in rows), "tok_s": rate,
             "speedup": rate / base_rate if base_rate else None,
-            "predicted": (predicted_speedup(method, acceptance, rows, costs + ([drafter_costs[DRAFTED[method]]]
-                                            if method in DRAFTED else []), cfg) if base_rate and acceptance else None),
+            "predicted": (predicted_speedup(method, acceptance, rows, runner_costs, cfg)
+                          if base_rate and acceptance else None),
             "acceptance": acceptance,
             "acceptance_by_depth": depth,
             "identical": (sum(r["completion"] == b["completion"] for r, b in zip(rows, base)) if base else None),

@@ -109,7 +109,6 @@ class AutoGammas:
                 best, best_rate = g, tokens / seconds
         return best
 
-
     def estimate(self, acceptance: list[float]) -> float:
         """The smoothed acceptance rate of discounted [accepted, tested] counts under the prior."""
         mean, weight = self.prior

@@ -17,6 +17,7 @@ Methods:
     sd-int8, sd-int4            this engine, ensemble_sd with a weight-only int8 / int4 copy of the smaller
                                 model as the drafter (``se_engine.quant``; DRAFTER_GAMMA drafts per
                                 proposal), verified by both exact models: exactly the ensemble's distribution
+    sd-int4-auto                sd-int4 with automatic draft lengths
     tf-large                    transformers ``generate`` of the larger model alone
     tf-assisted                 transformers assisted generation: the larger model verifies the smaller
                                 one's drafts (lossless speculative decoding of the larger model alone)
@@ -61,7 +62,8 @@ from se_engine.sampling import SamplingParams
 from se_engine.sources import resolve
 
 SMALL, LARGE = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
-DRAFTED = {"sd-int8": "int8", "sd-int4": "int4"}  # method -> its drafter's quantization scheme
+DRAFTED = {"sd-int8": "int8", "sd-int4": "int4", "sd-int4-auto": "int4"}  # method -> its drafter's scheme
+AUTO = ("se-auto", "sd-int4-auto")  # gammas="auto", from the forward costs in the store
 OURS = ("single-small", "single-large", "ensemble", "ensemble_sd", "se", "se-auto", *DRAFTED)
 PEERS = ("tf-large", "tf-assisted", "tf-assisted-ens", "tf-ensemble")
 SPECULATIVE = ("ensemble_sd", "se", "se-auto", *DRAFTED)
@@ -103,8 +105,10 @@ class Generation:
 class Ours:
     """This engine: one Engine per (ensemble, method) over the two loaded models."""
 
-    def __init__(self, small: LoadedModel, large: LoadedModel, auto: AutoGammas, drafters: dict[str, Runner]):
-        self.small, self.large, self.auto, self.drafters = small, large, auto, drafters
+    def __init__(self, small: LoadedModel, large: LoadedModel, costs: list[ForwardCost],
+                 drafters: dict[str, tuple[Runner, ForwardCost]]):
+        """costs: the small and the large model's forwards; drafters: scheme -> (runner, its forward cost)."""
+        self.small, self.large, self.costs, self.drafters = small, large, costs, drafters
         self.engines: dict[tuple[str, str], Engine] = {}
 
     def order(self, cfg: EnsembleConfig) -> list[LoadedModel]:
@@ -116,11 +120,13 @@ class Ours:
             if method.startswith("single"):
                 engine = Engine([self.small if method == "single-small" else self.large], None, "single")
             elif method == "se-auto":
-                costs = self.auto.costs if not cfg.expert_first else self.auto.costs[::-1]
+                costs = self.costs if not cfg.expert_first else self.costs[::-1]
                 engine = Engine(self.order(cfg), cfg.spec, "se", AutoGammas(costs))
             elif method in DRAFTED:
-                engine = Engine(self.order(cfg), cfg.spec, "ensemble_sd", [1, 1, DRAFTER_GAMMA],
-                                drafter=self.drafters[DRAFTED[method]])
+                drafter, cost = self.drafters[DRAFTED[method]]
+                costs = self.costs if not cfg.expert_first else self.costs[::-1]
+                gammas = AutoGammas([*costs, cost]) if method in AUTO else [1, 1, DRAFTER_GAMMA]
+                engine = Engine(self.order(cfg), cfg.spec, "ensemble_sd", gammas, drafter=drafter)
             else:
                 engine = Engine(self.order(cfg), cfg.spec, method, list(cfg.gammas))
             self.engines[ensemble, method] = engine
@@ -128,7 +134,9 @@ class Ours:
 
     def run(self, ensemble: str, method: str, prompt: str, seed: int, max_new_tokens: int) -> Generation:
         engine = self.engine(ensemble, method)
-        params = SamplingParams(temperature=ENSEMBLES[ensemble].temperature, seed=seed, max_new_tokens=max_new_tokens)
+        # The tokenizer's EOS only, as the peers (Transformers.eos) and every stored run stop.
+        params = SamplingParams(temperature=ENSEMBLES[ensemble].temperature, seed=seed, max_new_tokens=max_new_tokens,
+                                ignore_eos=True, stop_token_ids=(engine.tokenizer.eos_token_id,))
         start = time.perf_counter()
         result = engine.generate(prompt, params)[0]
         wall = time.perf_counter() - start
@@ -210,13 +218,13 @@ def predicted_speedup(method: str, acceptance: list[float | None], rows: list[di
     order = [1, 0] if cfg.expert_first else [0, 1]  # the small model proposes first
     models = costs[1::-1] if cfg.expert_first else costs[:2]  # in ensemble order
     ensemble = cycle_rate("ensemble", models, order=order)
-    if method in DRAFTED:
-        return cycle_rate("ensemble_sd", models + costs[2:], [1, 1, DRAFTER_GAMMA], acceptance) / ensemble
-    if method == "se-auto":
-        lengths = [[g for r in rows for p, g in r["metrics"]["draft_lengths"] if p == m] for m in range(2)]
+    if method in AUTO:
+        lengths = [[g for r in rows for p, g in r["metrics"]["draft_lengths"] if p == m] for m in range(len(costs))]
         gammas = [sum(g) / len(g) if g else 1.0 for g in lengths]
     else:
-        gammas = list(cfg.gammas)
+        gammas = list(cfg.gammas) + [DRAFTER_GAMMA] * (method in DRAFTED)
+    if method in DRAFTED:
+        return cycle_rate("ensemble_sd", models + costs[2:], gammas, acceptance) / ensemble
     name = "se" if method == "se-auto" else method
     return cycle_rate(name, models, gammas, acceptance, order) / ensemble
 
@@ -299,14 +307,15 @@ def markdown(store: dict, methods: list[str]) -> str:
     lines += [f"- models: {', '.join(s['models'])}; {s['dtype']}, batch 1, native runner",
               f"- tasks: the first {s['limit']} of each dataset (tables count those every method finished); "
               f"new tokens at most {s['max_new_tokens']}; seed = task index",
-              f"- forward costs measured at start-up (cycle model, se-auto): {costs}",
+              f"- forward costs measured at start-up (cycle model, se-auto, sd-int4-auto): {costs}",
               f"- transformers assisted generation: {s['assisted']}",
               f"- runs redone because another process used the CPU meanwhile: "
               f"{sum(r.get('redone', 0) for r in store['runs'].values())}",
               "- tf-assisted-ens draws the token after the drafts and the residual from the larger model alone: "
               "its output is not the ensemble's distribution; this engine's methods are exact",
               f"- sd-int8 / sd-int4: ensemble_sd with {DRAFTER_GAMMA} drafts per proposal from an int8 / int4 copy of "
-              f"{s['models'][0]}; both exact models score every draft, so the output is exactly the ensemble's",
+              f"{s['models'][0]}; both exact models score every draft, so the output is exactly the ensemble's; "
+              "sd-int4-auto: the int4 drafter with automatic draft lengths (cycle model: its mean draft length)",
               f"- sessions (numbered as listed above) of each method's runs: {_sessions(store, methods)}", ""]
     for ensemble in s["ensembles"]:
         cfg = ENSEMBLES[ensemble]
@@ -441,7 +450,8 @@ def main(argv: list[str] | None = None) -> None:
         if scheme not in store["drafter_costs"]:
             store["drafter_costs"][scheme] = measured([drafter], 2)[0]
     store["sessions"].append(header())
-    ours = Ours(small, large, AutoGammas([ForwardCost(**c) for c in store["costs"]]), drafters)
+    ours = Ours(small, large, [ForwardCost(**c) for c in store["costs"]],
+                {scheme: (d, ForwardCost(**store["drafter_costs"][scheme])) for scheme, d in drafters.items()})
     peer = Transformers(*args.models, torch.bfloat16) if set(args.methods) & set(PEERS) else None
     tasks = {d: DATASETS_BY_NAME[d].load(args.limit) for d in args.datasets}
     warm = tasks[args.datasets[0]][0].prompt

@@ -65,7 +65,8 @@ def _gammas(args) -> list[int] | str | None:
 
 
 def cmd_generate(args) -> None:
-    engine = Engine(args.models, _ensemble(args), args.method, _gammas(args), max_len=args.max_len)
+    engine = Engine(args.models, _ensemble(args), args.method, _gammas(args),
+                    confidence_threshold=args.confidence_threshold, max_len=args.max_len)
     prompt = _prompt(engine, args.prompt, args.chat)
     _report(args.method, _print_stream(engine, prompt, _params(args)))
 
@@ -76,7 +77,8 @@ def cmd_serve(args) -> None:
     except ImportError as e:  # the engine itself does not need the HTTP stack
         raise SEEngineError(f"se-engine serve needs {e.name}: pip install 'se_engine[server]'") from e
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    engine = Engine(args.models, _ensemble(args), args.method, _gammas(args), max_batch=args.max_batch,
+    engine = Engine(args.models, _ensemble(args), args.method, _gammas(args),
+                    confidence_threshold=args.confidence_threshold, max_batch=args.max_batch,
                     max_len=args.max_len, dtype=dtype, device=args.device)
     serve(engine, args.host, args.port, args.served_model_name, args.log_level)
 
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--models", nargs="+", required=True, help="names, .gguf files or transformers directories")
         p.add_argument("--method", choices=METHODS, default="se")
         p.add_argument("--gammas", nargs="+", type=_gamma, help="draft length per model, in model order, or 'auto'")
+        p.add_argument("--confidence-threshold", type=float, default=0.0,
+                       help="end a proposal after a draft whose proposer's top probability is below this (0: never)")
         p.add_argument("--weights", type=float, nargs="+", help="weighted ensemble (normalised to sum 1)")
         p.add_argument("--contrastive", type=float, metavar="ALPHA", help="l_first - ALPHA * l_second")
 

@@ -42,6 +42,13 @@ Methods (their action cycles):
                       draws its own draft there in the same tick and proposes next; after a
                       rejection the cheapest model proposes.
 Every sequence starts with ENSEMBLE: its prefill, and its first token drawn from r.
+
+A proposal of gamma_p drafts ends early after a draft that its proposer was unsure of: the top
+probability of softmax(its logits) there below ``confidence_threshold``. That draft is still
+tested (it cost no forward beyond the ones its predecessors needed); the forwards for the drafts
+after it, likely rejected, are saved. Exactness: whether position p holds a draft matters only when
+every draft before p is accepted, and then the rule's input (the proposer's logits up to p) is a
+function of the committed prefix: a draft length chosen from the past.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from .runner import Runner
 from .sampling import STREAM_DRAFT, STREAM_ENSEMBLE, SamplingParams
 
 METHODS = ("single", "ensemble", "ensemble_sd", "se")
+MAX_STALL = 8
 _OWN = EnsembleSpec.weighted([1.0])  # a model's draft is a sample of the one-model "ensemble"
 
 ENSEMBLE, DRAFT, SCORE, FORK = "ensemble", "draft", "score", "fork"
@@ -221,14 +229,18 @@ class Scheduler:
     """
 
     def __init__(self, runners: list[Runner], method: str, draft_lengths: DraftLengths, order: list[int],
-                 backend: Backend = "auto", max_batch: int | None = None, max_stall: int | None = None):
+                 backend: Backend = "auto", max_batch: int | None = None, max_stall: int | None = None,
+                 confidence_threshold: float = 0.0):
         """runners: the engine's models, then the drafter where there is one; order: runner indices,
-        cheapest first (the shared proposer of ensemble_sd first); each sequence brings its Target."""
+        cheapest first (the shared proposer of ensemble_sd first); each sequence brings its Target.
+        confidence_threshold: ends a proposal early (module docstring); 0 never does."""
         self.method, self.order = method, order
         self.runners = runners
         self.draft_lengths = draft_lengths
-        # Ticks a sequence may wait for an expensive model while others draft: about one proposal.
-        self.max_stall = draft_lengths.max_gamma if max_stall is None else max_stall
+        self.confidence_threshold = confidence_threshold
+        # Ticks a sequence may wait for an expensive model while others draft: about one proposal
+        # (auto's cap of MAX_GAMMA is reached only by a cheap drafter on a long confident run).
+        self.max_stall = min(draft_lengths.max_gamma, MAX_STALL) if max_stall is None else max_stall
         self.backend = backend
         self.device = runners[0].device
         self.max_batch = max_batch or min(r.max_batch for r in self.runners)
@@ -434,15 +446,27 @@ class Scheduler:
         """A draft from model m's own q at the frontier of each sequence (all of one target)."""
         target = seqs[0].target
         tokens, _ = self._draw([m], _OWN, STREAM_DRAFT + target.runners.index(m), seqs)
-        for s, token in zip(seqs, tokens):
+        for s, token, unsure in zip(seqs, tokens, self._unsure(m, seqs)):
             s.pending.append(token)
             s.pending_by.append(m)
-            s.pending_depth.append(s.metrics.draft_lengths[-1][1] - s.drafts_left)
+            depth = s.metrics.draft_lengths[-1][1] - s.drafts_left
+            s.pending_depth.append(depth)
             s.drafts_left -= 1
+            if unsure and s.drafts_left:  # the proposal ends here: its metrics record the drafts it made
+                s.metrics.draft_lengths[-1] = (m, depth + 1)
+                s.drafts_left = 0
             if s.drafts_left == 0:
                 others = [k for k in target.order if k != m]
                 scorers = target.members if self.method == "ensemble_sd" else [min(others, key=lambda k: s.fed[k])]
                 s.action = (SCORE, tuple(scorers))
+
+    def _unsure(self, m: int, seqs: list[Sequence]) -> list[bool]:
+        """Whether model m's top probability at each sequence's frontier is below the threshold."""
+        if self.confidence_threshold <= 0:
+            return [False] * len(seqs)
+        logits = torch.stack([s.logits[m][s.frontier] for s in seqs]).float()
+        top = (logits.amax(-1) - logits.logsumexp(-1)).exp()
+        return (top < self.confidence_threshold).tolist()
 
     def _draw(self, models: list[int], spec: EnsembleSpec, stream: int,
               seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:

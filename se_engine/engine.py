@@ -24,6 +24,11 @@ from .sampling import SamplingParams
 Prompt = str | Sequence[int]
 TargetArg = tuple[Sequence[int], EnsembleSpec | None]  # model indices, the ensemble over them (None: equal weights)
 DEFAULT_TARGET = "default"  # the one target of an engine built without ``targets``
+# Special tokens that end a generation besides the tokenizer's EOS, where the vocabulary has them:
+# a chat model ends a turn with one and a document with another (Qwen2.5: EOS <|im_end|>, and
+# <|endoftext|>), and a GGUF conversion carries no generation config listing both (llama.cpp matches
+# these names too).
+END_OF_GENERATION = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
 @dataclass
@@ -62,6 +67,9 @@ class Engine:
     gammas: draft length per model, in model order (default: 4 for the cheapest model, 1 for the rest);
         or "auto": chosen per proposal from the models' forward costs, measured here at start-up, and
         each sequence's acceptance rates (``se_engine.gamma``); or an ``AutoGammas`` with given costs.
+    confidence_threshold: a proposal ends early after a draft whose proposer's top probability
+        (softmax of its logits) is below this; the gammas are then caps. 0 never ends one early.
+        Exact either way (``se_engine.decode``).
     proposer_order: model indices, first proposes first (default: fewest parameters first).
     drafter: a draft-only proposer outside the ensemble (method "ensemble_sd", one or more models): any
         runner over the models' vocabulary: a quantized copy of the smallest model
@@ -85,7 +93,8 @@ class Engine:
 
     def __init__(self, models: Sequence[str | LoadedModel], ensemble: EnsembleSpec | None = None,
                  method: Literal["single", "ensemble", "ensemble_sd", "se"] = "se",
-                 gammas: Sequence[int] | Literal["auto"] | AutoGammas | None = None, *, proposer_order: Sequence[int] | None = None,
+                 gammas: Sequence[int] | Literal["auto"] | AutoGammas | None = None, *,
+                 confidence_threshold: float = 0.0, proposer_order: Sequence[int] | None = None,
                  max_batch: int | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
                  max_len: int = 2048, runner: Literal["native", "hf"] = "native", sampler: Backend = "auto",
                  drafter: Runner | None = None, targets: Mapping[str, TargetArg] | None = None):
@@ -95,6 +104,9 @@ class Engine:
             raise ValueError("at least one model is needed")
         if sampler not in ("auto", "torch", "triton"):
             raise ValueError(f"sampler must be 'auto', 'torch' or 'triton', got {sampler!r}")
+        if isinstance(confidence_threshold, bool) or not isinstance(confidence_threshold, (int, float)) \
+                or not 0 <= confidence_threshold <= 1:
+            raise ValueError(f"confidence_threshold must be a number in [0, 1], got {confidence_threshold!r}")
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         n = len(models)
@@ -160,9 +172,10 @@ class Engine:
         self.method, self.order, self.drafter = method, order, drafter
         self.gammas = draft_lengths.gammas if isinstance(draft_lengths, FixedGammas) else "auto"
         self.tokenizer = self.models[0].tokenizer
+        self.eos_ids = _end_of_generation_ids(self.tokenizer)
         self.max_len = min(r.max_len for r in all_runners)
         self.scheduler = Scheduler(all_runners, method, draft_lengths, self.order, sampler,
-                                   max_batch=max_batch or capacity)
+                                   max_batch=max_batch or capacity, confidence_threshold=confidence_threshold)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
 
@@ -190,9 +203,7 @@ class Engine:
         if params.max_new_tokens > self.max_new_tokens(len(ids)):
             raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens={params.max_new_tokens} (+ "
                              f"{self.scheduler.draft_lengths.max_gamma + 1} draft slots) exceeds max_len={self.max_len}")
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos and self.tokenizer.eos_token_id is not None:
-            stop_ids.add(self.tokenizer.eos_token_id)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         request_id = self._next_id
         self._next_id += 1
@@ -295,6 +306,13 @@ class Engine:
         if self._requests:
             raise RuntimeError(f"{len(self._requests)} submitted requests are unfinished: drive them with step() "
                                "(generate and stream serve only their own prompts)")
+
+
+def _end_of_generation_ids(tokenizer) -> frozenset[int]:
+    """The tokenizer's EOS and the END_OF_GENERATION tokens it has as special tokens."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})  # id -> AddedToken
+    ids = {i for i, token in added.items() if token.special and token.content in END_OF_GENERATION}
+    return frozenset(ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -17,6 +17,9 @@ per second of that proposal and its verification (the segment of the alternate-p
 The rate is myopic: a full accept also spares the next proposer a forward (its free first draft),
 which this segment does not count; that proposal counts it through its own ``free``.
 
+With a confidence threshold (``se_engine.decode``) the chosen gamma is a cap: a proposal may end
+sooner, after a draft its proposer was unsure of.
+
 Exactness does not depend on the choice: a draft length decided from the sequence's past (its own
 acceptance history) and fixed costs leaves every verified position's law unchanged. Costs are
 measured once, not refreshed while serving, and acceptance is per sequence: so a seeded request
@@ -34,7 +37,7 @@ from .runner import Runner
 
 PRIOR = (0.8, 2.0)  # acceptance prior: mean, weight in pseudo-drafts
 DECAY = 0.8         # weight of older verifications in the smoothed acceptance rate
-MAX_GAMMA = 8
+MAX_GAMMA = 16  # a cheap drafter at high acceptance drafts past 8 (bench/results/gamma-replay-cpu.md)
 
 
 @dataclass(frozen=True)

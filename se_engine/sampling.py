@@ -30,8 +30,9 @@ class SamplingParams:
     """Per-request decoding settings; validated on construction.
 
     temperature: 0 = greedy. top_k: 0 = off. top_p: 1.0 = off. seed: None draws one at random.
-    stop_token_ids: generation ends after emitting one (it is kept in the output); EOS is a stop
-    token unless ignore_eos. stop: strings; the text is cut before the first occurrence.
+    stop_token_ids: generation ends after emitting one (it is kept in the output); so does the
+    engine's ``eos_ids`` (the EOS and the end-of-turn / end-of-text special tokens) unless
+    ignore_eos. stop: strings; the text is cut before the first occurrence.
     logprobs: return log r(token) of each emitted token under the ensemble distribution it was
     drawn from (for greedy requests: under the temperature-1, unfiltered ensemble).
     """

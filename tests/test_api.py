@@ -150,3 +150,24 @@ def test_acceptance_by_draft_depth_adds_up(pair):
     for tested, accepted in zip(m.tested_at_depth, m.accepted_at_depth):
         assert all(t <= a for t, a in zip(tested[1:], accepted))
     assert 0 < m.accepted_at_depth[0][0] < m.tested_at_depth[0][0]  # both outcomes happened
+
+
+def test_generation_ends_at_every_end_of_generation_token(pair):
+    """The tiny tokenizer's EOS is <|endoftext|> (256); <|im_end|> (258) ends a turn and a generation
+    too. Sampled with the same seed, a generation that stops is the one that ignores them, cut after
+    the first of either."""
+    engine = Engine(pair, None, "se", [3, 1])
+    assert engine.eos_ids == {256, 258}
+    ends = set()
+    for seed in range(24):
+        params = SamplingParams(temperature=1.5, seed=seed, max_new_tokens=48)
+        free = engine.generate([1, 2, 3], SamplingParams(temperature=1.5, seed=seed, max_new_tokens=48,
+                                                        ignore_eos=True))[0].token_ids
+        stopped = engine.generate([1, 2, 3], params)[0]
+        first = next((i for i, t in enumerate(free) if t in engine.eos_ids), None)
+        if first is None:
+            assert stopped.token_ids == free and stopped.finish_reason == "length"
+        else:
+            assert stopped.token_ids == free[:first + 1] and stopped.finish_reason == "stop"
+            ends.add(free[first])
+    assert 258 in ends, "no generation reached <|im_end|>: the test proves nothing"

@@ -89,40 +89,56 @@ def test_cycle_model_limits():
 
 @pytest.mark.parametrize("gammas", [[3, 2], [6, 1]])
 def test_replay_walk_matches_the_cycle_model(gammas):
-    """bench.gamma_replay's walk over coins, with the same acceptance at every position, prices se
-    as the cycle model does (the model itself is checked against the engine above)."""
+    """bench.gamma_replay's walks over coins, with the same acceptance at every position, price se
+    and ensemble_sd with a drafter as the cycle model does (the model itself is checked against the
+    engine above)."""
     import random
 
-    from bench.gamma_replay import simulate
+    from bench.gamma_replay import simulate_sd, simulate_se
     from se_engine.gamma import FixedGammas
 
-    costs, acceptance, n = [ForwardCost(0.07, 0.001), ForwardCost(0.17, 0.002)], [0.8, 0.6], 200_000
+    costs, acceptance, n = [ForwardCost(0.07, 0.001), ForwardCost(0.17, 0.002), ForwardCost(0.03, 0.004)], [0.8, 0.6, 0.9], 200_000
     coins = random.Random(0).random
-    seconds, _ = simulate(FixedGammas(gammas), [[acceptance[0]] * n, [acceptance[1]] * n],
-                          [coins() for _ in range(n)], costs)
-    assert (n - 1) / seconds == pytest.approx(cycle_rate("se", costs, gammas, acceptance), rel=0.01)
+    coins = [coins() for _ in range(n)]
+    trace = {"beta": [[a] * n for a in acceptance], "confidence": [[1.0] * n] * 3}
+    seconds, _ = simulate_se(FixedGammas(gammas), 0.0, trace, coins, costs)
+    assert (n - 1) / seconds == pytest.approx(cycle_rate("se", costs[:2], gammas, acceptance[:2]), rel=0.01)
+    sd = [1, 1, gammas[0]]
+    seconds, _ = simulate_sd(FixedGammas(sd), 0.0, trace, coins, costs)
+    assert (n - 1) / seconds == pytest.approx(cycle_rate("ensemble_sd", costs, sd, acceptance), rel=0.01)
 
 
 def test_replay_ranks_policies_on_traces(tmp_path):
-    """The replay over a bursty synthetic trace set: every policy has a row, fixed ones rank as the
-    walk says, and the best fixed setting is the reference."""
+    """The replay over bursty and flat synthetic traces: every (policy, threshold) has a row, fixed
+    ones rank as the walk says, and a threshold that the confidence predicts well pays where
+    acceptance comes in bursts."""
     import json
     import random
 
     from bench import gamma_replay
 
     rng = random.Random(1)
-    bursty = [[[0.98 if (t // 20) % 2 else 0.3 for t in range(120)]] * 2 for _ in range(3)]
-    flat = [[[rng.uniform(0.85, 1.0) for _ in range(120)]] * 2 for _ in range(3)]
+    good = lambda t: (t // 20) % 2  # noqa: E731  stretches of 20 positions
+    bursty = [{"beta": [[0.98 if good(t) else 0.3 for t in range(120)]] * 3,
+               "confidence": [[0.9 if good(t) else 0.2 for t in range(120)]] * 3} for _ in range(3)]
+    flat = [{"beta": [[rng.uniform(0.85, 1.0) for _ in range(120)]] * 3, "confidence": [[0.9] * 120] * 3}
+            for _ in range(3)]
+    costs = [ForwardCost(0.07, 0.001), ForwardCost(0.17, 0.002), ForwardCost(0.03, 0.004)]
     traces = tmp_path / "traces.json"
     traces.write_text(json.dumps({"command": "synthetic", "machine": "-", "date": "-", "max_new_tokens": 120,
-                                  "costs": [{"fixed_s": 0.07, "per_token_s": 0.001}, {"fixed_s": 0.17, "per_token_s": 0.002}],
+                                  "models": ["small", "large", "drafter"], "costs": [c.__dict__ for c in costs],
                                   "traces": {"bursty": bursty, "flat": flat}}))
     gamma_replay.main(["--traces", str(traces), "replay", "--seeds", "2", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "gamma-replay-cpu.json").read_text())
-    assert set(result["workloads"]) == {"bursty", "flat", "mixed"}
-    for rows in result["workloads"].values():
-        assert len(rows) == len(gamma_replay.policies([ForwardCost(0.07, 0.001), ForwardCost(0.17, 0.002)]))
-        assert max(r["vs_best_fixed"] for r in rows if r["policy"].startswith("fixed")) == 1.0
-    flat_rates = {r["policy"]: r["tokens_per_s"] for r in result["workloads"]["flat"]}
-    assert flat_rates["fixed [6, 1]"] > flat_rates["fixed [1, 1]"]  # high acceptance: long drafts pay
+    assert set(result["methods"]) == {"se", "sd-int4"}
+    for method, workloads in result["methods"].items():
+        assert set(workloads) == {"bursty", "flat", "mixed"}
+        rate = {w: {(r["policy"], r["threshold"]): r["tokens_per_s"] for r in rows} for w, rows in workloads.items()}
+        assert all(len(r) == len(gamma_replay.policies(method, costs)) * len(gamma_replay.THRESHOLDS)
+                   for r in rate.values())
+        fixed = "fixed [6, 1]" if method == "se" else "fixed 8"
+        short = "fixed [1, 1]" if method == "se" else "fixed 1"
+        assert rate["flat"][fixed, 0.0] > rate["flat"][short, 0.0]  # high acceptance: long drafts pay
+        assert rate["flat"][fixed, 0.5] == rate["flat"][fixed, 0.0]  # always confident: the threshold never acts
+        assert rate["bursty"][fixed, 0.5] > rate["bursty"][fixed, 0.0]
+    assert "| fixed [6, 1] |" in (tmp_path / "gamma-replay-cpu.md").read_text()

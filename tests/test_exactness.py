@@ -13,7 +13,7 @@ from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.gamma import AutoGammas, ForwardCost
 from se_engine.runner import LoadedModel
-from se_engine.sampling import STREAM_DRAFT, SamplingParams
+from se_engine.sampling import STREAM_ACCEPT, STREAM_DRAFT, SamplingParams, uniform
 from se_engine.sources import tiny_random_model, tiny_tokenizer
 from se_engine.model import Transformer
 
@@ -44,10 +44,12 @@ def test_greedy_identity(tiny, spec, n):
         prompt = torch.randint(0, 256, (int(torch.randint(3, 20, (1,), generator=gen)),), generator=gen).tolist()
         expected = Engine(tiny[:n], spec, "ensemble").generate(prompt, params)[0].token_ids
         assert len(expected) == 48
-        for method, gammas in [("ensemble_sd", None), ("se", None), ("se", [1] * n), ("se", [3] * n),
-                               ("se", list(range(2, n + 2)))]:
-            got = Engine(tiny[:n], spec, method, gammas).generate(prompt, params)[0].token_ids
-            assert got == expected, (method, gammas)
+        for method, gammas, threshold in [("ensemble_sd", None, 0.0), ("se", None, 0.0), ("se", [1] * n, 0.0),
+                                          ("se", [3] * n, 0.0), ("se", list(range(2, n + 2)), 0.0),
+                                          ("ensemble_sd", [4] * n, 0.5), ("se", [4] * n, 0.5)]:
+            engine = Engine(tiny[:n], spec, method, gammas, confidence_threshold=threshold)
+            got = engine.generate(prompt, params)[0].token_ids
+            assert got == expected, (method, gammas, threshold)
 
 
 @pytest.mark.parametrize("spec,n", [GREEDY[0], GREEDY[6]], ids=["weighted", "linear-3"])
@@ -95,26 +97,31 @@ PROMPT = [1, 4, 2]
 BATCH = 32     # sequences decoded together
 
 
-@pytest.fixture(scope="module")
-def small():
+def enumerable(vocab):
     out = []
     for name in NAMES[:2]:
-        hf = tiny_random_model(name, vocab_size=V)
+        hf = tiny_random_model(name, vocab_size=vocab)
         runner = Transformer.from_hf(hf, max_batch=BATCH, max_len=32, dtype=torch.float32)
         out.append(LoadedModel(name, runner, tiny_tokenizer(), sum(p.numel() for p in hf.parameters())))
     return out
 
 
-def exact_joint(models, spec, params):
-    """P(x_1..x_T) of the plain ensemble, by enumerating every prefix."""
+@pytest.fixture(scope="module")
+def small():
+    return enumerable(V)
+
+
+def exact_joint(models, spec, params, length=T, prompt=PROMPT):
+    """P(x_1..x_length) of the plain ensemble, by enumerating every prefix."""
     probs = {}
-    for seq in itertools.product(range(V), repeat=T):
+    vocab = models[0].runner.vocab_size
+    for seq in itertools.product(range(vocab), repeat=length):
         p = 1.0
-        for t in range(T):
+        for t in range(length):
             logits = []
             for m in models:
                 m.runner.truncate([0], [0])
-                logits.append(m.runner.forward([0], [PROMPT + list(seq[:t])], [1]))
+                logits.append(m.runner.forward([0], [prompt + list(seq[:t])], [1]))
             p *= float(spec.target(logits, params.temperature, params.top_k, params.top_p)[0, seq[t]])
         probs[seq] = p
     return probs
@@ -143,9 +150,13 @@ def chi_square_pvalue(samples, probs):
 def draw(models, spec, method, gammas, params, sampler="torch", num=N, drafter=None):
     """num samples of T tokens, one seed each, decoded BATCH sequences at a time."""
     engine = Engine(models, spec, method, gammas, sampler=sampler, drafter=drafter)
+    return [tuple(r.token_ids) for r in generations(engine, params, num)]
+
+
+def generations(engine, params, num, length=T, prompt=PROMPT):
     per_seed = [SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                               seed=seed, max_new_tokens=T, ignore_eos=True) for seed in range(num)]
-    return [tuple(r.token_ids) for r in engine.generate([PROMPT] * num, per_seed)]
+                               seed=seed, max_new_tokens=length, ignore_eos=True) for seed in range(num)]
+    return engine.generate([prompt] * num, per_seed)
 
 
 SAMPLING = [
@@ -170,6 +181,39 @@ def test_sampled_tokens_follow_the_ensemble_with_auto_gammas(small, spec, params
     probs = exact_joint(small, spec, params)
     pvalue, stat, df = chi_square_pvalue(draw(small, spec, "se", auto, params), probs)
     assert pvalue > ALPHA, f"chi2={stat:.1f} df={df} p={pvalue:.2e}"
+
+
+@pytest.mark.parametrize("method", ["se", "ensemble_sd"])
+def test_sampled_tokens_follow_the_ensemble_with_a_confidence_threshold(method):
+    """4 tokens over a vocabulary of 5 (625 cells, the mass on fewer); proposals of up to 3 drafts that end after an
+    unsure draft. A sequence's first proposal (3 tokens left) ends after its first draft, or after
+    its second, whose confidence depends on the first, still unverified draft, or runs full."""
+    models, length, prompt = enumerable(5), 4, [1, 3, 2]
+    spec, params = SAMPLING[0]
+    # The top probabilities of these models: quartiles about 0.7, 0.85, 0.96.
+    engine = Engine(models, spec, method, [3, 3], sampler="torch", confidence_threshold=0.8)
+    results = generations(engine, params, N, length, prompt)
+    firsts = [r.metrics.draft_lengths[0][1] for r in results]
+    assert all(firsts.count(g) > 0.02 * N for g in (1, 2, 3)), [firsts.count(g) for g in (1, 2, 3)]
+    probs = exact_joint(models, spec, params, length, prompt)
+    pvalue, stat, df = chi_square_pvalue([tuple(r.token_ids) for r in results], probs)
+    assert pvalue > ALPHA, f"chi2={stat:.1f} df={df} p={pvalue:.2e}"
+
+
+def test_distribution_test_catches_a_stop_that_peeks_at_the_coin(monkeypatch):
+    """Planted bug: a proposal ends where the acceptance coin of the next position is high, a rule
+    that reads the verification's randomness instead of the proposer's logits."""
+    def peeking(self, m, seqs):
+        seeds, positions = torch.tensor([s.seed for s in seqs]), torch.tensor([s.frontier + 1 for s in seqs])
+        return (uniform(seeds, positions, STREAM_ACCEPT) > 0.7).tolist()
+
+    monkeypatch.setattr(Scheduler, "_unsure", peeking)
+    models, prompt = enumerable(5), [1, 3, 2]
+    spec, params = SAMPLING[0]
+    engine = Engine(models, spec, "se", [3, 3], sampler="torch", confidence_threshold=0.8)
+    samples = [tuple(r.token_ids) for r in generations(engine, params, N, 4, prompt)]
+    pvalue, stat, df = chi_square_pvalue(samples, exact_joint(models, spec, params, 4, prompt))
+    assert pvalue < ALPHA, f"planted bug not detected: chi2={stat:.1f} df={df} p={pvalue:.2e}"
 
 
 def test_sampled_tokens_follow_the_ensemble_with_the_triton_sampler(small):

@@ -11,6 +11,7 @@ from se_engine.sampling import SamplingParams
 
 NAMES = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep"]
 CHEAP, DEAR = ForwardCost(0.010, 0.001), ForwardCost(0.100, 0.004)
+THRESHOLD = 0.5  # near the median of the tiny models' top probabilities (quartiles about 0.3 and 0.7)
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +95,41 @@ def test_engine_measures_costs_for_auto(tiny):
         Engine(tiny[:2], None, "se", "fast")
     with pytest.raises(ValueError, match="AutoGammas has costs for 3 models"):
         Engine(tiny[:2], None, "se", AutoGammas([CHEAP, DEAR, DEAR]))
+
+
+@pytest.mark.parametrize("method", ["se", "ensemble_sd"])
+def test_a_proposal_ends_after_its_first_unsure_draft(tiny, method):
+    """Greedy, so every draft is known: model m's draft at position p is its argmax given the output
+    before p. Walking the proposals (metrics.draft_lengths) over the output checks each length
+    against the rule: every draft but the last confident, the last unsure unless the cap was reached."""
+    spec, cap, new = EnsembleSpec.weighted([1.0, 1.0]), 3, 40
+    params = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
+    prompt = [5, 17, 99, 3]
+    expected = Engine(tiny[:2], spec, "ensemble").generate(prompt, params)[0].token_ids
+    result = Engine(tiny[:2], spec, method, [cap, cap], confidence_threshold=THRESHOLD).generate(prompt, params)[0]
+    assert result.token_ids == expected
+    ids = prompt + expected
+    logits = []  # [model][p - len(prompt)]: the logits at position p, from the output before p
+    for model in tiny[:2]:
+        model.runner.truncate([0], [0])
+        logits.append(model.runner.forward([0], [ids[:-1]], [new]).float())
+        model.runner.truncate([0], [0])
+    pos, ended_early, full = len(prompt) + 1, 0, 0  # the first token comes from the ensemble
+    for m, length in result.metrics.draft_lengths:
+        row = [logits[m][p - len(prompt)] for p in range(pos, min(pos + length, len(ids)))]
+        accepted = 0
+        while accepted < len(row) and int(row[accepted].argmax()) == ids[pos + accepted]:
+            accepted += 1
+        # Drafts after a rejected one saw a prefix the output does not hold: their confidence is unknown.
+        confident = [bool(x.softmax(-1).max() >= THRESHOLD) for x in row[:accepted + 1]]
+        assert all(confident[:length - 1]), (pos, length, confident)
+        if len(confident) == length:
+            if length < min(cap, len(ids) - pos):
+                assert not confident[-1], (pos, length)
+                ended_early += 1
+            else:
+                full += 1
+        pos += accepted + 1 if accepted < length else length + (method == "ensemble_sd")
+    assert pos >= len(ids) and ended_early and full, (pos, ended_early, full)
+    with pytest.raises(ValueError, match="confidence_threshold"):
+        Engine(tiny[:2], spec, method, confidence_threshold=1.5)

@@ -179,6 +179,15 @@ class Engine:
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
 
+    def refresh_costs(self) -> None:
+        """Measures the forward costs of ``gammas="auto"`` again (a few seconds: each model over 1 and
+        MAX_GAMMA + 1 tokens), e.g. after the machine's load changed. Only between generations: a
+        seeded request emits the same tokens for the same costs, so costs never change under it."""
+        self._check_idle()
+        if not isinstance(self.scheduler.draft_lengths, AutoGammas):
+            raise ValueError(f"this engine's gammas are fixed ({self.gammas}); costs matter only for gammas='auto'")
+        self.scheduler.draft_lengths.costs = measure_costs(self.scheduler.runners, slot=0, max_k=MAX_GAMMA + 1)
+
     @property
     def runner_names(self) -> list[str]:
         """Names in the order of the per-model metrics: the models, then "drafter" where there is one."""

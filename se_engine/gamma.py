@@ -22,9 +22,9 @@ sooner, after a draft its proposer was unsure of.
 
 Exactness does not depend on the choice: a draft length decided from the sequence's past (its own
 acceptance history) and fixed costs leaves every verified position's law unchanged. Costs are
-measured once, not refreshed while serving, and acceptance is per sequence: so a seeded request
-emits the same tokens whatever else is in the batch (reproducible across runs given the same costs:
-pass ``AutoGammas(costs)``).
+measured at start-up (again only between generations: ``Engine.refresh_costs``), and acceptance
+is per sequence: so a seeded request emits the same tokens whatever else is in the batch
+(reproducible across runs given the same costs: pass ``AutoGammas(costs)``).
 """
 
 from __future__ import annotations

@@ -91,6 +91,11 @@ def test_engine_measures_costs_for_auto(tiny):
     assert len(engine.scheduler.draft_lengths.costs) == 2
     result = engine.generate([1, 2, 3], SamplingParams(max_new_tokens=12, seed=0))[0]
     assert result.metrics.draft_lengths and result.metrics.mean_draft_length[0] is not None
+    before = engine.scheduler.draft_lengths.costs
+    engine.refresh_costs()
+    assert len(engine.scheduler.draft_lengths.costs) == 2 and engine.scheduler.draft_lengths.costs is not before
+    with pytest.raises(ValueError, match="costs matter only"):
+        Engine(tiny[:2], None, "se", [2, 1]).refresh_costs()
     with pytest.raises(ValueError, match="gammas must be 'auto' or 2 ints"):
         Engine(tiny[:2], None, "se", "fast")
     with pytest.raises(ValueError, match="AutoGammas has costs for 3 models"):

@@ -230,9 +230,13 @@ def predicted_speedup(method: str, acceptance: list[float | None], rows: list[di
 
 
 def summarise(store: dict, ensemble: str, dataset: str, methods: list[str]) -> list[dict] | None:
-    """One row per method over the tasks every method has finished."""
+    """One row per method over the tasks every method has finished; a method not yet run on this
+    ensemble and dataset has no row (rather than emptying the table)."""
     runs = store["runs"]
-    methods = [m for m in methods if applies(m, ensemble)]
+    started = {key.rsplit("/", 1)[0] for key in runs}
+    methods = [m for m in methods if applies(m, ensemble) and f"{ensemble}/{dataset}/{m}" in started]
+    if not methods:
+        return None
     done = [i for i in range(store["settings"]["limit"])
             if all(f"{ensemble}/{dataset}/{m}/{i}" in runs for m in methods)]
     if not done:

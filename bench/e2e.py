@@ -117,14 +117,13 @@ class Ours:
     def engine(self, ensemble: str, method: str) -> Engine:
         if (ensemble, method) not in self.engines:
             cfg = ENSEMBLES[ensemble]
+            costs = self.costs if not cfg.expert_first else self.costs[::-1]  # in ensemble order
             if method.startswith("single"):
                 engine = Engine([self.small if method == "single-small" else self.large], None, "single")
             elif method == "se-auto":
-                costs = self.costs if not cfg.expert_first else self.costs[::-1]
                 engine = Engine(self.order(cfg), cfg.spec, "se", AutoGammas(costs))
             elif method in DRAFTED:
                 drafter, cost = self.drafters[DRAFTED[method]]
-                costs = self.costs if not cfg.expert_first else self.costs[::-1]
                 gammas = AutoGammas([*costs, cost]) if method in AUTO else [1, 1, DRAFTER_GAMMA]
                 engine = Engine(self.order(cfg), cfg.spec, "ensemble_sd", gammas, drafter=drafter)
             else:

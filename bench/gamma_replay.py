@@ -91,11 +91,7 @@ def propose(m: int, g: int, t: int, trace: Trace, coins: list[float], threshold:
     confidence is the proposer's on the emitted prefix, exact up to the first rejected draft; the
     drafts after it are void whatever their number, which only their cost depends on."""
     beta, confidence = trace["beta"][m], trace["confidence"][m]
-    length = g
-    for j in range(g):
-        if confidence[t + j] < threshold:
-            length = j + 1
-            break
+    length = next((j + 1 for j in range(g) if confidence[t + j] < threshold), g)
     a = 0
     while a < length and coins[t + a] < beta[t + a]:
         a += 1

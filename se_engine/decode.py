@@ -445,8 +445,8 @@ class Scheduler:
     def _draw_drafts(self, m: int, seqs: list[Sequence]) -> None:
         """A draft from model m's own q at the frontier of each sequence (all of one target)."""
         target = seqs[0].target
-        tokens, _ = self._draw([m], _OWN, STREAM_DRAFT + target.runners.index(m), seqs)
-        for s, token, unsure in zip(seqs, tokens, self._unsure(m, seqs)):
+        tokens, unsure = self._draw([m], _OWN, STREAM_DRAFT + target.runners.index(m), seqs)
+        for s, token, unsure in zip(seqs, tokens, unsure or [False] * len(seqs)):
             s.pending.append(token)
             s.pending_by.append(m)
             depth = s.metrics.draft_lengths[-1][1] - s.drafts_left
@@ -460,18 +460,17 @@ class Scheduler:
                 scorers = target.members if self.method == "ensemble_sd" else [min(others, key=lambda k: s.fed[k])]
                 s.action = (SCORE, tuple(scorers))
 
-    def _unsure(self, m: int, seqs: list[Sequence]) -> list[bool]:
-        """Whether model m's top probability at each sequence's frontier is below the threshold."""
-        if self.confidence_threshold <= 0:
-            return [False] * len(seqs)
-        logits = torch.stack([s.logits[m][s.frontier] for s in seqs]).float()
-        top = (logits.amax(-1) - logits.logsumexp(-1)).exp()
-        return (top < self.confidence_threshold).tolist()
+    def _unsure(self, q: Tensor, seqs: list[Sequence]) -> Tensor:
+        """[R] bool: whether the proposer's top probability, from its logits q [R, V] at each
+        sequence's frontier, is below the threshold."""
+        q = q.float()
+        return (q.amax(-1) - q.logsumexp(-1)).exp() < self.confidence_threshold
 
     def _draw(self, models: list[int], spec: EnsembleSpec, stream: int,
-              seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
-        """One sampling call: a token from spec over the models' logits at each sequence's frontier
-        (and its log r, for the ensemble stream when a sequence asks for logprobs)."""
+              seqs: list[Sequence]) -> tuple[list[int], list[float] | list[bool] | None]:
+        """One sampling call: a token from spec over the models' logits at each sequence's frontier,
+        and beside it, for the ensemble stream, its log r (when a sequence asks for logprobs), or for
+        a draft stream under a confidence threshold, whether the proposer was unsure there."""
         start = time.perf_counter()
         logits = [torch.stack([s.logits[m][s.frontier] for s in seqs]) for m in models]
         positions = torch.tensor([s.frontier for s in seqs], device=self.device)
@@ -479,7 +478,11 @@ class Scheduler:
         params = [s.params for s in seqs]
         want = stream == STREAM_ENSEMBLE and any(p.logprobs for p in params)
         tokens, logprobs = sample_ensemble(logits, spec, positions, params, seeds, stream, want, self.backend)
-        out = tokens.tolist(), None if logprobs is None else logprobs.tolist()
+        if stream == STREAM_ENSEMBLE or self.confidence_threshold <= 0:
+            out = tokens.tolist(), None if logprobs is None else logprobs.tolist()
+        else:  # one read-back of both
+            drawn, unsure = torch.stack([tokens, self._unsure(logits[0], seqs).long()]).tolist()
+            out = drawn, [bool(u) for u in unsure]
         self.stats.sample_s += time.perf_counter() - start
         return out
 

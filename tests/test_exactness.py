@@ -203,9 +203,9 @@ def test_sampled_tokens_follow_the_ensemble_with_a_confidence_threshold(method):
 def test_distribution_test_catches_a_stop_that_peeks_at_the_coin(monkeypatch):
     """Planted bug: a proposal ends where the acceptance coin of the next position is high, a rule
     that reads the verification's randomness instead of the proposer's logits."""
-    def peeking(self, m, seqs):
+    def peeking(self, q, seqs):
         seeds, positions = torch.tensor([s.seed for s in seqs]), torch.tensor([s.frontier + 1 for s in seqs])
-        return (uniform(seeds, positions, STREAM_ACCEPT) > 0.7).tolist()
+        return uniform(seeds, positions, STREAM_ACCEPT) > 0.7
 
     monkeypatch.setattr(Scheduler, "_unsure", peeking)
     models, prompt = enumerable(5), [1, 3, 2]

@@ -38,13 +38,14 @@ def _command() -> str:
 
 def header() -> dict:
     import transformers
+    import triton
 
     return {
         "command": _command(),
         "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+                     "transformers": transformers.__version__, "triton": triton.__version__},
     }
 
 
@@ -54,13 +55,14 @@ def header_markdown(h: dict) -> str:
             f"- versions: {versions}\n")
 
 
-def write_result(out: str | Path, stem: str, result: dict, markdown: str) -> None:
-    """Writes <out>/<stem>.json and .md and prints the markdown."""
+def write_result(out: str | Path, stem: str, result: dict, markdown: str, echo: bool = True) -> None:
+    """Writes <out>/<stem>.json and .md and (echo) prints the markdown."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (out / f"{stem}.md").write_text(markdown)
-    print(markdown)
+    if echo:
+        print(markdown)
 
 
 def others_cpu_s() -> float:

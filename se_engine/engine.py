@@ -18,11 +18,15 @@ from .decode import METHODS, Metrics, Scheduler, Target
 from .ensemble import EnsembleSpec
 from .gamma import MAX_GAMMA, AutoGammas, FixedGammas, measure_costs
 from .errors import VocabularyMismatchError
+from .model import Transformer
 from .runner import LoadedModel, Runner, check_same_vocabulary, load_model
 from .sampling import SamplingParams
 
 Prompt = str | Sequence[int]
 TargetArg = tuple[Sequence[int], EnsembleSpec | None]  # model indices, the ensemble over them (None: equal weights)
+# Widest forward replayed from a CUDA graph: a verify of the longest proposal plus the catch-up of a
+# model that sat out the previous one. Prefill is wider and runs eagerly.
+GRAPH_MAX_WIDTH = 2 * (MAX_GAMMA + 1)
 DEFAULT_TARGET = "default"  # the one target of an engine built without ``targets``
 # Special tokens that end a generation besides the tokenizer's EOS, where the vocabulary has them:
 # a chat model ends a turn with one and a document with another (Qwen2.5: EOS <|im_end|>, and
@@ -86,6 +90,10 @@ class Engine:
     max_len: cache capacity per sequence (prompt + new tokens + draft slots), for models loaded here.
     sampler: "auto" (the fused Triton kernels on CUDA where they apply, PyTorch otherwise), "torch",
         or "triton" (every verify / sampling step fused; on CPU only under TRITON_INTERPRET=1).
+    cuda_graphs: replay the models' decode and verify forwards (up to GRAPH_MAX_WIDTH tokens per
+        row) from CUDA graphs, captured per shape on first use. None: for every native model on
+        CUDA; True: the same, refused unless every model is one; False: eager. A setting of the
+        loaded models, so engines sharing them share it.
 
     ``generate`` and ``stream`` serve their own prompts; ``submit`` / ``step`` / ``abort`` let a
     caller (a server) feed requests in and out between ticks (continuous batching).
@@ -97,7 +105,8 @@ class Engine:
                  confidence_threshold: float = 0.0, proposer_order: Sequence[int] | None = None,
                  max_batch: int | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
                  max_len: int = 2048, runner: Literal["native", "hf"] = "native", sampler: Backend = "auto",
-                 drafter: Runner | None = None, targets: Mapping[str, TargetArg] | None = None):
+                 drafter: Runner | None = None, targets: Mapping[str, TargetArg] | None = None,
+                 cuda_graphs: bool | None = None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if not models:
@@ -140,6 +149,7 @@ class Engine:
             raise VocabularyMismatchError(f"the drafter has {drafter.vocab_size} output logits, the models "
                                           f"{runners[0].vocab_size}")
         all_runners = runners + ([drafter] if drafter is not None else [])
+        _set_cuda_graphs(all_runners, cuda_graphs)
         capacity = min(r.max_batch for r in all_runners)
         if max_batch is not None and max_batch > capacity:
             raise ValueError(f"max_batch={max_batch} but the loaded models hold {capacity} sequences")
@@ -378,3 +388,14 @@ def _target(name: str, members: tuple[int, ...], spec: EnsembleSpec, order: list
 
 def _target_label(name: str) -> str:
     return "this ensemble" if name == DEFAULT_TARGET else f"target {name!r}"
+
+
+def _set_cuda_graphs(runners: Sequence[Runner], cuda_graphs: bool | None) -> None:
+    graphable = [isinstance(r, Transformer) and r.device.type == "cuda" for r in runners]
+    if cuda_graphs is True and not all(graphable):
+        raise ValueError("cuda_graphs=True needs every model to be a native model on a CUDA device")
+    for r, ok in zip(runners, graphable):
+        if cuda_graphs is False and isinstance(r, Transformer):
+            r.graphs = None
+        elif cuda_graphs is not False and ok and r.graphs is None:
+            r.use_cuda_graphs(GRAPH_MAX_WIDTH)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kv_ops
+from .cuda_graphs import GraphedForward
 from .errors import CacheOverflowError, UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -263,6 +264,7 @@ class Transformer(nn.Module):
         self.register_buffer("k_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
         self.lengths = [0] * max_batch
+        self.graphs: GraphedForward | None = None
         cos, sin = rope_tables(cfg, max_len)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
@@ -328,13 +330,22 @@ class Transformer(nn.Module):
         Returns fp32 logits [sum(num_logits), V], row after row; each slot's length grows by its row.
         """
         starts = check_forward(rows, tokens, num_logits, self.lengths, self.max_batch, self.max_len)
-        batch = PackedBatch.build(rows, starts, [len(t) for t in tokens], num_logits,
-                                  [t for row in tokens for t in row], self.device)
-        x = self.run_layers(self.tok_embeddings(batch.tokens), batch, range(self.cfg.num_layers),
-                            self.k_cache, self.v_cache)
+        logits = None if self.graphs is None else self.graphs.try_forward(rows, tokens, num_logits)
+        if logits is None:
+            batch = PackedBatch.build(rows, starts, [len(t) for t in tokens], num_logits,
+                                      [t for row in tokens for t in row], self.device)
+            x = self.run_layers(self.tok_embeddings(batch.tokens), batch, range(self.cfg.num_layers),
+                                self.k_cache, self.v_cache)
+            logits = self.head(x[batch.logit_index])
         for r, row in zip(rows, tokens):
             self.lengths[r] += len(row)
-        return self.head(x[batch.logit_index])
+        return logits
+
+    def use_cuda_graphs(self, max_width: int, capture: bool = True) -> None:
+        """Replays forwards of up to ``max_width`` tokens per row from CUDA graphs, captured per
+        shape bucket on first use (``se_engine.cuda_graphs``); wider ones (prefill) run eagerly.
+        capture=False runs the graphs' padded forward without capturing (for tests off CUDA)."""
+        self.graphs = GraphedForward(self, max_width, capture)
 
     def run_layers(self, x: Tensor, batch: PackedBatch, layers: range, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         """Runs the packed hidden states x [N, hidden] through ``layers``, layer l writing K, V into

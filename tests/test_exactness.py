@@ -17,12 +17,13 @@ from se_engine.sampling import STREAM_ACCEPT, STREAM_DRAFT, SamplingParams, unif
 from se_engine.sources import tiny_random_model, tiny_tokenizer
 from se_engine.model import Transformer
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep"]
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return [load_model(n, dtype=torch.float32, max_len=160) for n in NAMES]
+    return [load_model(n, dtype=torch.float32, max_len=160, device=DEVICE) for n in NAMES]
 
 
 GREEDY = [
@@ -101,7 +102,7 @@ def enumerable(vocab):
     out = []
     for name in NAMES[:2]:
         hf = tiny_random_model(name, vocab_size=vocab)
-        runner = Transformer.from_hf(hf, max_batch=BATCH, max_len=32, dtype=torch.float32)
+        runner = Transformer.from_hf(hf, max_batch=BATCH, max_len=32, dtype=torch.float32, device=DEVICE)
         out.append(LoadedModel(name, runner, tiny_tokenizer(), sum(p.numel() for p in hf.parameters())))
     return out
 
@@ -204,7 +205,8 @@ def test_distribution_test_catches_a_stop_that_peeks_at_the_coin(monkeypatch):
     """Planted bug: a proposal ends where the acceptance coin of the next position is high, a rule
     that reads the verification's randomness instead of the proposer's logits."""
     def peeking(self, q, seqs):
-        seeds, positions = torch.tensor([s.seed for s in seqs]), torch.tensor([s.frontier + 1 for s in seqs])
+        seeds = torch.tensor([s.seed for s in seqs], device=q.device)
+        positions = torch.tensor([s.frontier + 1 for s in seqs], device=q.device)
         return uniform(seeds, positions, STREAM_ACCEPT) > 0.7
 
     monkeypatch.setattr(Scheduler, "_unsure", peeking)

@@ -1,8 +1,14 @@
-"""The fused Triton kernels against their PyTorch twins (on the CPU through TRITON_INTERPRET=1).
+"""The fused Triton kernels against their PyTorch twins: compiled on a GPU, through
+TRITON_INTERPRET=1 on the CPU.
 
 Both sides draw their randomness from the same counter-based generator, so they must agree token
 for token: accept decisions, residual samples, greedy picks and ensemble samples.
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +19,7 @@ from triton_kernels.verify import (sample_ensemble, sample_ensemble_reference, s
                                    verify_reference, verify_triton)
 
 WEIGHTED = {2: EnsembleSpec.weighted([0.6, 0.4]), 3: EnsembleSpec.weighted([0.2, 0.3, 0.5])}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LINEAR = {2: EnsembleSpec.contrastive(0.3), 3: EnsembleSpec.linear([1.0, -0.2, 0.4])}
 
 
@@ -20,7 +27,7 @@ def random_logits(n: int, rows: int, V: int, dtype: torch.dtype, seed: int) -> l
     """Models that agree in part (shared component + own noise), so drafts are accepted and rejected."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(rows, V, generator=g) * 3
-    return [(base + torch.randn(rows, V, generator=g) * 1.5).to(dtype) for _ in range(n)]
+    return [(base + torch.randn(rows, V, generator=g) * 1.5).to(DEVICE, dtype) for _ in range(n)]
 
 
 def make_verify_inputs(n: int, V: int, counts: list[int], temps: list[float], dtype: torch.dtype, seed: int):
@@ -35,9 +42,10 @@ def make_verify_inputs(n: int, V: int, counts: list[int], temps: list[float], dt
     drafts = torch.empty(T, dtype=torch.long)
     for b, t in enumerate(temps):  # each draft drawn from its proposer's q, as the engine does
         for row in range(int(offsets[b]), int(offsets[b + 1])):
-            q = process_logits(logits[int(proposer[row])][row:row + 1], t, 0, 1.0)
+            q = process_logits(logits[int(proposer[row])][row:row + 1].cpu(), t, 0, 1.0)
             drafts[row] = sample(q, seeds[b:b + 1], positions[row:row + 1], STREAM_DRAFT)[0]
-    return logits, drafts, proposer, positions, offsets, params, seeds
+    on = [x.to(DEVICE) for x in (drafts, proposer, positions, offsets)]
+    return logits, *on, params, seeds.to(DEVICE)
 
 
 VERIFY_CASES = [
@@ -97,8 +105,8 @@ def test_sample_kernel_matches_reference(kind, n, V, temps, dtype):
     B = len(temps)
     for seed in range(3):
         logits = random_logits(n, B, V, dtype, seed)
-        positions = torch.arange(B) * 7 + seed
-        seeds = torch.arange(B) + 1000 * seed
+        positions = torch.arange(B, device=DEVICE) * 7 + seed
+        seeds = torch.arange(B, device=DEVICE) + 1000 * seed
         ref_tokens, ref_lp = sample_ensemble_reference(logits, spec, positions, params, seeds, STREAM_ENSEMBLE, True)
         tokens, lp = sample_ensemble_triton(logits, spec, positions, params, seeds, STREAM_ENSEMBLE, True)
         assert torch.equal(tokens, ref_tokens)
@@ -107,10 +115,10 @@ def test_sample_kernel_matches_reference(kind, n, V, temps, dtype):
 
 def test_backend_choice_and_clear_errors():
     logits = random_logits(2, 2, 50, torch.float32, 0)
-    positions, seeds = torch.tensor([3, 4]), torch.tensor([1, 2])
+    positions, seeds = torch.tensor([3, 4], device=DEVICE), torch.tensor([1, 2], device=DEVICE)
     custom = EnsembleSpec.custom(lambda xs: xs[0] + xs[1], 2)
     plain = [SamplingParams(), SamplingParams()]
-    # On the CPU "auto" is the PyTorch reference, which also serves what the kernels do not.
+    # "auto" falls back to the PyTorch reference for what the kernels do not serve.
     for spec, params in ((custom, plain), (WEIGHTED[2], [SamplingParams(top_k=5), SamplingParams()])):
         tokens, _ = sample_ensemble(logits, spec, positions, params, seeds, STREAM_ENSEMBLE, backend="auto")
         ref, _ = sample_ensemble_reference(logits, spec, positions, params, seeds, STREAM_ENSEMBLE)
@@ -123,3 +131,14 @@ def test_backend_choice_and_clear_errors():
     five = random_logits(5, 2, 50, torch.float32, 0)
     with pytest.raises(ValueError, match="at most 4 models"):
         sample_ensemble_triton(five, EnsembleSpec.weighted([1.0] * 5), positions, plain, seeds, STREAM_ENSEMBLE)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile the kernels for real")
+def test_kernels_compile_for_hopper():
+    """The interpreter skips Triton's compiler: every kernel variant is compiled for sm_90 here too
+    (tests/kernel_compile.py, with the Triton wheel's ptxas; no GPU needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("kernel_compile.py")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-1000:]
+    assert "kernel variants compiled for sm_90" in proc.stdout

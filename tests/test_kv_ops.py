@@ -163,3 +163,13 @@ def test_cuda_glue_compiles(tmp_path):
     includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
     compiles(NVCC, "-std=c++20", "-DSE_KV_CUDA", "-DC10_USING_CUSTOM_GENERATED_MACROS", *includes,
              "-Xcompiler", "-fsyntax-only", "-c", str(CSRC / "kv_cache.cpp"), "-o", str(tmp_path / "glue.o"))
+
+
+@pytest.mark.skipif(shutil.which("ldd") is None, reason="ldd is not on PATH")
+def test_extension_links_libstdcxx_dynamically():
+    """A compiler that links libstdc++ statically builds an extension whose first TORCH_CHECK error
+    crashes the process (two C++ runtimes; seen on a GPU image): say so here instead (csrc/README.md)."""
+    from se_engine import _kv
+
+    linked = subprocess.run(["ldd", _kv.__file__], capture_output=True, text=True).stdout
+    assert "libstdc++.so" in linked, f"{_kv.__file__} links libstdc++ statically; rebuild with CXX=g++:\n{linked}"

@@ -428,8 +428,8 @@ def _pick_kernel(L0, L1, L2, L3, s0, s1, s2, s3, c0, c1, c2, c3, seq_offsets_ptr
             tl.store(race_val_ptr + out + 1, best_r)
             tl.store(race_idx_ptr + out + 1, idx_r)
     elif not LINEAR:  # greedy weighted: the chunk argmax of the T = 1 mixture at every row
-        for j in range(n):
-            row = (start + j).to(tl.int64)
+        for i in range(n):  # not j: a variable of both branches of a runtime if must keep one type
+            row = (start + i).to(tl.int64)
             lse0, lse1, lse2, lse3 = _lses(stats_ptr, row, S, NSLOT, BLOCK_S)
             best, best_idx = _neg_inf(), lo
             for v0 in range(lo, hi, BLOCK):
@@ -492,6 +492,14 @@ def _finish_kernel(L0, L1, L2, L3, s0, s1, s2, s3, c0, c1, c2, c3, seq_offsets_p
             tl.store(logprobs_ptr + b * max_n + j, lp)
 
 
+def _tiling(device: torch.device, V: int) -> tuple[int, int]:
+    """(vocabulary tile per loop step, programs to aim for)."""
+    if device.type == "cuda":
+        return 1024, 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    # The interpreter: a few wide programs, but still several tiles and chunks per row.
+    return min(4096, max(128, triton.next_power_of_2(triton.cdiv(V, 8)))), 4
+
+
 def _launch(logits: list[Tensor], spec: EnsembleSpec, seq_offsets: Tensor, seq_temp: Tensor, row_temp: Tensor,
             seeds: Tensor, draft_ids: Tensor, proposer: Tensor, positions: Tensor, stream: int, sample_mode: bool,
             max_n: int, want_logprobs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -504,11 +512,7 @@ def _launch(logits: list[Tensor], spec: EnsembleSpec, seq_offsets: Tensor, seq_t
         x.contiguous() for x in (seq_offsets, seeds, draft_ids, proposer, positions))
     device = logits[0].device
     linear = spec.kind == "linear"
-    if device.type == "cuda":
-        block = 1024
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:  # the interpreter: a few wide programs, but still several tiles and chunks per row
-        block, target = min(4096, max(128, triton.next_power_of_2(triton.cdiv(V, 8)))), 4
+    block, target = _tiling(device, V)
     splits = max(1, min(triton.cdiv(target, max(T, 1)), triton.cdiv(V, block)))
     chunk = triton.cdiv(triton.cdiv(V, splits), block) * block
     splits = triton.cdiv(V, chunk)

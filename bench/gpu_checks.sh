@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one run (a lent GPU's time is short):
+#   bash bench/gpu_checks.sh OUT_DIR
+# builds the KV extension with its CUDA kernels; runs the GPU-aware tests (KV ops on CUDA, Triton
+# kernels compiled instead of interpreted, CUDA graphs captured and replayed); the GPU benchmarks
+# (bench.kernels, bench.graphs); then the exactness suite on CUDA. Logs (build, tests, bench) and
+# results (7 files) go to OUT_DIR; each stage has its own time limit so a slow one cannot starve the rest.
+set -uo pipefail
+out=${1:?usage: bash bench/gpu_checks.sh OUT_DIR}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+# One pytest process per stage (a crash ends only its own stage), all logged to tests.log.
+pytest() { timeout "$1" python3 -m pytest -q -p no:cacheprovider -rfE "${@:3}" >"$out/stage.log" 2>&1
+           cat "$out/stage.log" >>"$out/tests.log"; echo "== $2: $(tail -1 "$out/stage.log")"
+           grep -E "^(FAILED|ERROR)|Fatal Python error" "$out/stage.log" | head -20; rm "$out/stage.log"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+      'triton', triton.__version__, 'transformers', transformers.__version__)"
+# The system compiler, not the image's CXX (/opt/gcc/bin/g++, a wrapper that links libstdc++ statically:
+# the extension's first TORCH_CHECK error then crashes the process instead of raising).
+CXX=g++ CC=gcc MAX_JOBS=16 timeout 180 python3 setup.py build_ext --inplace >"$out/build.log" 2>&1
+python3 -c "import se_engine._kv" && echo "== KV extension built" || tail -30 "$out/build.log"
+pytest 60 kv-ops tests/test_kv_ops.py
+pytest 120 kernels-and-graphs tests/test_kernels.py tests/test_cuda_graphs.py
+timeout 150 python3 -m bench.kernels --out "$out" >>"$out/bench.log" 2>&1 \
+  && echo "== bench.kernels: ok" || { echo "== bench.kernels: failed"; tail -15 "$out/bench.log"; }
+timeout 150 python3 -m bench.graphs --out "$out" >>"$out/bench.log" 2>&1 \
+  && echo "== bench.graphs: ok" || { echo "== bench.graphs: failed"; tail -15 "$out/bench.log"; }
+grep "^|" "$out"/kernels-*.md "$out"/graphs-*.md | cut -d: -f2-
+pytest 180 exactness tests/test_exactness.py

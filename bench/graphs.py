@@ -1,6 +1,6 @@
 """Eager vs CUDA-graph decoding on a GPU, with random-weight models of the real pair's shapes.
 
-    python -m bench.graphs [--batches 1 8] [--prompts 4] [--max-new-tokens 128] [--logit-scale 0.5]
+    python -m bench.graphs [--batches 1 8] [--prompts 4] [--max-new-tokens 128] [--logit-scale 0.5] [--max-len 2048]
 
 No weights travel to the GPU machine, so the two models are Qwen2.5-Coder 0.5B and 1.5B Instruct
 by their configs (shapes, vocabulary 151,936, bf16) with seeded random weights. Their LM heads are
@@ -135,19 +135,21 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--logit-scale", type=float, default=0.5)
+    ap.add_argument("--max-len", type=int, default=2048,
+                    help="cache capacity per sequence (the engine's default); graphs attend over all of it")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.graphs times CUDA graphs and needs a CUDA device")
     gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
     max_batch = max(args.batches)
-    max_len = args.prompt_len + args.max_new_tokens + 40
+    max_len = args.max_len
     models = [random_model(name, cfg, seed, args.logit_scale, max_batch, max_len)
               for seed, (name, cfg) in enumerate(CONFIGS.items())]
     gen = torch.Generator().manual_seed(0)
     spec = EnsembleSpec.weighted([0.5, 0.5])
     result = {**header(), "models": list(CONFIGS), "logit_scale": args.logit_scale, "prompt_len": args.prompt_len,
-              "max_new_tokens": args.max_new_tokens, "rows": []}
+              "max_new_tokens": args.max_new_tokens, "max_len": max_len, "rows": []}
     for batch in args.batches:
         count = max(args.prompts, batch) if batch == 1 else batch
         prompts = [torch.randint(0, models[0].runner.vocab_size, (args.prompt_len,), generator=gen).tolist() for _ in range(count)]
@@ -172,7 +174,8 @@ def markdown(result: dict) -> str:
              f"- models: {', '.join(result['models'])}; bf16; seeded random weights, logits ~ N(0, "
              f"{result['logit_scale']}^2) (acceptance below is what these models give, not the real pair's)",
              f"- workload: random prompts of {result['prompt_len']} tokens, {result['max_new_tokens']} new tokens "
-             "each, T = 1, weighted 0.5/0.5 ensemble, EOS ignored; batch 1 runs the prompts one after another",
+             "each, T = 1, weighted 0.5/0.5 ensemble, EOS ignored; batch 1 runs the prompts one after another; "
+             f"max_len {result['max_len']} (graphed forwards attend over all of it, eager ones over the filled part)",
              "- outside fwd: share of wall time outside the models' forwards (CUDA events around each forward)",
              "- speed-up: over the ensemble with the same graphs setting and batch; graphs gain: graphs / eager", "",
              "| batch | method | gammas | graphs | tok/s | speed-up | graphs gain | ms / tick | outside fwd | "

@@ -259,8 +259,15 @@ class Scheduler:
         if seq in self.waiting:
             self.waiting.remove(seq)
         elif seq in self.running:
-            self.running.remove(seq)
-            self.free.append(seq.slot)
+            self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Takes a sequence out of the batch and frees its slot, emptied: no cache entry of a slot
+        nobody uses sits near max_len (where a CUDA-graph bucket over it would run eagerly)."""
+        self.running.remove(seq)
+        for runner in self.runners:
+            runner.truncate([seq.slot], [0])
+        self.free.append(seq.slot)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -331,8 +338,7 @@ class Scheduler:
         self.stats.ticks += 1
         for seq in running:
             if seq.finished:
-                self.running.remove(seq)
-                self.free.append(seq.slot)
+                self._release(seq)
         return [s for s in running if s.new or s.finished]
 
     def _defer(self, m: int, running: list[Sequence], need: list[Sequence]) -> bool:

@@ -92,8 +92,9 @@ class Engine:
         or "triton" (every verify / sampling step fused; on CPU only under TRITON_INTERPRET=1).
     cuda_graphs: replay the models' decode and verify forwards (up to GRAPH_MAX_WIDTH tokens per
         row) from CUDA graphs, captured per shape on first use. None: for every native model on
-        CUDA; True: the same, refused unless every model is one; False: eager. A setting of the
-        loaded models, so engines sharing them share it.
+        CUDA; True: the same, refused unless every model (and the drafter) is one; False: eager. It
+        is a setting of the loaded models: an engine built later on the same models sets it again
+        (None too), and the engines share the last setting.
 
     ``generate`` and ``stream`` serve their own prompts; ``submit`` / ``step`` / ``abort`` let a
     caller (a server) feed requests in and out between ticks (continuous batching).
@@ -149,7 +150,6 @@ class Engine:
             raise VocabularyMismatchError(f"the drafter has {drafter.vocab_size} output logits, the models "
                                           f"{runners[0].vocab_size}")
         all_runners = runners + ([drafter] if drafter is not None else [])
-        _set_cuda_graphs(all_runners, cuda_graphs)
         capacity = min(r.max_batch for r in all_runners)
         if max_batch is not None and max_batch > capacity:
             raise ValueError(f"max_batch={max_batch} but the loaded models hold {capacity} sequences")
@@ -162,6 +162,7 @@ class Engine:
         for name, target in self.targets.items():
             if sampler == "triton" and (why := fused_unsupported(target.spec, [], len(target.runners))):
                 raise ValueError(f"sampler='triton' cannot run {_target_label(name)}: {why}")
+        _set_cuda_graphs(all_runners, cuda_graphs)  # before gammas="auto" measures the forwards' costs
         if gammas is None:
             gammas = [4 if i == order[0] else 1 for i in range(runs)]
         if gammas == "auto":

@@ -145,4 +145,5 @@ def quantize(model: Transformer, scheme: Scheme) -> Transformer:
         block.feed_forward.w13 = layer(block.feed_forward.w13)
         block.feed_forward.w2 = layer(block.feed_forward.w2)
     model.output = layer(model.output)
+    model.graphs = None  # graphs captured before would replay the replaced layers
     return model

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from se_engine import load_model
+from se_engine.cuda_graphs import GraphedForward
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.sampling import SamplingParams
@@ -26,14 +27,21 @@ def models(graphs: bool, max_batch: int = 4, max_len: int = 64, max_width: int =
     return out
 
 
-def test_graphed_forwards_match_eager_ones():
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("max_batch", [3, 4])  # 3: the span's power of two is clamped to max_batch
+def test_graphed_forwards_match_eager_ones(name, max_batch):
     """Random ragged forwards with rollbacks, a slot driven to capacity and prefills wider than
-    max_width: same logits and same committed cache entries as the eager model."""
-    eager, graphed = models(False)[0].runner, models(True)[0].runner
-    graphed.load_state_dict(eager.state_dict())
-    g = torch.Generator().manual_seed(0)
+    max_width: same logits and same committed cache entries as the eager model. Every output is
+    checked again at the end: a forward's logits must not change with later forwards."""
+    def load():
+        return load_model(name, dtype=torch.float32, device=DEVICE, max_batch=max_batch, max_len=64).runner
+
+    eager, graphed = load(), load()
+    graphed.use_cuda_graphs(6, capture=CUDA)
+    g = torch.Generator().manual_seed(max_batch)
+    outputs = []
     for step in range(60):
-        rows = torch.randperm(4, generator=g)[:int(torch.randint(1, 5, (1,), generator=g))].tolist()
+        rows = torch.randperm(max_batch, generator=g)[:int(torch.randint(1, max_batch + 1, (1,), generator=g))].tolist()
         width = 9 if step % 15 == 0 else 6  # 9 > max_width: eager
         counts = [int(torch.randint(1, width + 1, (1,), generator=g)) for _ in rows]
         counts = [min(c, eager.max_len - eager.lengths[r]) for c, r in zip(counts, rows)]
@@ -46,6 +54,7 @@ def test_graphed_forwards_match_eager_ones():
         num_logits = [int(torch.randint(0, c + 1, (1,), generator=g)) for c in counts]
         ref, got = eager.forward(rows, tokens, num_logits), graphed.forward(rows, tokens, num_logits)
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        outputs.append((got, ref.clone()))
         if step % 4 == 3:  # roll a row back
             r = rows[0]
             keep = int(torch.randint(0, eager.lengths[r] + 1, (1,), generator=g))
@@ -55,10 +64,22 @@ def test_graphed_forwards_match_eager_ones():
     for r, n in enumerate(eager.lengths):
         torch.testing.assert_close(graphed.k_cache[:, r, :, :n], eager.k_cache[:, r, :, :n], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(graphed.v_cache[:, r, :, :n], eager.v_cache[:, r, :, :n], atol=1e-5, rtol=1e-5)
+    for got, ref in outputs:
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     stats = graphed.graphs.stats
     assert stats["replay" if CUDA else "padded"] > 20 and stats["eager"] >= 4, stats
-    assert any("max_width" in why for *_, why in graphed.graphs.logged)
-    assert any("max_len" in why for *_, why in graphed.graphs.logged), "no slot came near capacity"
+    assert any("max_width" in why for _, why in graphed.graphs.logged)
+    assert any("max_len" in why for _, why in graphed.graphs.logged), "no slot came near capacity"
+
+
+def test_a_failed_capture_runs_eagerly(monkeypatch):
+    eager, graphed = models(False)[0].runner, models(True)[0].runner
+    monkeypatch.setattr(GraphedForward, "_build", lambda self, span, width, host: None)
+    for rows, tokens in [([0], [[1, 2, 3]]), ([1, 0], [[4], [5, 6]]), ([0], [[7]])]:
+        torch.testing.assert_close(graphed.forward(rows, tokens, [1] * len(rows)),
+                                   eager.forward(rows, tokens, [1] * len(rows)), atol=1e-4, rtol=1e-4)
+    assert graphed.graphs.stats["eager"] == 3 and not graphed.graphs.stats["replay" if CUDA else "padded"]
+    assert any("capture failed" in why for _, why in graphed.graphs.logged)
 
 
 @pytest.mark.parametrize("spec", [EnsembleSpec.weighted([0.5, 0.5]), EnsembleSpec.contrastive(0.3)],
@@ -66,17 +87,18 @@ def test_graphed_forwards_match_eager_ones():
 def test_engine_with_graphs_decodes_what_the_eager_ensemble_decodes(spec):
     prompts = [[3, 9, 27, 81, 243 % 256], [5, 6], [200, 100, 50, 25]]
     greedy = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
-    expected = [r.token_ids for r in Engine(models(False), spec, "ensemble").generate(prompts, greedy)]
+    expected = [r.token_ids for r in Engine(models(False), spec, "ensemble", cuda_graphs=False).generate(prompts, greedy)]
     graphed = models(True, max_width=10)
     for method, gammas in [("ensemble", None), ("se", [4, 2]), ("ensemble_sd", [3, 1])]:
         got = [r.token_ids for r in Engine(graphed, spec, method, gammas).generate(prompts, greedy)]
         assert got == expected, method
     sampled = [SamplingParams(temperature=0.8, seed=s, max_new_tokens=30, ignore_eos=True) for s in range(3)]
-    ref = [r.token_ids for r in Engine(models(False), spec, "se", [4, 2]).generate(prompts, sampled)]
+    ref = [r.token_ids for r in Engine(models(False), spec, "se", [4, 2], cuda_graphs=False).generate(prompts, sampled)]
     got = [r.token_ids for r in Engine(graphed, spec, "se", [4, 2]).generate(prompts, sampled)]
     assert got == ref
     for m in graphed:
         assert m.runner.graphs.stats["replay" if CUDA else "padded"] > 0
+        assert m.runner.lengths == [0] * m.runner.max_batch  # finished sequences leave their slots empty
 
 
 def test_cuda_graph_settings():

@@ -142,7 +142,4 @@ class _Shape:
 
     def run(self) -> Tensor:
         """The last layer's hidden states at the logit rows, [N, hidden] (rows past M: padding)."""
-        m = self.model
-        x = m.run_layers(m.tok_embeddings(self.batch.tokens), self.batch, range(m.cfg.num_layers),
-                         m.k_cache, m.v_cache)
-        return x[self.batch.logit_index]
+        return self.model.hidden_at_logits(self.batch)

@@ -334,9 +334,7 @@ class Transformer(nn.Module):
         if logits is None:
             batch = PackedBatch.build(rows, starts, [len(t) for t in tokens], num_logits,
                                       [t for row in tokens for t in row], self.device)
-            x = self.run_layers(self.tok_embeddings(batch.tokens), batch, range(self.cfg.num_layers),
-                                self.k_cache, self.v_cache)
-            logits = self.head(x[batch.logit_index])
+            logits = self.head(self.hidden_at_logits(batch))
         for r, row in zip(rows, tokens):
             self.lengths[r] += len(row)
         return logits
@@ -346,6 +344,13 @@ class Transformer(nn.Module):
         shape bucket on first use (``se_engine.cuda_graphs``); wider ones (prefill) run eagerly.
         capture=False runs the graphs' padded forward without capturing (for tests off CUDA)."""
         self.graphs = GraphedForward(self, max_width, capture)
+
+    def hidden_at_logits(self, batch: PackedBatch) -> Tensor:
+        """Embeds batch's tokens and runs them through every layer (writing their K, V into the
+        caches); returns the last hidden states at ``batch.logit_index``, [M, hidden]."""
+        x = self.run_layers(self.tok_embeddings(batch.tokens), batch, range(self.cfg.num_layers),
+                            self.k_cache, self.v_cache)
+        return x[batch.logit_index]
 
     def run_layers(self, x: Tensor, batch: PackedBatch, layers: range, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         """Runs the packed hidden states x [N, hidden] through ``layers``, layer l writing K, V into

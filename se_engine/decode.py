@@ -469,8 +469,7 @@ class Scheduler:
     def _unsure(self, q: Tensor, seqs: list[Sequence]) -> Tensor:
         """[R] bool: whether the proposer's top probability, from its logits q [R, V] at each
         sequence's frontier, is below the threshold."""
-        q = q.float()
-        return (q.amax(-1) - q.logsumexp(-1)).exp() < self.confidence_threshold
+        return q.float().softmax(-1).amax(-1) < self.confidence_threshold  # softmax: row-invariant, unlike logsumexp
 
     def _draw(self, models: list[int], spec: EnsembleSpec, stream: int,
               seqs: list[Sequence]) -> tuple[list[int], list[float] | list[bool] | None]:

@@ -95,6 +95,10 @@ class Engine:
         CUDA; True: the same, refused unless every model (and the drafter) is one; False: eager. It
         is a setting of the loaded models: an engine built later on the same models sets it again
         (None too), and the engines share the last setting.
+    batch_invariant: for models loaded here, bf16 on the CPU through the batch-invariant kernels
+        (``se_engine.invariant_ops``), so that greedy ``se`` / ``ensemble_sd`` emit the ensemble's
+        tokens exactly and a seeded request the same tokens whatever else is in the batch. False:
+        torch's kernels (faster prefill; results then depend on the batch's shape).
 
     ``generate`` and ``stream`` serve their own prompts; ``submit`` / ``step`` / ``abort`` let a
     caller (a server) feed requests in and out between ticks (continuous batching).
@@ -107,7 +111,7 @@ class Engine:
                  max_batch: int | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
                  max_len: int = 2048, runner: Literal["native", "hf"] = "native", sampler: Backend = "auto",
                  drafter: Runner | None = None, targets: Mapping[str, TargetArg] | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, batch_invariant: bool = True):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if not models:
@@ -143,7 +147,7 @@ class Engine:
         load_batch = max_batch or (1 if runner == "hf" else 8)
         self.models = [m if isinstance(m, LoadedModel) else
                        load_model(m, runner=runner, dtype=dtype, device=device, max_batch=load_batch,
-                                  max_len=max_len) for m in models]
+                                  max_len=max_len, batch_invariant=batch_invariant) for m in models]
         check_same_vocabulary(self.models)
         runners = [m.runner for m in self.models]
         if drafter is not None and drafter.vocab_size != runners[0].vocab_size:

@@ -20,7 +20,7 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import Tensor
 
-from .sampling import one_hot_argmax, process_logits
+from .sampling import one_hot_argmax, process_logits, row_sum
 
 EnsembleFn = Callable[[list[Tensor]], Tensor]
 
@@ -100,9 +100,10 @@ class EnsembleSpec:
             mix = sum(w * p for w, p in zip(self.coefficients, probs))
         else:
             mix = self._checked(self.fn(probs), logits[0], "probabilities")
-            if bool((mix < 0).any()) or not bool((mix.sum(-1) > 0).all()):
+            total = row_sum(mix)
+            if bool((mix < 0).any()) or not bool((total > 0).all()):
                 raise ValueError("custom ensemble returned negative weights or an all-zero row")
-            mix = mix / mix.sum(-1, keepdim=True)
+            mix = mix / total
         return one_hot_argmax(mix) if greedy else mix
 
     def log_target(self, logits: list[Tensor], temperature: float, top_k: int, top_p: float) -> Tensor:

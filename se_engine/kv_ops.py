@@ -19,20 +19,21 @@ from torch import Tensor
 Index = Tensor | Sequence[int]
 
 try:
-    from . import _kv  # noqa: F401  (registers torch.ops.se_kv)
+    from . import _kv  # noqa: F401  (registers torch.ops.se_kv and torch.ops.se_inv)
     _import_error: ImportError | None = None
 except ImportError as e:
     _import_error = e
 
 
-def _ops():
+def ops(namespace: str = "se_kv"):
+    """The extension's torch ops of one namespace: se_kv (this module's), se_inv (``se_engine.invariant_ops``)."""
     if _import_error is not None:
         raise ImportError(
-            "se_engine's KV-cache extension (se_engine._kv, from csrc/) is not built or does not load: "
+            "se_engine's extension (se_engine._kv, from csrc/) is not built or does not load: "
             "rebuild it with `python3 setup.py build_ext --inplace` or "
             f"`pip install --no-build-isolation --use-pep517 -e .` from the repository root ({_import_error})"
         ) from _import_error
-    return torch.ops.se_kv
+    return getattr(torch.ops, namespace)
 
 
 def _index(x: Index) -> Tensor:
@@ -48,7 +49,7 @@ def compact(k_cache: Tensor, v_cache: Tensor, slots: Index, src: Index, dst: Ind
     way (shifts, swaps, one source copied to several destinations); (slot, dst) pairs must be distinct.
     Out-of-range or negative indices raise IndexError, other malformed input ValueError / TypeError.
     """
-    _ops().compact(k_cache, v_cache, _index(slots), _index(src), _index(dst))
+    ops().compact(k_cache, v_cache, _index(slots), _index(src), _index(dst))
 
 
 def fork(k_cache: Tensor, v_cache: Tensor, src_slot: int, dst_slots: Index, length: int) -> None:
@@ -56,7 +57,7 @@ def fork(k_cache: Tensor, v_cache: Tensor, src_slot: int, dst_slots: Index, leng
     not containing src_slot), in every layer and kv head of both caches, in place: n samples of one
     prompt share its prefill. Positions >= length of the destination slots are left as they are.
     """
-    _ops().fork(k_cache, v_cache, src_slot, _index(dst_slots), length)
+    ops().fork(k_cache, v_cache, src_slot, _index(dst_slots), length)
 
 
 def compact_reference(k_cache: Tensor, v_cache: Tensor, slots: Index, src: Index, dst: Index) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kv_ops
+from . import invariant_ops, kv_ops
 from .cuda_graphs import GraphedForward
 from .errors import CacheOverflowError, UnsupportedModelError
 
@@ -123,13 +123,14 @@ class PackedBatch:
     span: int
     width: int
     kv_len: int          # attention reads cache entries [0, kv_len) of each slot
+    invariant: bool = False  # run the batch-invariant kernels (packed, unpadded attention)
 
     @classmethod
     def build(cls, rows: Sequence[int], starts: Sequence[int], counts: Sequence[int], num_logits: Sequence[int],
-              tokens: Sequence[int], device: torch.device) -> "PackedBatch":
+              tokens: Sequence[int], device: torch.device, invariant: bool = False) -> "PackedBatch":
         """Lays out ``counts[i]`` tokens of slot ``rows[i]`` at positions starts[i] .. starts[i] + counts[i] - 1
         (arguments already checked); ``tokens``: their ids, flat, or empty where the caller brings hidden
-        states instead of ids."""
+        states instead of ids. invariant: see ``Transformer``."""
         b = len(rows)
         kv_len = max(s + c for s, c in zip(starts, counts))
         lo, width = min(rows), max(counts)
@@ -152,7 +153,7 @@ class PackedBatch:
         flat, slots_t, positions_t, pad_t, query_t, logit_t = packed.split([len(f) for f in fields])
         return cls(tokens=flat, slots=slots_t, positions=positions_t, pad_index=None if dense else pad_t,
                    query_pos=query_t.view(span, width), logit_index=logit_t, lo=lo, span=span,
-                   width=width, kv_len=kv_len)
+                   width=width, kv_len=kv_len, invariant=invariant)
 
 
 def check_forward(rows: Sequence[int], tokens: Sequence[Sequence[int]], num_logits: Sequence[int],
@@ -177,6 +178,14 @@ def check_forward(rows: Sequence[int], tokens: Sequence[Sequence[int]], num_logi
     return starts
 
 
+def project(layer: nn.Module, x: Tensor, invariant: bool) -> Tensor:
+    """layer(x), a plain nn.Linear through the batch-invariant kernel where asked. Quantized layers
+    (``se_engine.quant``) keep their own kernels: a drafter only proposes, so it need not be invariant."""
+    if invariant and type(layer) is nn.Linear:
+        return invariant_ops.linear(x, layer.weight, layer.bias)
+    return layer(x)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -186,17 +195,20 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, batch: PackedBatch,
-                mask: Tensor) -> Tensor:
+                mask: Tensor | None) -> Tensor:
         """x: [N, hidden]; k_cache, v_cache: this layer's [B, Hkv, S, D], written at (slots, positions)."""
         cfg = self.cfg
         N = x.shape[0]
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q, k, v = project(self.wqkv, x, batch.invariant).split([q_dim, kv_dim, kv_dim], dim=-1)
         q = apply_rope(q.view(N, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.view(N, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         # Advanced indices [N] around a full slice put N first: the value is [N, Hkv, D].
         k_cache[batch.slots, :, batch.positions] = k
         v_cache[batch.slots, :, batch.positions] = v.view(N, cfg.num_kv_heads, cfg.head_dim)
+        if batch.invariant:
+            out = invariant_ops.attention(q, k_cache, v_cache, batch.slots, batch.positions)
+            return project(self.wo, out.view(N, q_dim), True)
         span, width = batch.span, batch.width
         if batch.pad_index is not None:
             q = q.new_zeros(span * width, cfg.num_heads, cfg.head_dim).index_copy_(0, batch.pad_index, q)
@@ -216,9 +228,9 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+    def forward(self, x: Tensor, invariant: bool) -> Tensor:
+        gate, up = project(self.w13, x, invariant).chunk(2, dim=-1)
+        return project(self.w2, F.silu(gate) * up, invariant)
 
 
 class Block(nn.Module):
@@ -230,10 +242,10 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, batch: PackedBatch,
-                mask: Tensor) -> Tensor:
+                mask: Tensor | None) -> Tensor:
         """x: [N, hidden] -> [N, hidden]; writes the N tokens' K, V into this layer's cache."""
         x = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, batch, mask)
-        return x + self.feed_forward(self.ffn_norm(x))
+        return x + self.feed_forward(self.ffn_norm(x), batch.invariant)
 
 
 class Transformer(nn.Module):
@@ -243,10 +255,16 @@ class Transformer(nn.Module):
     and ``lengths``, a host list of the number of cache entries of each slot. Lengths live on the
     host because the scheduler decides them: rollback is a list update, and no forward ever reads
     a length back from the device.
+
+    batch_invariant: run bf16 on the CPU through the batch-invariant kernels
+    (``se_engine.invariant_ops``): a token's logits and KV entries are then bitwise the same
+    whatever else a forward carries (other rows, its row's other tokens, slots, cache length).
+    Ignored elsewhere (fp32, CUDA), where ``invariant`` is False and torch's kernels run.
     """
 
     def __init__(self, cfg: ModelConfig, *, max_batch: int, max_len: int,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                 batch_invariant: bool = True):
         super().__init__()
         if max_batch < 1 or max_len < 1:
             raise ValueError(f"max_batch and max_len must be >= 1, got {max_batch} and {max_len}")
@@ -264,6 +282,9 @@ class Transformer(nn.Module):
         self.register_buffer("k_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
         self.lengths = [0] * max_batch
+        self.invariant = batch_invariant and self.device.type == "cpu" and dtype == torch.bfloat16
+        if self.invariant:
+            invariant_ops.has_fast_path()  # fails here, not mid-forward, if the extension is missing
         self.graphs: GraphedForward | None = None
         cos, sin = rope_tables(cfg, max_len)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
@@ -279,10 +300,11 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, *, max_batch: int = 1, max_len: int = 2048,
-                dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> "Transformer":
+                dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                batch_invariant: bool = True) -> "Transformer":
         """Builds the decoder from a loaded transformers model (GGUF- or safetensors-backed)."""
         model = cls(ModelConfig.from_hf(hf_model.config), max_batch=max_batch, max_len=max_len,
-                    dtype=dtype, device=device)
+                    dtype=dtype, device=device, batch_invariant=batch_invariant)
         model.load_hf_state_dict(hf_model.state_dict())
         return model
 
@@ -333,7 +355,7 @@ class Transformer(nn.Module):
         logits = None if self.graphs is None else self.graphs.try_forward(rows, tokens, num_logits)
         if logits is None:
             batch = PackedBatch.build(rows, starts, [len(t) for t in tokens], num_logits,
-                                      [t for row in tokens for t in row], self.device)
+                                      [t for row in tokens for t in row], self.device, self.invariant)
             logits = self.head(self.hidden_at_logits(batch))
         for r, row in zip(rows, tokens):
             self.lengths[r] += len(row)
@@ -355,8 +377,9 @@ class Transformer(nn.Module):
     def run_layers(self, x: Tensor, batch: PackedBatch, layers: range, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         """Runs the packed hidden states x [N, hidden] through ``layers``, layer l writing K, V into
         ``k_cache[l]``, ``v_cache[l]`` (caches [>= layers.stop, B, Hkv, S, D]); returns [N, hidden]."""
-        # A padded query at position p sees its slot's entries 0 .. p.
-        mask = (torch.arange(batch.kv_len, device=x.device) <= batch.query_pos[..., None])[:, None]
+        # A padded query at position p sees its slot's entries 0 .. p (the invariant kernel needs no mask).
+        mask = None if batch.invariant else \
+            (torch.arange(batch.kv_len, device=x.device) <= batch.query_pos[..., None])[:, None]
         cos, sin = self.rope_cos[batch.positions][:, None], self.rope_sin[batch.positions][:, None]
         for l in layers:
             x = self.layers[l](x, cos, sin, k_cache[l], v_cache[l], batch, mask)
@@ -364,7 +387,7 @@ class Transformer(nn.Module):
 
     def head(self, x: Tensor) -> Tensor:
         """Final norm and LM head: hidden states [M, hidden] -> fp32 logits [M, V]."""
-        return self.output(self.norm(x)).float()
+        return project(self.output, self.norm(x), self.invariant).float()
 
     def fork(self, src: int, dst: Sequence[int]) -> None:
         """Copies slot ``src``'s cache entries to the slots ``dst`` (n samples of one prompt, one

@@ -105,7 +105,7 @@ class NestedDrafter:
             firsts = joined
             sizes = [ends[j] - f for j, f in zip(active, firsts)]
             batch = PackedBatch.build([rows[j] for j in active], firsts, sizes, [num_logits[j] for j in active],
-                                      (), device)
+                                      (), device, model.invariant)
             x = model.run_layers(x, batch, range(self.depths[i - 1] if i else 0, depth), self.k_cache, self.v_cache)
             logits = model.head(x[batch.logit_index])
             last = i == len(self.depths) - 1

@@ -56,8 +56,9 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 def load_model(name: str, *, runner: Literal["native", "hf"] = "native", dtype: torch.dtype | None = None,
                device: torch.device | str = "cpu", max_batch: int = 1, max_len: int = 2048,
-               quantize: Scheme | None = None) -> LoadedModel:
-    """quantize="int8" | "int4": weight-only quantized linear layers (``se_engine.quant``), native
+               quantize: Scheme | None = None, batch_invariant: bool = True) -> LoadedModel:
+    """batch_invariant: the native runner's batch-invariant bf16 CPU kernels (``Transformer``).
+    quantize="int8" | "int4": weight-only quantized linear layers (``se_engine.quant``), native
     runner only. Such a model is not the model its name says (its name says so): use it as a drafter,
     never as an ensemble member. The fast kernels are torch's CPU ones; elsewhere the layers
     dequantize at every forward and the copy is slower than the model."""
@@ -75,7 +76,7 @@ def load_model(name: str, *, runner: Literal["native", "hf"] = "native", dtype: 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if runner == "native":
         model: Runner = Transformer.from_hf(hf_model, max_batch=max_batch, max_len=max_len, dtype=dtype,
-                                            device=device)
+                                            device=device, batch_invariant=batch_invariant)
         del hf_model
         if quantize is not None:
             model = quantize_weights(model, quantize)

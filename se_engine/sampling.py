@@ -91,9 +91,19 @@ def process_logits(logits: Tensor, temperature: float, top_k: int, top_p: float)
         # Mass strictly before each sorted entry; keep entries whose preceding mass is < top_p.
         before = sorted_p.cumsum(-1) - sorted_p
         threshold = sorted_p.masked_fill(before >= top_p, float("inf")).amin(-1, keepdim=True)
-        probs = probs.masked_fill(probs < threshold, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
+        # Renormalised by a softmax, not by a sum: torch splits one long row's sum across threads,
+        # so a sum would round differently for a sequence alone than in a batch.
+        probs = scaled.masked_fill(probs < threshold, float("-inf")).softmax(-1)
     return probs
+
+
+def row_sum(x: Tensor, chunk: int = 1024) -> Tensor:
+    """x [..., V] summed over V, keepdim, in an order that depends on V alone: per chunk of ``chunk``
+    entries, then over the chunks (torch's own sum of a lone long row runs in another order than
+    the same row's sum in a batch)."""
+    pad = -x.shape[-1] % chunk
+    parts = torch.nn.functional.pad(x, (0, pad)).unflatten(-1, (-1, chunk)).sum(-1)
+    return parts.sum(-1, keepdim=True)
 
 
 def one_hot_argmax(scores: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ SLOTS = 16
 
 @pytest.fixture(scope="module")
 def tiny():
-    return [load_model(n, dtype=torch.float32, max_batch=SLOTS, max_len=128) for n in NAMES]
+    return [load_model(n, max_batch=SLOTS, max_len=128) for n in NAMES]
 
 
 def mixed_requests(count: int, seed: int, temperature: float) -> tuple[list[list[int]], list[SamplingParams]]:

@@ -21,9 +21,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep"]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return [load_model(n, dtype=torch.float32, max_len=160, device=DEVICE) for n in NAMES]
+@pytest.fixture(scope="module", params=[torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def tiny(request):
+    """The default dtype (bf16: the batch-invariant kernels on the CPU), and fp32 beside it."""
+    return [load_model(n, dtype=request.param, max_len=160, device=DEVICE) for n in NAMES]
 
 
 GREEDY = [
@@ -102,7 +103,7 @@ def enumerable(vocab):
     out = []
     for name in NAMES[:2]:
         hf = tiny_random_model(name, vocab_size=vocab)
-        runner = Transformer.from_hf(hf, max_batch=BATCH, max_len=32, dtype=torch.float32, device=DEVICE)
+        runner = Transformer.from_hf(hf, max_batch=BATCH, max_len=32, device=DEVICE)  # bf16, the default
         out.append(LoadedModel(name, runner, tiny_tokenizer(), sum(p.numel() for p in hf.parameters())))
     return out
 

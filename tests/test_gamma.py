@@ -16,7 +16,7 @@ THRESHOLD = 0.5  # near the median of the tiny models' top probabilities (quarti
 
 @pytest.fixture(scope="module")
 def tiny():
-    return [load_model(n, dtype=torch.float32, max_batch=4, max_len=160) for n in NAMES]
+    return [load_model(n, max_batch=4, max_len=160) for n in NAMES]
 
 
 def acceptance(accepted: int, tested: int) -> list[float]:

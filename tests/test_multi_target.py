@@ -24,7 +24,7 @@ NAMES = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep", "ti
 
 @pytest.fixture(scope="module")
 def tiny():
-    return [load_model(n, dtype=torch.float32, max_batch=12, max_len=96) for n in NAMES]
+    return [load_model(n, max_batch=12, max_len=96) for n in NAMES]
 
 
 def nested(tiny) -> NestedDrafter:

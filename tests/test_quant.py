@@ -62,13 +62,13 @@ def test_int4_needs_whole_groups():
 
 @pytest.fixture(scope="module")
 def tiny():
-    return [load_model(n, dtype=torch.float32, max_batch=3, max_len=160) for n in NAMES]
+    return [load_model(n, max_batch=3, max_len=160) for n in NAMES]
 
 
 @pytest.fixture(scope="module")
 def drafters():
     """Quantized copies of the qwen2 model (the expert of the contrastive ensemble below)."""
-    return {s: load_model(NAMES[1], dtype=torch.float32, max_batch=3, max_len=160, quantize=s).runner
+    return {s: load_model(NAMES[1], max_batch=3, max_len=160, quantize=s).runner
             for s in SCHEMES}
 
 

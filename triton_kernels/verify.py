@@ -125,8 +125,9 @@ def sample_ensemble_reference(logits: list[Tensor], spec: EnsembleSpec, position
 
 # ----------------------------------------------------------------------------- fused kernels
 #
-# Three launches, no host synchronisation. Each row's vocabulary is cut into S chunks so that even
-# one sequence fills the GPU; every chunk program streams its slice of all n models' logits.
+# Three launches, no host synchronisation. Each row's vocabulary is cut into S chunks of a fixed size
+# (``_tiling``: per device and V, not per batch, so every row's result is the same alone or batched);
+# every chunk program streams its slice of all n models' logits.
 #
 # 1. _stats_kernel  grid (T, S): per row and chunk, the online max m and sum exp(x - m) of each
 #    distribution the step needs, reading every logit once (kept per lane across the chunk's tiles
@@ -512,11 +513,13 @@ def _finish_kernel(L0, L1, L2, L3, s0, s1, s2, s3, c0, c1, c2, c3, seq_offsets_p
 
 
 def _tiling(device: torch.device, V: int) -> tuple[int, int]:
-    """(vocabulary tile per loop step, programs to aim for)."""
+    """(vocabulary tile per loop step, tiles per chunk): fixed per device and V, never per batch,
+    so that a row's statistics combine the same chunks in the same order whatever else the call
+    carries (batch-invariant sampling)."""
     if device.type == "cuda":
-        return 1024, 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 1024, 4  # V = 151,936: 38 chunk programs per row
     # The interpreter: a few wide programs, but still several tiles and chunks per row.
-    return min(4096, max(128, triton.next_power_of_2(triton.cdiv(V, 8)))), 4
+    return min(4096, max(128, triton.next_power_of_2(triton.cdiv(V, 8)))), 2
 
 
 def _launch(logits: list[Tensor], spec: EnsembleSpec, seq_offsets: Tensor, seq_temp: Tensor, row_temp: Tensor,
@@ -531,9 +534,8 @@ def _launch(logits: list[Tensor], spec: EnsembleSpec, seq_offsets: Tensor, seq_t
         x.contiguous() for x in (seq_offsets, seeds, draft_ids, proposer, positions))
     device = logits[0].device
     linear = spec.kind == "linear"
-    block, target = _tiling(device, V)
-    splits = max(1, min(triton.cdiv(target, max(T, 1)), triton.cdiv(V, block)))
-    chunk = triton.cdiv(triton.cdiv(V, splits), block) * block
+    block, tiles = _tiling(device, V)
+    chunk = block * tiles
     splits = triton.cdiv(V, chunk)
     block_s = triton.next_power_of_2(splits)
     ptrs = list(logits) + [logits[0]] * (MAX_MODELS - n)

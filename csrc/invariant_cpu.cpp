@@ -1,0 +1,382 @@
+// torch ops se_inv::linear and se_inv::attention: batch-invariant bf16 CPU kernels.
+//
+// Batch-invariant: every output element is computed by one thread with one fixed sequence of
+// instructions that depends only on that element's own inputs (its row of x and the weights; its
+// query and its keys 0 .. position), never on how many other rows, queries, padded keys or threads
+// the call has. So a token's result is bitwise the same in a 1-token decode, a k + 1-token verify,
+// a prefill, or beside other sequences. oneDNN's bf16 GEMM and PyTorch's CPU SDPA both change their
+// reduction order with the row count / key count (see se_engine/invariant_ops.py).
+//
+// linear:    y[m, n] = round_bf16(sum_k x[m, k] w[n, k] + b[n]), the sum in fp32: 16 lanes, lane i
+//            accumulating elements 32j + 2i, 32j + 2i + 1 of each 32-wide block j in order (AVX512-BF16
+//            vdpbf16ps), then one fixed horizontal tree (reduce16).
+// attention: out[t, h] = sum_{j <= p_t} softmax_j(q_t,h . k_j / sqrt(D)) v_j over slot s_t's cache, in
+//            fp32, keys in order; exp by one fixed polynomial.
+// Machines without AVX512-BF16 run portable loops with the same structure (invariant as well, but
+// rounding differently from the AVX512 path).
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define SE_X86 1
+#endif
+
+namespace se_inv {
+namespace {
+
+using bf16 = c10::BFloat16;
+
+constexpr int64_t LANES = 16;     // fp32 lanes of one accumulator
+constexpr int64_t KBLOCK = 32;    // bf16 elements per accumulation step
+constexpr int64_t ROW_TILE = 4;   // rows of x per register tile
+constexpr int64_t COL_TILE = 4;   // rows of w (outputs) per register tile
+constexpr int64_t L2_BYTES = 256 * 1024;  // budget for one block of x rows, reused across the outputs
+
+// SE_ENGINE_PORTABLE_KERNELS=1 forces the portable loops (tests of the path other CPUs take).
+bool has_avx512_bf16() {
+#ifdef SE_X86
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") &&
+                         std::getenv("SE_ENGINE_PORTABLE_KERNELS") == nullptr;
+  return ok;
+#else
+  return false;
+#endif
+}
+
+inline float bf16_to_float(const bf16* p) { return static_cast<float>(*p); }
+
+// ------------------------------------------------------------------------------------------ linear
+
+// Portable twin of the register tile below: R x C dot products with the same lane structure.
+template <int R, int C>
+void tile_portable(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t K, float* out, int64_t ldo) {
+  float acc[R][C][LANES] = {};
+  for (int64_t k0 = 0; k0 < K; k0 += KBLOCK) {
+    for (int r = 0; r < R; ++r) {
+      for (int c = 0; c < C; ++c) {
+        for (int64_t i = 0; i < LANES; ++i) {
+          const int64_t k = k0 + 2 * i;
+          float s = 0.f;
+          if (k < K) s += bf16_to_float(x + r * ldx + k) * bf16_to_float(w + c * ldw + k);
+          if (k + 1 < K) s += bf16_to_float(x + r * ldx + k + 1) * bf16_to_float(w + c * ldw + k + 1);
+          acc[r][c][i] += s;
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      float lanes[LANES];
+      std::memcpy(lanes, acc[r][c], sizeof(lanes));
+      for (int64_t width = LANES / 2; width >= 1; width /= 2) {
+        for (int64_t i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+      }
+      out[r * ldo + c] = lanes[0];
+    }
+  }
+}
+
+#ifdef SE_X86
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512bh load_bf16(const bf16* p, __mmask32 mask) {
+  return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
+}
+
+// The lane sums of 16 accumulators at once: out[j] = sum of a[j]'s 16 lanes, by the same tree for
+// every j ((e0 + e2) + (e1 + e3) within each 128-bit lane L, then (L0 + L1) + (L2 + L3)), so a sum
+// does not depend on which of the 16 places it takes; vectors of unused places never mix with it.
+__attribute__((target("avx512f"))) inline __m512 reduce16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int k = 0; k < 8; ++k)
+    b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+  for (int k = 0; k < 4; ++k) {
+    const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(b[2 * k]), _mm512_castps_pd(b[2 * k + 1]));
+    const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(b[2 * k]), _mm512_castps_pd(b[2 * k + 1]));
+    c[k] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  }
+  for (int k = 0; k < 2; ++k)
+    d[k] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], 0x88), _mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
+}
+
+// The sums of an R x C tile: out[r * ldo + c] = x[r, :] . w[c, :] (fp32, not yet rounded).
+template <int R, int C>
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+void tile_avx512(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t K, float* out, int64_t ldo) {
+  // Fully unrolled so that the R x C accumulators live in registers.
+  __m512 acc[R][C];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += KBLOCK) {
+    const __mmask32 mask = K - k0 >= KBLOCK ? ~__mmask32(0) : (__mmask32(1) << (K - k0)) - 1;
+    __m512bh wv[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) wv[c] = load_bf16(w + c * ldw + k0, mask);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = load_bf16(x + r * ldx + k0, mask);
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
+    }
+  }
+  __m512 all[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) all[i] = i / COL_TILE < R && i % COL_TILE < C ? acc[i / COL_TILE][i % COL_TILE] : _mm512_setzero_ps();
+  float sums[16];
+  _mm512_storeu_ps(sums, reduce16(all));
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) out[r * ldo + c] = sums[r * COL_TILE + c];
+}
+#endif
+
+using TileFn = void (*)(const bf16*, int64_t, const bf16*, int64_t, int64_t, float*, int64_t);
+
+template <int R, int C>
+TileFn tile_fn() {
+#ifdef SE_X86
+  if (has_avx512_bf16()) return &tile_avx512<R, C>;
+#endif
+  return &tile_portable<R, C>;
+}
+
+// Tile kernels by (rows - 1, cols - 1): tails of M and N use smaller tiles with the same per-element order.
+template <int R>
+std::array<TileFn, COL_TILE> tile_row() {
+  return {tile_fn<R, 1>(), tile_fn<R, 2>(), tile_fn<R, 3>(), tile_fn<R, 4>()};
+}
+
+const std::array<std::array<TileFn, COL_TILE>, ROW_TILE>& tiles() {
+  static const std::array<std::array<TileFn, COL_TILE>, ROW_TILE> table = {tile_row<1>(), tile_row<2>(),
+                                                                           tile_row<3>(), tile_row<4>()};
+  return table;
+}
+
+void check_bf16_matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kBFloat16, name, " must be bfloat16, got ", t.scalar_type());
+}
+
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias) {
+  check_bf16_matrix(x_in, "x");
+  check_bf16_matrix(w_in, "weight");
+  TORCH_CHECK_VALUE(w_in.dim() == 2, "weight must be [N, K], got shape ", w_in.sizes());
+  const int64_t K = w_in.size(1), N = w_in.size(0);
+  TORCH_CHECK_VALUE(x_in.dim() >= 1 && x_in.size(-1) == K, "x must be [..., ", K, "], got shape ", x_in.sizes());
+  const at::Tensor x = x_in.reshape({-1, K}).contiguous();
+  const at::Tensor w = w_in.contiguous();
+  const int64_t M = x.size(0);
+  std::vector<float> b(N, 0.f);
+  if (bias.has_value()) {
+    check_bf16_matrix(*bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "], got ", bias->sizes());
+    const at::Tensor bc = bias->contiguous();
+    for (int64_t n = 0; n < N; ++n) b[n] = static_cast<float>(bc.data_ptr<bf16>()[n]);
+  }
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y = at::empty({M, N}, x.options());
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* wp = w.data_ptr<bf16>();
+  bf16* yp = y.data_ptr<bf16>();
+  // Rows of x per block: a block stays in cache while every output tile of a thread streams past it.
+  const int64_t row_block = std::max<int64_t>(ROW_TILE, (L2_BYTES / (K * 2)) / ROW_TILE * ROW_TILE);
+  const int64_t col_tiles = (N + COL_TILE - 1) / COL_TILE;
+  const auto& table = tiles();
+  // Threads split the outputs, never a sum: each output's order is the same for any thread count.
+  at::parallel_for(0, col_tiles, 1, [&](int64_t t0, int64_t t1) {
+    float sums[ROW_TILE * COL_TILE];
+    for (int64_t m0 = 0; m0 < M; m0 += row_block) {
+      const int64_t m1 = std::min(M, m0 + row_block);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * COL_TILE, cols = std::min<int64_t>(COL_TILE, N - n0);
+        for (int64_t m = m0; m < m1; m += ROW_TILE) {
+          const int64_t rows = std::min<int64_t>(ROW_TILE, m1 - m);
+          table[rows - 1][cols - 1](xp + m * K, K, wp + n0 * K, K, K, sums, COL_TILE);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < cols; ++c) yp[(m + r) * N + n0 + c] = bf16(sums[r * COL_TILE + c] + b[n0 + c]);
+        }
+      }
+    }
+  });
+  return y.view(out_shape);
+}
+
+// --------------------------------------------------------------------------------------- attention
+
+#ifdef SE_X86
+// exp(x) for x <= 0 (softmax terms): x = n ln2 + r, |r| <= ln2 / 2, a degree-6 Taylor polynomial in r.
+__attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void attend_avx512(const bf16* q, const bf16* keys, const bf16* values, int64_t n_keys, int64_t D, float scale,
+                   float* scores, bf16* out) {
+  // D <= 256 in 32-wide blocks (checked by the caller).
+  const int64_t blocks = (D + KBLOCK - 1) / KBLOCK;
+  __m512bh qv[8];
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t left = D - b * KBLOCK;
+    qv[b] = load_bf16(q + b * KBLOCK, left >= KBLOCK ? ~__mmask32(0) : (__mmask32(1) << left) - 1);
+  }
+  for (int64_t j0 = 0; j0 < n_keys; j0 += LANES) {  // 16 keys' dot products, summed together
+    const int64_t count = std::min<int64_t>(LANES, n_keys - j0);
+    __m512 acc[LANES];
+    for (int64_t i = 0; i < LANES; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < count; ++i) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t left = D - b * KBLOCK;
+        acc[i] = _mm512_dpbf16_ps(acc[i], qv[b], load_bf16(keys + (j0 + i) * D + b * KBLOCK,
+                                                           left >= KBLOCK ? ~__mmask32(0) : (__mmask32(1) << left) - 1));
+      }
+    }
+    const __mmask16 mask = count == LANES ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+    _mm512_mask_storeu_ps(scores + j0, mask, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
+  }
+  float top = -INFINITY;
+  for (int64_t j = 0; j < n_keys; ++j) top = std::max(top, scores[j]);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n_keys; j += LANES) {
+    const __mmask16 mask = n_keys - j >= LANES ? __mmask16(0xFFFF) : __mmask16((1u << (n_keys - j)) - 1);
+    const __m512 s = _mm512_maskz_loadu_ps(mask, scores + j);
+    const __m512 e = _mm512_maskz_mov_ps(mask, exp_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(top))));
+    _mm512_mask_storeu_ps(scores + j, mask, e);
+    total = _mm512_add_ps(total, e);
+  }
+  const float inv = 1.0f / _mm512_reduce_add_ps(total);
+  // out = sum_j e_j v_j, 16 dims per accumulator, keys in order.
+  __m512 acc[16];
+  const int64_t groups = (D + LANES - 1) / LANES;
+  for (int64_t g = 0; g < groups; ++g) acc[g] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n_keys; ++j) {
+    const __m512 e = _mm512_set1_ps(scores[j]);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t left = D - g * LANES;
+      const __mmask16 mask = left >= LANES ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __m256i raw = _mm256_maskz_loadu_epi16(mask, values + j * D + g * LANES);
+      const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      acc[g] = _mm512_fmadd_ps(e, v, acc[g]);
+    }
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    float lanes[LANES];
+    _mm512_storeu_ps(lanes, _mm512_mul_ps(acc[g], _mm512_set1_ps(inv)));
+    for (int64_t i = 0; i < LANES && g * LANES + i < D; ++i) out[g * LANES + i] = bf16(lanes[i]);
+  }
+}
+#endif
+
+void attend_portable(const bf16* q, const bf16* keys, const bf16* values, int64_t n_keys, int64_t D, float scale,
+                     float* scores, bf16* out) {
+  for (int64_t j = 0; j < n_keys; ++j) {
+    float lanes[LANES] = {};
+    for (int64_t d = 0; d < D; ++d) lanes[(d % KBLOCK) / 2] += bf16_to_float(q + d) * bf16_to_float(keys + j * D + d);
+    for (int64_t width = LANES / 2; width >= 1; width /= 2)
+      for (int64_t i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+    scores[j] = lanes[0] * scale;
+  }
+  float top = -INFINITY;
+  for (int64_t j = 0; j < n_keys; ++j) top = std::max(top, scores[j]);
+  float total = 0.f;
+  for (int64_t j = 0; j < n_keys; ++j) total += (scores[j] = std::exp(scores[j] - top));
+  std::vector<float> acc(D, 0.f);
+  for (int64_t j = 0; j < n_keys; ++j)
+    for (int64_t d = 0; d < D; ++d) acc[d] += scores[j] * bf16_to_float(values + j * D + d);
+  for (int64_t d = 0; d < D; ++d) out[d] = bf16(acc[d] / total);
+}
+
+at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& slots_in, const at::Tensor& positions_in) {
+  check_bf16_matrix(q_in, "q");
+  check_bf16_matrix(k_cache, "k_cache");
+  check_bf16_matrix(v_cache, "v_cache");
+  TORCH_CHECK_VALUE(q_in.dim() == 3, "q must be [N, Hq, D], got shape ", q_in.sizes());
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+                    "k_cache and v_cache must be one layer's [B, Hkv, S, D], got ", k_cache.sizes(), " and ",
+                    v_cache.sizes());
+  TORCH_CHECK_VALUE(k_cache.is_contiguous() && v_cache.is_contiguous(), "k_cache and v_cache must be contiguous");
+  const int64_t N = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
+  const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), S = k_cache.size(2);
+  TORCH_CHECK_VALUE(k_cache.size(3) == D && D <= 256, "head dim ", D, " must match the cache's ", k_cache.size(3),
+                    " and be at most 256");
+  TORCH_CHECK_VALUE(Hq % Hkv == 0, Hq, " query heads are not a multiple of ", Hkv, " kv heads");
+  for (const at::Tensor* t : {&slots_in, &positions_in}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kLong && t->device().is_cpu() && t->dim() == 1 && t->size(0) == N,
+                     "slots and positions must be [", N, "] int64 CPU tensors");
+  }
+  const at::Tensor q = q_in.contiguous(), slots = slots_in.contiguous(), positions = positions_in.contiguous();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < N; ++t) {
+    TORCH_CHECK_INDEX(0 <= sp[t] && sp[t] < B && 0 <= pp[t] && pp[t] < S, "token ", t, ": slot ", sp[t],
+                      " / position ", pp[t], " out of range for ", B, " slots of ", S, " positions");
+  }
+  at::Tensor out = at::empty({N, Hq, D}, q.options());
+  const bf16* qp = q.data_ptr<bf16>();
+  const bf16* kp = k_cache.data_ptr<bf16>();
+  const bf16* vp = v_cache.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t group = Hq / Hkv;
+  const bool fast = has_avx512_bf16();
+  at::parallel_for(0, N * Hq, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / Hq, h = i % Hq;
+      const int64_t cache_at = (sp[t] * Hkv + h / group) * S * D;
+      const bf16* qi = qp + i * D;
+#ifdef SE_X86
+      if (fast) {
+        attend_avx512(qi, kp + cache_at, vp + cache_at, pp[t] + 1, D, scale, scores.data(), op + i * D);
+        continue;
+      }
+#endif
+      attend_portable(qi, kp + cache_at, vp + cache_at, pp[t] + 1, D, scale, scores.data(), op + i * D);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(se_inv, m) {
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions) -> Tensor");
+  m.def("has_avx512_bf16() -> bool", &has_avx512_bf16);
+}
+
+TORCH_LIBRARY_IMPL(se_inv, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("attention", &attention);
+}
+
+}  // namespace se_inv

@@ -1,0 +1,58 @@
+"""Batch-invariant bf16 CPU kernels (``csrc/invariant_cpu.cpp``) and their PyTorch twins.
+
+A kernel is batch-invariant when each output element is computed by the same instructions in the
+same order whatever else the call carries: other rows, other queries, padded keys, threads. Then a
+token's logits and KV entries are bitwise the same in a 1-token decode, a k + 1-token verify, a
+prefill, or beside other sequences, and greedy speculative decoding is token-for-token the plain
+ensemble in bf16 too. On this project's CPUs neither oneDNN's bf16 GEMM (its reduction order
+changes with the row count for K >= ~1500) nor PyTorch's CPU SDPA (it changes with the number of
+keys after the query's causal limit) is invariant.
+
+``linear`` / ``attention`` run the extension (se_engine._kv); ``*_reference`` are their fp32
+PyTorch twins, which the tests hold them to within bf16 rounding (the kernels' sums are fp32 in a
+fixed order, not the twins' order, so equality is not expected; invariance is tested bitwise).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import kv_ops
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [..., K] @ weight [N, K]^T + bias [N] -> [..., N], all bf16 (fp32 sums, rounded once)."""
+    return kv_ops.ops("se_inv").linear(x, weight, bias)
+
+
+def attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
+    """Causal attention of packed queries over one layer's cache, all bf16.
+
+    q: [N, Hq, D] (rotary applied); k_cache, v_cache: [B, Hkv, S, D] contiguous, with the queries'
+    own keys already written; slots, positions: [N] int64 CPU: query t attends to keys
+    0 .. positions[t] of slot slots[t] (GQA: query head h reads kv head h // (Hq / Hkv)).
+    Returns [N, Hq, D]."""
+    return kv_ops.ops("se_inv").attention(q, k_cache, v_cache, slots, positions)
+
+
+def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The fp32 specification of ``linear``."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+def attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
+    """The fp32 specification of ``attention`` (one query at a time)."""
+    group = q.shape[1] // k_cache.shape[1]
+    out = []
+    for t, (s, p) in enumerate(zip(slots.tolist(), positions.tolist())):
+        k = k_cache[s, :, :p + 1].float().repeat_interleave(group, 0)
+        v = v_cache[s, :, :p + 1].float().repeat_interleave(group, 0)
+        out.append(F.scaled_dot_product_attention(q[t].float()[:, None], k, v)[:, 0])
+    return torch.stack(out).to(q.dtype)
+
+
+def has_fast_path() -> bool:
+    """Whether this CPU runs the AVX512-BF16 kernels (else portable loops: invariant, but slow)."""
+    return kv_ops.ops("se_inv").has_avx512_bf16()

@@ -228,12 +228,16 @@ class Scheduler:
     hold nothing there).
     """
 
-    def __init__(self, runners: list[Runner], method: str, draft_lengths: DraftLengths, order: list[int],
-                 backend: Backend = "auto", max_batch: int | None = None, max_stall: int | None = None,
-                 confidence_threshold: float = 0.0):
+    def __init__(self, runners: list[Runner], method: str, draft_lengths: DraftLengths, order: list[int], *,
+                 sampler: Backend, confidence_threshold: float, max_batch: int | None = None,
+                 max_stall: int | None = None):
         """runners: the engine's models, then the drafter where there is one; order: runner indices,
         cheapest first (the shared proposer of ensemble_sd first); each sequence brings its Target.
-        confidence_threshold: ends a proposal early (module docstring); 0 never does."""
+        sampler, confidence_threshold: the Engine's (which checks them; the threshold ends a proposal
+        early, module docstring). max_batch: at most, and by default, what every runner holds."""
+        capacity = min(r.max_batch for r in runners)
+        if max_batch is not None and max_batch > capacity:
+            raise ValueError(f"max_batch={max_batch} but the loaded models hold {capacity} sequences")
         self.method, self.order = method, order
         self.runners = runners
         self.draft_lengths = draft_lengths
@@ -241,9 +245,9 @@ class Scheduler:
         # Ticks a sequence may wait for an expensive model while others draft: about one proposal
         # (auto's cap of MAX_GAMMA is reached only by a cheap drafter on a long confident run).
         self.max_stall = min(draft_lengths.max_gamma, MAX_STALL) if max_stall is None else max_stall
-        self.backend = backend
+        self.sampler = sampler
         self.device = runners[0].device
-        self.max_batch = max_batch or min(r.max_batch for r in self.runners)
+        self.max_batch = max_batch or capacity
         self.free = list(range(self.max_batch - 1, -1, -1))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -396,7 +400,7 @@ class Scheduler:
         seeds = torch.tensor([s.seed for s in seqs], device=self.device)
         params = [s.params for s in seqs]
         res = verify(logits, target.verify_spec, drafts, proposers, positions, offsets, params, seeds,
-                     want_logprobs=any(p.logprobs for p in params), max_n=max(counts), backend=self.backend)
+                     want_logprobs=any(p.logprobs for p in params), max_n=max(counts), backend=self.sampler)
         # One read-back of the integer results (a second only for logprobs): the call's sync point.
         results = torch.cat([res.num_accepted[:, None], res.num_emitted[:, None], res.tokens], dim=1).tolist()
         logprobs = res.logprobs.tolist() if res.logprobs is not None else None
@@ -482,7 +486,7 @@ class Scheduler:
         seeds = torch.tensor([s.seed for s in seqs], device=self.device)
         params = [s.params for s in seqs]
         want = stream == STREAM_ENSEMBLE and any(p.logprobs for p in params)
-        tokens, logprobs = sample_ensemble(logits, spec, positions, params, seeds, stream, want, self.backend)
+        tokens, logprobs = sample_ensemble(logits, spec, positions, params, seeds, stream, want, self.sampler)
         if stream == STREAM_ENSEMBLE or self.confidence_threshold <= 0:
             out = tokens.tolist(), None if logprobs is None else logprobs.tolist()
         else:  # one read-back of both

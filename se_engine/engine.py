@@ -6,7 +6,7 @@ import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from tqdm import tqdm
@@ -14,13 +14,15 @@ from tqdm import tqdm
 from triton_kernels.verify import Backend, fused_unsupported
 
 from . import decode
+from .checks import is_int, is_real
 from .decode import METHODS, Metrics, Scheduler, Target
 from .ensemble import EnsembleSpec
-from .gamma import MAX_GAMMA, AutoGammas, FixedGammas, measure_costs
 from .errors import VocabularyMismatchError
+from .gamma import MAX_GAMMA, AutoGammas, DraftLengths, FixedGammas, measure_costs
 from .model import Transformer
-from .runner import LoadedModel, Runner, check_same_vocabulary, load_model
+from .runner import LoadedModel, Runner, check_load_args, check_same_vocabulary, load_model
 from .sampling import SamplingParams
+from .sources import check_model
 
 Prompt = str | Sequence[int]
 TargetArg = tuple[Sequence[int], EnsembleSpec | None]  # model indices, the ensemble over them (None: equal weights)
@@ -68,9 +70,10 @@ class Engine:
     models: names / paths (see ``se_engine.sources``) or already loaded models, in ensemble order.
     ensemble: an EnsembleSpec over the models (default: equal weights); unused by ``single``.
     method: "single" | "ensemble" | "ensemble_sd" | "se" ("ensemble_sd" with one model needs a drafter).
-    gammas: draft length per model, in model order (default: 4 for the cheapest model, 1 for the rest);
-        or "auto": chosen per proposal from the models' forward costs, measured here at start-up, and
-        each sequence's acceptance rates (``se_engine.gamma``); or an ``AutoGammas`` with given costs.
+    gammas: draft length per model, in model order, each in [1, MAX_GAMMA] (default: 4 for the
+        cheapest model, 1 for the rest); or "auto": chosen per proposal from the models' forward
+        costs, measured here at start-up, and each sequence's acceptance rates (``se_engine.gamma``);
+        or an ``AutoGammas`` with given costs.
     confidence_threshold: a proposal ends early after a draft whose proposer's top probability
         (softmax of its logits) is below this; the gammas are then caps. 0 never ends one early.
         Exact either way (``se_engine.decode``).
@@ -86,8 +89,10 @@ class Engine:
         one (``submit(..., target=name)``); one proposer drafts for all: the drafter, or else the
         first model of ``proposer_order`` (a member of some targets, outside others).
     max_batch: sequences decoded at once (cache slots per model; more requests wait in FIFO order).
-        Default: 8 for models loaded here (1 with runner="hf"), else what the loaded models hold.
-    max_len: cache capacity per sequence (prompt + new tokens + draft slots), for models loaded here.
+        Default: 8 for models loaded here (1 with runner="hf"), else what the loaded models hold
+        (at most that).
+    max_len: cache capacity per sequence (prompt + new tokens + draft slots), for models loaded here;
+        so are runner ("native" or "hf"), dtype (default: bfloat16) and device.
     sampler: "auto" (the fused Triton kernels on CUDA where they apply, PyTorch otherwise), "torch",
         or "triton" (every verify / sampling step fused; on CPU only under TRITON_INTERPRET=1).
     cuda_graphs: replay the models' decode and verify forwards (up to GRAPH_MAX_WIDTH tokens per
@@ -100,6 +105,10 @@ class Engine:
         tokens exactly and a seeded request the same tokens whatever else is in the batch. False:
         torch's kernels (faster prefill; results then depend on the batch's shape).
 
+    Every argument is checked before any model loads, but for what only the loaded models tell
+    (their vocabularies, sizes and slots). ``submit`` checks each request, so that a request the
+    engine cannot serve never joins a batch.
+
     ``generate`` and ``stream`` serve their own prompts; ``submit`` / ``step`` / ``abort`` let a
     caller (a server) feed requests in and out between ticks (continuous batching).
     """
@@ -108,43 +117,43 @@ class Engine:
                  method: Literal["single", "ensemble", "ensemble_sd", "se"] = "se",
                  gammas: Sequence[int] | Literal["auto"] | AutoGammas | None = None, *,
                  confidence_threshold: float = 0.0, proposer_order: Sequence[int] | None = None,
-                 max_batch: int | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
-                 max_len: int = 2048, runner: Literal["native", "hf"] = "native", sampler: Backend = "auto",
-                 drafter: Runner | None = None, targets: Mapping[str, TargetArg] | None = None,
-                 cuda_graphs: bool | None = None, batch_invariant: bool = True):
+                 max_batch: int | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu", max_len: int = 2048, runner: Literal["native", "hf"] = "native",
+                 sampler: Backend = "auto", drafter: Runner | None = None,
+                 targets: Mapping[str, TargetArg] | None = None, cuda_graphs: bool | None = None,
+                 batch_invariant: bool = True):
+        # Every check the arguments allow comes before anything loads (loading takes minutes and
+        # gigabytes); the ones that need the loaded models follow the loading.
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if not models:
-            raise ValueError("at least one model is needed")
-        if sampler not in ("auto", "torch", "triton"):
-            raise ValueError(f"sampler must be 'auto', 'torch' or 'triton', got {sampler!r}")
-        if isinstance(confidence_threshold, bool) or not isinstance(confidence_threshold, (int, float)) \
-                or not 0 <= confidence_threshold <= 1:
+        if isinstance(models, str) or not isinstance(models, Sequence) or not models:
+            raise ValueError(f"models must be a non-empty sequence of names / paths or LoadedModels, got {models!r}")
+        if sampler not in get_args(Backend):
+            raise ValueError(f"sampler must be one of {get_args(Backend)}, got {sampler!r}")
+        if not is_real(confidence_threshold) or not 0 <= confidence_threshold <= 1:
             raise ValueError(f"confidence_threshold must be a number in [0, 1], got {confidence_threshold!r}")
-        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
-            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
-        n = len(models)
+        if max_batch is not None and (not is_int(max_batch) or max_batch < 1):
+            raise ValueError(f"max_batch must be None or an int >= 1, got {max_batch!r}")
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
         if drafter is not None and method != "ensemble_sd":
             raise ValueError(f"a drafter proposes for method 'ensemble_sd', got method {method!r}")
-        if targets is None:
-            if method == "single" and n != 1:
-                raise ValueError(f"method 'single' runs one model, got {n}")
-            if method in ("ensemble_sd", "se") and n < 2 and drafter is None:
-                raise ValueError(f"method {method!r} needs at least two models (or a drafter), got {n}")
-            if method == "single":
-                ensemble = EnsembleSpec.weighted([1.0])
-            entries = {DEFAULT_TARGET: (tuple(range(n)), _checked_spec(ensemble, n))}
-        else:
-            if method != "ensemble_sd":
-                raise ValueError(f"targets share one proposer: method 'ensemble_sd', got {method!r}")
-            if ensemble is not None:
-                raise ValueError("with targets, each target names its ensemble: pass ensemble=None")
-            if not isinstance(targets, Mapping) or not targets:
-                raise ValueError(f"targets must be a non-empty mapping name -> (model indices, EnsembleSpec | None), "
-                                 f"got {targets!r}")
-            entries = {name: _checked_target(name, value, n) for name, value in targets.items()}
-        runs = n + (drafter is not None)  # runners: the models, then the drafter
+        if drafter is not None and not isinstance(drafter, Runner):
+            raise ValueError(f"drafter must be a runner (load_model(...).runner, a NestedDrafter), got {drafter!r}")
         load_batch = max_batch or (1 if runner == "hf" else 8)
+        _check_loading([m for m in models if not isinstance(m, LoadedModel)], runner=runner, dtype=dtype,
+                       device=device, max_batch=load_batch, max_len=max_len, cuda_graphs=cuda_graphs,
+                       batch_invariant=batch_invariant)
+        n = len(models)
+        entries = _checked_entries(n, ensemble, method, targets, drafter is not None)
+        if proposer_order is not None:
+            proposer_order = _checked_order(proposer_order, n)
+        # The first proposer, where the arguments name it; else the cheapest model, known once loaded.
+        proposer = n if drafter is not None else (proposer_order[0] if proposer_order is not None else None)
+        _check_targets(entries, method, sampler, proposer)
+        runs = n + (drafter is not None)  # runners: the models, then the drafter
+        draft_lengths = _checked_gammas(gammas, runs, method, drafter is not None)
+
         self.models = [m if isinstance(m, LoadedModel) else
                        load_model(m, runner=runner, dtype=dtype, device=device, max_batch=load_batch,
                                   max_len=max_len, batch_invariant=batch_invariant) for m in models]
@@ -154,43 +163,25 @@ class Engine:
             raise VocabularyMismatchError(f"the drafter has {drafter.vocab_size} output logits, the models "
                                           f"{runners[0].vocab_size}")
         all_runners = runners + ([drafter] if drafter is not None else [])
-        capacity = min(r.max_batch for r in all_runners)
-        if max_batch is not None and max_batch > capacity:
-            raise ValueError(f"max_batch={max_batch} but the loaded models hold {capacity} sequences")
         if proposer_order is None:
             proposer_order = sorted(range(n), key=lambda i: self.models[i].num_params)
-        if sorted(proposer_order) != list(range(n)):
-            raise ValueError(f"proposer_order must be a permutation of 0..{n - 1}, got {list(proposer_order)}")
         order = [n] * (drafter is not None) + list(proposer_order)  # the drafter proposes first
-        self.targets = {name: _target(name, ms, spec, order, method) for name, (ms, spec) in entries.items()}
-        for name, target in self.targets.items():
-            if sampler == "triton" and (why := fused_unsupported(target.spec, [], len(target.runners))):
-                raise ValueError(f"sampler='triton' cannot run {_target_label(name)}: {why}")
+        if proposer is None:
+            _check_targets(entries, method, sampler, order[0])
+        self.targets = {name: _target(ms, spec, order, method) for name, (ms, spec) in entries.items()}
         _set_cuda_graphs(all_runners, cuda_graphs)  # before gammas="auto" measures the forwards' costs
-        if gammas is None:
-            gammas = [4 if i == order[0] else 1 for i in range(runs)]
-        if gammas == "auto":
-            speculative = method in ("ensemble_sd", "se")  # the other methods never draft
-            draft_lengths = (AutoGammas(measure_costs(all_runners, slot=0, max_k=MAX_GAMMA + 1)) if speculative
-                             else FixedGammas([1] * runs))
-        elif isinstance(gammas, AutoGammas):
-            if len(gammas.costs) != runs:
-                raise ValueError(f"AutoGammas has costs for {len(gammas.costs)} models, the engine runs {runs}")
-            draft_lengths = gammas
-        else:
-            gammas = list(gammas) if isinstance(gammas, Sequence) and not isinstance(gammas, str) else gammas
-            if not isinstance(gammas, list) or len(gammas) != runs or any(not isinstance(g, int) or g < 1 for g in gammas):
-                raise ValueError(f"gammas must be 'auto' or {runs} ints >= 1 (one per model"
-                                 f"{', then the drafter' if drafter is not None else ''}), got {gammas!r}")
-            draft_lengths = FixedGammas(gammas)
+        if draft_lengths is None:  # the default
+            draft_lengths = FixedGammas([4 if i == order[0] else 1 for i in range(runs)])
+        elif draft_lengths == "auto":
+            draft_lengths = AutoGammas(measure_costs(all_runners, slot=0, max_k=MAX_GAMMA + 1))
         self.ensemble = None if targets is not None else entries[DEFAULT_TARGET][1]
         self.method, self.order, self.drafter = method, order, drafter
         self.gammas = draft_lengths.gammas if isinstance(draft_lengths, FixedGammas) else "auto"
         self.tokenizer = self.models[0].tokenizer
         self.eos_ids = _end_of_generation_ids(self.tokenizer)
         self.max_len = min(r.max_len for r in all_runners)
-        self.scheduler = Scheduler(all_runners, method, draft_lengths, self.order, sampler,
-                                   max_batch=max_batch or capacity, confidence_threshold=confidence_threshold)
+        self.scheduler = Scheduler(all_runners, method, draft_lengths, self.order, sampler=sampler,
+                                   confidence_threshold=confidence_threshold, max_batch=max_batch)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
 
@@ -211,9 +202,12 @@ class Engine:
     # ------------------------------------------------------------ request API
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, target: str | None = None) -> int:
-        """Queues a request (validated here) and returns its id; ``step`` decodes it. target: the name
-        of one of the engine's targets (may be left out when there is only one)."""
-        params = params or SamplingParams()
+        """Queues a request and returns its id; ``step`` decodes it. target: the name of one of the
+        engine's targets (may be left out when there is only one). Every check of a request runs here,
+        so that no request the engine cannot serve joins a batch (and fails a tick for the others)."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams or None, got {params!r}")
         if target is None and len(self.targets) == 1:
             (target,) = self.targets
         if target not in self.targets:
@@ -222,16 +216,22 @@ class Engine:
         if not ids:
             raise ValueError("prompt is empty")
         vocab = self.models[0].runner.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
+        if bad := [t for t in ids if not is_int(t) or not 0 <= t < vocab]:
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab}), got {bad[0]!r}")
+        if bad := [t for t in params.stop_token_ids if t >= vocab]:
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {bad}")
         if params.max_new_tokens > self.max_new_tokens(len(ids)):
             raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens={params.max_new_tokens} (+ "
                              f"{self.scheduler.draft_lengths.max_gamma + 1} draft slots) exceeds max_len={self.max_len}")
+        decoded = self.targets[target]
+        if self.scheduler.sampler == "triton" and (why := fused_unsupported(decoded.verify_spec, [params],
+                                                                            len(decoded.runners))):
+            raise ValueError(f"sampler='triton' cannot serve this request: {why}")
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         request_id = self._next_id
         self._next_id += 1
-        seq = decode.Sequence(request_id, self.targets[target], ids, params, seed, frozenset(stop_ids),
+        seq = decode.Sequence(request_id, decoded, ids, params, seed, frozenset(stop_ids),
                               Metrics.zeros(len(self.scheduler.runners)))
         self._requests[request_id] = _Request(seq, params.stop, time.perf_counter())
         self.scheduler.add(seq)
@@ -241,6 +241,8 @@ class Engine:
         """A prompt's token ids, as ``submit`` sees them (text is tokenized without special tokens)."""
         if isinstance(prompt, str):
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not isinstance(prompt, Sequence):
+            raise ValueError(f"prompt must be a str or a sequence of token ids, got {prompt!r}")
         return list(prompt)
 
     def max_new_tokens(self, prompt_len: int) -> int:
@@ -302,8 +304,8 @@ class Engine:
         of up to max_batch; target: one name for all prompts or one per prompt (requests of different
         targets share the batch). ``progress`` shows a bar of finished requests."""
         self._check_idle()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt (or something submit refuses as one)
         params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
@@ -354,6 +356,42 @@ def _safe_prefix(text: str, stops: tuple[str, ...]) -> int:
     return max(safe, 0)
 
 
+def _check_loading(names: list[str], *, runner: str, dtype: torch.dtype | None, device: torch.device | str,
+                   max_batch: int, max_len: int, cuda_graphs: bool | None, batch_invariant: bool) -> None:
+    """The models to load here by name, and how: every check before the first one loads."""
+    if not names:
+        return  # nothing loads: runner, dtype, device and max_len are unused
+    for name in names:
+        if not isinstance(name, str):
+            raise ValueError(f"models must be names / paths (str) or LoadedModels, got {name!r}")
+        check_model(name)
+    check_load_args(runner=runner, dtype=dtype, device=device, max_batch=max_batch, max_len=max_len,
+                    batch_invariant=batch_invariant)
+    if cuda_graphs is True and (runner != "native" or torch.device(device).type != "cuda"):
+        raise ValueError(f"cuda_graphs=True needs native models on a CUDA device, got runner={runner!r} "
+                         f"and device={device!r}")
+
+
+def _checked_entries(n: int, ensemble: EnsembleSpec | None, method: str, targets: Mapping[str, TargetArg] | None,
+                     drafter: bool) -> dict[str, tuple[tuple[int, ...], EnsembleSpec]]:
+    """The engine's targets, checked: name -> (model indices, spec over them)."""
+    if targets is None:
+        if method == "single" and n != 1:
+            raise ValueError(f"method 'single' runs one model, got {n}")
+        if method in ("ensemble_sd", "se") and n < 2 and not drafter:
+            raise ValueError(f"method {method!r} needs at least two models (or a drafter), got {n}")
+        spec = EnsembleSpec.weighted([1.0]) if method == "single" else ensemble  # single: its model alone
+        return {DEFAULT_TARGET: (tuple(range(n)), _checked_spec(spec, n))}
+    if method != "ensemble_sd":
+        raise ValueError(f"targets share one proposer: method 'ensemble_sd', got {method!r}")
+    if ensemble is not None:
+        raise ValueError("with targets, each target names its ensemble: pass ensemble=None")
+    if not isinstance(targets, Mapping) or not targets:
+        raise ValueError(f"targets must be a non-empty mapping name -> (model indices, EnsembleSpec | None), "
+                         f"got {targets!r}")
+    return {name: _checked_target(name, value, n) for name, value in targets.items()}
+
+
 def _checked_spec(spec: EnsembleSpec | None, n: int) -> EnsembleSpec:
     """spec over n models (None: equal weights)."""
     spec = EnsembleSpec.weighted([1.0] * n) if spec is None else spec
@@ -372,7 +410,7 @@ def _checked_target(name: str, value: TargetArg, n: int) -> tuple[tuple[int, ...
     members = tuple(value[0])
     if not members:
         raise ValueError(f"target {name!r} has no models")
-    if any(not isinstance(i, int) or not 0 <= i < n for i in members) or len(set(members)) != len(members):
+    if any(not is_int(i) or not 0 <= i < n for i in members) or len(set(members)) != len(members):
         raise ValueError(f"target {name!r}: model indices must be distinct ints in [0, {n}), got {list(members)}")
     try:
         return members, _checked_spec(value[1], len(members))
@@ -380,14 +418,50 @@ def _checked_target(name: str, value: TargetArg, n: int) -> tuple[tuple[int, ...
         raise ValueError(f"target {name!r}: {e}") from None
 
 
-def _target(name: str, members: tuple[int, ...], spec: EnsembleSpec, order: list[int], method: str) -> Target:
-    """The Target of a checked entry; order: the engine's runner indices, first proposes first."""
-    if method == "ensemble_sd":  # the engine's one proposer drafts for every target
-        proposer = order[0]
-        if members == (proposer,):
+def _checked_order(proposer_order: Sequence[int], n: int) -> list[int]:
+    """proposer_order as a list, checked: a permutation of the n model indices."""
+    if (isinstance(proposer_order, str) or not isinstance(proposer_order, Sequence)
+            or any(not is_int(i) for i in proposer_order) or sorted(proposer_order) != list(range(n))):
+        raise ValueError(f"proposer_order must be a permutation of 0..{n - 1}, got {proposer_order!r}")
+    return list(proposer_order)
+
+
+def _check_targets(entries: Mapping[str, tuple[tuple[int, ...], EnsembleSpec]], method: str, sampler: Backend,
+                   proposer: int | None) -> None:
+    """What the targets ask of the proposer and of the sampler. proposer: the first proposer's runner
+    index, or None while unknown (its own check waits, and the kernels' width counts no outside
+    proposer: call again once it is known)."""
+    for name, (members, spec) in entries.items():
+        if method == "ensemble_sd" and members == (proposer,):  # the engine's one proposer drafts for every target
             raise ValueError(f"{_target_label(name)} is the proposer (model {proposer}) alone: ensemble_sd "
                              "needs another model or a drafter")
-        return Target(members, spec, (proposer, *(k for k in order[1:] if k in members)))
+        outside = method == "ensemble_sd" and proposer is not None and proposer not in members
+        if sampler == "triton" and (why := fused_unsupported(spec, [], len(members) + outside)):
+            raise ValueError(f"sampler='triton' cannot run {_target_label(name)}: {why}")
+
+
+def _checked_gammas(gammas: Sequence[int] | Literal["auto"] | AutoGammas | None, runs: int, method: str,
+                    drafter: bool) -> DraftLengths | Literal["auto"] | None:
+    """The draft lengths of ``runs`` runners that ``gammas`` gives; None (the default) and "auto" (for a
+    speculative method: costs to measure) wait for the loaded models."""
+    if gammas is None:
+        return None
+    if isinstance(gammas, AutoGammas):
+        if len(gammas.costs) != runs:
+            raise ValueError(f"AutoGammas has costs for {len(gammas.costs)} models, the engine runs {runs}")
+        return gammas
+    if gammas == "auto":
+        return "auto" if method in ("ensemble_sd", "se") else FixedGammas([1] * runs)  # the others never draft
+    if isinstance(gammas, str) or not isinstance(gammas, Sequence) or len(gammas) != runs:
+        raise ValueError(f"gammas must be 'auto', an AutoGammas or {runs} draft lengths (one per model"
+                         f"{', then the drafter' if drafter else ''}), got {gammas!r}")
+    return FixedGammas(list(gammas))
+
+
+def _target(members: tuple[int, ...], spec: EnsembleSpec, order: list[int], method: str) -> Target:
+    """The Target of a checked entry; order: the engine's runner indices, first proposes first."""
+    if method == "ensemble_sd":  # the engine's one proposer drafts for every target
+        return Target(members, spec, (order[0], *(k for k in order[1:] if k in members)))
     return Target(members, spec, tuple(k for k in order if k in members))
 
 

@@ -33,6 +33,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from .checks import is_int
 from .runner import Runner
 
 PRIOR = (0.8, 2.0)  # acceptance prior: mean, weight in pseudo-drafts
@@ -74,9 +75,12 @@ def measure_costs(runners: list[Runner], slot: int, max_k: int, context: int = 6
 
 
 class FixedGammas:
-    """gamma_m drafts whenever model m proposes."""
+    """gamma_m drafts whenever model m proposes; each in [1, MAX_GAMMA] (the widths the engine sizes its
+    CUDA graphs and cost measurements for)."""
 
     def __init__(self, gammas: list[int]):
+        if not gammas or any(not is_int(g) or not 1 <= g <= MAX_GAMMA for g in gammas):
+            raise ValueError(f"gammas must be ints in [1, {MAX_GAMMA}], got {gammas!r}")
         self.gammas = gammas
         self.max_gamma = max(gammas)
 
@@ -92,8 +96,8 @@ class AutoGammas:
 
     def __init__(self, costs: list[ForwardCost], max_gamma: int = MAX_GAMMA,
                  prior: tuple[float, float] = PRIOR, decay: float = DECAY):
-        if max_gamma < 1:
-            raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
+        if not is_int(max_gamma) or not 1 <= max_gamma <= MAX_GAMMA:
+            raise ValueError(f"max_gamma must be an int in [1, {MAX_GAMMA}], got {max_gamma!r}")
         if not (0 <= prior[0] <= 1 and prior[1] > 0 and 0 <= decay <= 1):
             raise ValueError(f"prior must be (mean in [0, 1], weight > 0) and decay in [0, 1], got {prior}, {decay}")
         self.costs, self.max_gamma, self.prior, self.decay = costs, max_gamma, prior, decay

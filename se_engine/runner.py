@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from .checks import is_int
 from .errors import VocabularyMismatchError
 from .hf_runner import HFRunner
 from .model import Transformer
@@ -27,6 +28,7 @@ from .quant import quantize as quantize_weights
 from .sources import resolve
 
 
+@runtime_checkable  # isinstance checks every member's presence: the engine's test of a drafter
 class Runner(Protocol):
     max_batch: int
     max_len: int
@@ -54,6 +56,31 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16
 
 
+def check_load_args(*, runner: str, dtype: torch.dtype | None, device: torch.device | str, max_batch: int,
+                    max_len: int, quantize: Scheme | None = None, batch_invariant: bool = True) -> None:
+    """Raises for any ``load_model`` argument but the name that it would refuse, before anything loads."""
+    if not isinstance(batch_invariant, bool):
+        raise ValueError(f"batch_invariant must be a bool, got {batch_invariant!r}")
+    if runner not in ("native", "hf"):
+        raise ValueError(f"runner must be 'native' or 'hf', got {runner!r}")
+    if quantize is not None and quantize not in LAYERS:
+        raise ValueError(f"quantize must be None or one of {sorted(LAYERS)}, got {quantize!r}")
+    if quantize is not None and runner != "native":
+        raise ValueError(f"quantize={quantize!r} needs runner='native', got runner={runner!r}")
+    if not is_int(max_batch) or max_batch < 1:
+        raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    if runner == "hf" and max_batch != 1:
+        raise ValueError(f"runner='hf' serves batch 1 only, got max_batch={max_batch}")
+    if not is_int(max_len) or max_len < 1:
+        raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be None or a torch.dtype, got {dtype!r}")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device or its name ('cpu', 'cuda:1', ...), got {device!r}") from e
+
+
 def load_model(name: str, *, runner: Literal["native", "hf"] = "native", dtype: torch.dtype | None = None,
                device: torch.device | str = "cpu", max_batch: int = 1, max_len: int = 2048,
                quantize: Scheme | None = None, batch_invariant: bool = True) -> LoadedModel:
@@ -64,11 +91,8 @@ def load_model(name: str, *, runner: Literal["native", "hf"] = "native", dtype: 
     dequantize at every forward and the copy is slower than the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if quantize is not None and quantize not in LAYERS:
-        raise ValueError(f"quantize must be None or one of {sorted(LAYERS)}, got {quantize!r}")
-    if quantize is not None and runner != "native":
-        raise ValueError(f"quantize={quantize!r} needs runner='native', got runner={runner!r}")
-
+    check_load_args(runner=runner, dtype=dtype, device=device, max_batch=max_batch, max_len=max_len,
+                    quantize=quantize, batch_invariant=batch_invariant)
     dtype = dtype or default_dtype(device)
     path = resolve(name, dtype)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
@@ -80,12 +104,8 @@ def load_model(name: str, *, runner: Literal["native", "hf"] = "native", dtype: 
         del hf_model
         if quantize is not None:
             model = quantize_weights(model, quantize)
-    elif runner == "hf":
-        if max_batch != 1:
-            raise ValueError(f"runner='hf' serves batch 1 only, got max_batch={max_batch}")
-        model = HFRunner(hf_model, max_len=max_len)
     else:
-        raise ValueError(f"runner must be 'native' or 'hf', got {runner!r}")
+        model = HFRunner(hf_model, max_len=max_len)
     label = name if quantize is None else f"{name} ({quantize})"
     return LoadedModel(name=label, runner=model, tokenizer=tokenizer, num_params=num_params)
 

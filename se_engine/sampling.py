@@ -12,10 +12,14 @@ reduces exactly to "accept iff the draft is the ensemble's argmax, else emit tha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .checks import is_int, is_real
 
 STREAM_ACCEPT = 1
 STREAM_RESIDUAL = 2
@@ -23,16 +27,24 @@ STREAM_ENSEMBLE = 3
 STREAM_DRAFT = 16  # + model index
 
 _M32 = 0xFFFFFFFF
+FP32_TINY = torch.finfo(torch.float32).tiny  # smallest positive normal float32
+FP32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request decoding settings; validated on construction.
+    """Per-request decoding settings; validated on construction (the vocabulary bound of
+    stop_token_ids at ``Engine.submit``). Bools are refused for the numeric fields.
 
-    temperature: 0 = greedy. top_k: 0 = off. top_p: 1.0 = off. seed: None draws one at random.
-    stop_token_ids: generation ends after emitting one (it is kept in the output); so does the
-    engine's ``eos_ids`` (the EOS and the end-of-turn / end-of-text special tokens) unless
-    ignore_eos. stop: strings; the text is cut before the first occurrence.
+    temperature: 0 = greedy, else in [FP32_TINY, FP32_MAX]. top_k: an int >= 0, 0 = off.
+    top_p: in [FP32_TINY, 1], 1.0 = off. Logits are tempered and filtered in float32, where a
+    positive temperature or top_p below the smallest normal (FP32_TINY, ~1.18e-38) is a subnormal
+    or 0 (GPUs flush subnormals to 0): the probabilities turn NaN and the draw silently lands on
+    token 0.
+    seed: an int in [0, 2**63), or None to draw one at random. max_new_tokens: an int >= 1.
+    stop_token_ids: ints >= 0; generation ends after emitting one (it is kept in the output); so does
+    the engine's ``eos_ids`` (the EOS and the end-of-turn / end-of-text special tokens) unless
+    ignore_eos. stop: a string or strings; the text is cut before the first occurrence.
     logprobs: return log r(token) of each emitted token under the ensemble distribution it was
     drawn from (for greedy requests: under the temperature-1, unfiltered ensemble).
     """
@@ -49,22 +61,29 @@ class SamplingParams:
 
     def __post_init__(self):
         t = self.temperature
-        if not isinstance(t, (int, float)) or t != t or t < 0 or t == float("inf"):
-            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_real(t) or not (t == 0 or FP32_TINY <= t <= FP32_MAX):  # NaN fails both
+            raise ValueError(f"temperature must be 0 (greedy) or a number in [{FP32_TINY:.4g}, {FP32_MAX:.4g}] "
+                             f"(float32's normal range), got {t!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         p = self.top_p
-        if not isinstance(p, (int, float)) or not 0 < p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not is_real(p) or not FP32_TINY <= p <= 1:
+            raise ValueError(f"top_p must be a number in [{FP32_TINY:.4g}, 1] (1 = off), got {p!r}")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be None or an int in [0, 2**63), got {self.seed!r}")
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
-        object.__setattr__(self, "stop", stop)
+        ids = self.stop_token_ids
+        if not isinstance(ids, (Sequence, AbstractSet)) or any(not is_int(i) or i < 0 for i in ids):
+            raise ValueError(f"stop_token_ids must be a sequence of ints >= 0, got {ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(ids))
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, Sequence) or any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a sequence of them, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+        for name in ("ignore_eos", "logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:

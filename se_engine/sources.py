@@ -132,9 +132,27 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def check_model(model: str) -> None:
+    """Raises UnknownModelError where ``resolve`` would, without fetching or converting anything."""
+    if model in TINY_MODELS or model in BUILTIN_MODELS:
+        return
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UnknownModelError(f"model {model!r}: no such GGUF file")
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnknownModelError(f"model {model!r}: directory has no config.json")
+    else:
+        known = ", ".join([*BUILTIN_MODELS, *TINY_MODELS])
+        raise UnknownModelError(
+            f"unknown model {model!r}: expected one of [{known}], a .gguf file or a transformers directory")
+
+
 def resolve(model: str, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Returns a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` and
     ``AutoTokenizer.from_pretrained`` can load, fetching or converting it first when needed."""
+    check_model(model)
     if model in TINY_MODELS:
         return _tiny_dir(model)
     if model in BUILTIN_MODELS:
@@ -142,16 +160,8 @@ def resolve(model: str, dtype: torch.dtype = torch.bfloat16) -> Path:
         return _converted_dir(fetch_gguf(model), spec.sha256, dtype, stem=model)
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise UnknownModelError(f"model {model!r}: no such GGUF file")
         return _converted_dir(path, _file_sha256(path), dtype, stem=path.stem)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UnknownModelError(f"model {model!r}: directory has no config.json")
-        return path
-    known = ", ".join([*BUILTIN_MODELS, *TINY_MODELS])
-    raise UnknownModelError(
-        f"unknown model {model!r}: expected one of [{known}], a .gguf file or a transformers directory")
+    return path
 
 
 # ---------------------------------------------------------------- GGUF from PyPI packages

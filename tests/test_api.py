@@ -96,9 +96,9 @@ def test_bad_specs_and_params(make, match):
 def test_bad_engine_inputs(pair):
     with pytest.raises(ValueError, match="defined over 3 models but 2"):
         Engine(pair, EnsembleSpec.weighted([0.2, 0.3, 0.5]), "se")
-    with pytest.raises(ValueError, match="gammas must be .auto. or 2 ints >= 1"):
+    with pytest.raises(ValueError, match=r"gammas must be ints in \[1, 16\], got \[0, 1\]"):
         Engine(pair, None, "se", [0, 1])
-    with pytest.raises(ValueError, match="gammas must be .auto. or 2 ints"):
+    with pytest.raises(ValueError, match="gammas must be 'auto', an AutoGammas or 2 draft lengths"):
         Engine(pair, None, "se", [1])
     with pytest.raises(ValueError, match="method must be one of"):
         Engine(pair, None, "speculative")

@@ -96,7 +96,7 @@ def test_engine_measures_costs_for_auto(tiny):
     assert len(engine.scheduler.draft_lengths.costs) == 2 and engine.scheduler.draft_lengths.costs is not before
     with pytest.raises(ValueError, match="costs matter only"):
         Engine(tiny[:2], None, "se", [2, 1]).refresh_costs()
-    with pytest.raises(ValueError, match="gammas must be 'auto' or 2 ints"):
+    with pytest.raises(ValueError, match="gammas must be 'auto', an AutoGammas or 2 draft lengths"):
         Engine(tiny[:2], None, "se", "fast")
     with pytest.raises(ValueError, match="AutoGammas has costs for 3 models"):
         Engine(tiny[:2], None, "se", AutoGammas([CHEAP, DEAR, DEAR]))

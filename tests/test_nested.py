@@ -214,7 +214,7 @@ def test_bad_input(tiny, small):
     drafter = NestedDrafter(model, [1, 4], [0.5])
     with pytest.raises(ValueError, match="drafter proposes for method 'ensemble_sd'"):
         Engine(tiny[:2], None, "se", drafter=drafter)
-    with pytest.raises(ValueError, match="2 ints >= 1 .one per model, then the drafter"):
+    with pytest.raises(ValueError, match="2 draft lengths .one per model, then the drafter"):
         Engine(tiny[2:], None, "ensemble_sd", [4], drafter=drafter)
     with pytest.raises(VocabularyMismatchError, match="the drafter has 7 output logits"):
         Engine(tiny[2:], None, "ensemble_sd", drafter=NestedDrafter(small[1].runner, [1, 3], [0.5]))

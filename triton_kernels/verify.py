@@ -612,8 +612,8 @@ def fused_unsupported(spec: EnsembleSpec, params: list[SamplingParams], num_mode
         return "custom ensembles run in PyTorch"
     if num_models > MAX_MODELS:
         return f"the fused kernels take at most {MAX_MODELS} models, got {num_models}"
-    if any(p.top_k or p.top_p < 1.0 for p in params):
-        return "top-k / top-p run in PyTorch"
+    if filtered := [p for p in params if p.top_k or p.top_p < 1.0]:
+        return f"top_k / top_p run in PyTorch, got top_k={filtered[0].top_k}, top_p={filtered[0].top_p}"
     return None
 
 

@@ -7,7 +7,8 @@ GET /v1/models, GET /health, GET /metrics (Prometheus text format). Every reques
 queue and is decoded in the running batch (continuous batching). Bad requests get OpenAI's error
 body ``{"error": {"message", "type", "param", "code"}}`` with status 400 (404 for an unknown model);
 fields this server does not implement are refused unless they carry their no-op value, so a request
-never silently means something else. A client that disconnects has its requests aborted.
+never silently means something else. Types are strict: no string, bool or float is coerced to another
+type. A client that disconnects has its requests aborted.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,6 +37,9 @@ from .engine import Engine, GenerationResult
 from .sampling import SamplingParams
 
 MAX_N = 16  # choices per prompt: a bound on how much one request can queue
+# Sampling divides logits by the temperature and cuts at top_p in float32: a positive value below its
+# smallest normal number underflows (every token then scores the same, and token 0 wins).
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
 T = TypeVar("T")
 
 
@@ -42,20 +47,43 @@ T = TypeVar("T")
 
 def _only(*allowed: Any) -> Any:
     """An OpenAI field this server does not implement: accepted at its no-op values (clients send
-    them), refused otherwise."""
+    them), refused otherwise. A bool matches only a bool (Python has False == 0)."""
     def check(value: Any) -> Any:
-        if value not in allowed:
+        if not any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed):
             raise PydanticCustomError("unsupported", "only {allowed} is supported by this server",
                                       {"allowed": " or ".join(json.dumps(a) for a in allowed)})
         return value
     return Annotated[Any, AfterValidator(check)]
 
 
-_Stop = Annotated[str, Field(min_length=1)]
+def _unicode(text: str) -> str:
+    """JSON's \\ud800 escape parses to a lone surrogate, which neither a tokenizer nor UTF-8 takes."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError("unicode", "not valid unicode: a lone surrogate at character {at}",
+                                  {"at": e.start}) from None
+    return text
+
+
+def _not_tiny(value: float) -> float:
+    if 0 < value < FLOAT32_TINY:
+        raise PydanticCustomError("too_small", "{value} underflows in float32: use 0 or at least {tiny}",
+                                  {"value": value, "tiny": FLOAT32_TINY})
+    return value
+
+
+def _false_is_none(value: Any) -> Any:
+    return None if value is False else value
+
+
+_Text = Annotated[str, AfterValidator(_unicode)]
+_Stop = Annotated[str, Field(min_length=1)]  # a constrained str: pydantic itself refuses lone surrogates
+_Scale = Annotated[float, AfterValidator(_not_tiny)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -64,10 +92,10 @@ class StreamOptions(_Strict):
 
 class _SamplingRequest(_Strict):
     """Fields common to both endpoints. top_k and ignore_eos are extensions (as in vLLM)."""
-    model: str | None = None
+    model: _Text | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: _Scale | None = Field(None, ge=0)
+    top_p: _Scale | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="0: off")
     n: int = Field(1, ge=1, le=MAX_N)
     stop: _Stop | list[_Stop] | None = None
@@ -75,16 +103,17 @@ class _SamplingRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    user: str | None = None  # accepted for compatibility, unused
+    user: _Text | None = None  # accepted for compatibility, unused
     frequency_penalty: _only(0, None) = None
     presence_penalty: _only(0, None) = None
     logit_bias: _only(None, {}) = None
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: _Text | list[_Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
-    logprobs: _only(None, 0) = None  # 0: the sampled tokens' logprobs, no alternatives
+    # 0: the sampled tokens' logprobs, no alternatives; false (which clients send): none
+    logprobs: Annotated[_only(None, False, 0), AfterValidator(_false_is_none)] = None
     echo: _only(False, None) = None
     suffix: _only(None, "") = None
     best_of: _only(None, 1) = None
@@ -92,13 +121,13 @@ class CompletionRequest(_SamplingRequest):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: _Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: _Text | list[TextPart]
+    name: _Text | None = None
 
 
 class ChatRequest(_SamplingRequest):
@@ -129,7 +158,8 @@ class APIError(Exception):
 
 
 def _api_error(exc: Exception) -> APIError:
-    """Every error the handlers see, as OpenAI spells it. A ValueError is the engine refusing a request."""
+    """Every error the handlers see, as OpenAI spells it. A ValueError is the engine refusing a request;
+    anything unforeseen is a 500 (uvicorn logs its traceback)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, RequestValidationError):
@@ -138,7 +168,9 @@ def _api_error(exc: Exception) -> APIError:
         return APIError(str(exc.detail), status=exc.status_code)
     if isinstance(exc, EngineDeadError):
         return APIError(str(exc), status=503, type="server_error")
-    return APIError(str(exc))
+    if isinstance(exc, ValueError):
+        return APIError(str(exc))
+    return APIError("internal server error", status=500, type="server_error")
 
 
 async def _error_response(_: Request, exc: Exception) -> JSONResponse:
@@ -152,6 +184,10 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if err["type"] == "json_invalid":
         return APIError(f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}")
     loc = [str(part) for part in err["loc"][1:]]  # drop "body"
+    # Drop the union members a value was tried as ("list[int]", "function-after[...]"): they name no
+    # field. A field the client made up (the last part) is kept as sent.
+    made_up = len(loc) - (err["type"] == "extra_forbidden")
+    loc = [part for i, part in enumerate(loc) if i >= made_up or "[" not in part]
     path = ".".join(loc) or "body"
     message = f"unsupported field {path!r}" if err["type"] == "extra_forbidden" else f"{path}: {err['msg']}"
     return APIError(message, param=loc[0] if loc else None)
@@ -174,7 +210,8 @@ def _completion_choice(index: int, result: GenerationResult, tokenizer: Any) -> 
     if result.logprobs is not None:
         tokens = [tokenizer.decode([t]) for t in result.token_ids]
         offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-        logprobs = {"tokens": tokens, "token_logprobs": result.logprobs, "top_logprobs": None, "text_offset": offsets}
+        logprobs = {"tokens": tokens, "token_logprobs": _finite(result.logprobs), "top_logprobs": None,
+                    "text_offset": offsets}
     return {"index": index, "text": result.text, "logprobs": logprobs, "finish_reason": result.finish_reason}
 
 
@@ -183,7 +220,7 @@ def _chat_choice(index: int, result: GenerationResult, tokenizer: Any) -> dict:
     if result.logprobs is not None:
         tokens = [tokenizer.decode([t]) for t in result.token_ids]
         logprobs = {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                                for t, lp in zip(tokens, result.logprobs)]}
+                                for t, lp in zip(tokens, _finite(result.logprobs))]}
     return {"index": index, "message": {"role": "assistant", "content": result.text}, "logprobs": logprobs,
             "finish_reason": result.finish_reason}
 
@@ -195,8 +232,13 @@ CHAT = _Format("chat.completion", "chat.completion.chunk", "chatcmpl", _chat_cho
                                         "finish_reason": finish})
 
 
+def _finite(logprobs: list[float]) -> list[float | None]:
+    """JSON has no NaN or infinity: a logprob that is not finite (a model's NaN logits) is null."""
+    return [lp if math.isfinite(lp) else None for lp in logprobs]
+
+
 def _sse(obj: dict | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, allow_nan=False)}\n\n"
 
 
 # ---------------------------------------------------------------- the app
@@ -215,7 +257,7 @@ class OpenAIServer:
         app.get("/v1/models")(self.models)
         app.get("/health")(self.health)
         app.get("/metrics")(self.metrics)
-        for exc in (APIError, RequestValidationError, HTTPException, ValueError, EngineDeadError):
+        for exc in (APIError, RequestValidationError, HTTPException, ValueError, EngineDeadError, Exception):
             app.exception_handler(exc)(_error_response)
 
     # ------------------------------------------------------------ endpoints

@@ -188,6 +188,30 @@ def test_logprobs(server):
     chat = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "log"}],
                                                  max_tokens=8, temperature=0.8, seed=1, logprobs=True)
     assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
+    none = server.http.post("/v1/completions", json={"prompt": "log", "max_tokens": 2, "logprobs": False})
+    assert none.json()["choices"][0]["logprobs"] is None  # false (sent by some clients) asks for none
+
+
+def test_no_nan_reaches_json(server, monkeypatch):
+    """Logprobs that are not finite (a model's NaN logits) arrive as null: JSON has no NaN or infinity."""
+    engine = server.engine.engine
+    step = engine.step
+
+    def poisoned() -> list:
+        outputs = step()
+        for out in outputs:
+            if out.result is not None and out.result.logprobs:
+                out.result.logprobs[0], out.result.logprobs[-1] = math.nan, -math.inf
+        return outputs
+
+    monkeypatch.setattr(engine, "step", poisoned)  # the engine thread looks it up every tick
+    kw = dict(max_tokens=3, temperature=0, ignore_eos=True)
+    r = server.http.post("/v1/completions", json={"prompt": "nan", "logprobs": 0, **kw})
+    assert json.loads(r.text, parse_constant=pytest.fail)["choices"][0]["logprobs"]["token_logprobs"][::2] == [None] * 2
+    r = server.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "nan"}],
+                                                       "logprobs": True, **kw})
+    content = json.loads(r.text, parse_constant=pytest.fail)["choices"][0]["logprobs"]["content"]
+    assert [c["logprob"] for c in content][::2] == [None] * 2
 
 
 def test_models_health_metrics(server):
@@ -222,7 +246,34 @@ BAD = {
     "unknown field": ("/v1/completions", {"prompt": "a", "mystery": 1}, 400, "mystery", "unsupported field"),
     "unsupported value": ("/v1/completions", {"prompt": "a", "frequency_penalty": 0.5}, 400, "frequency_penalty",
                           "only 0 or null"),
-    "top logprobs": ("/v1/completions", {"prompt": "a", "logprobs": 2}, 400, "logprobs", "only null or 0"),
+    "top logprobs": ("/v1/completions", {"prompt": "a", "logprobs": 2}, 400, "logprobs", "only null or false or 0"),
+    "logprobs true": ("/v1/completions", {"prompt": "a", "logprobs": True}, 400, "logprobs", "only null or false"),
+    "echo 0 (not a bool)": ("/v1/completions", {"prompt": "a", "echo": 0}, 400, "echo", "only false or null"),
+    "max_tokens as a string": ("/v1/completions", {"prompt": "a", "max_tokens": "5"}, 400, "max_tokens",
+                               "valid integer"),
+    "max_tokens as a bool": ("/v1/completions", {"prompt": "a", "max_tokens": True}, 400, "max_tokens",
+                             "valid integer"),
+    "n as a float": ("/v1/completions", {"prompt": "a", "n": 2.0}, 400, "n", "valid integer"),
+    "token id as a bool": ("/v1/completions", {"prompt": [True]}, 400, "prompt", "valid"),
+    "stream as a string": ("/v1/completions", {"prompt": "a", "stream": "yes"}, 400, "stream", "valid boolean"),
+    "include_usage as a number": ("/v1/completions", {"prompt": "a", "stream": True,
+                                                      "stream_options": {"include_usage": 1}}, 400, "stream_options",
+                                  "valid boolean"),
+    "chat logprobs as a string": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                                           "logprobs": "true"}, 400, "logprobs", "valid boolean"),
+    "temperature NaN": ("/v1/completions", b'{"prompt": "a", "temperature": NaN}', 400, "temperature", "finite"),
+    "top_p infinite": ("/v1/completions", b'{"prompt": "a", "top_p": Infinity}', 400, "top_p", "finite"),
+    "temperature underflows": ("/v1/completions", {"prompt": "a", "temperature": 1e-39}, 400, "temperature",
+                               "underflows in float32"),
+    "top_p underflows": ("/v1/completions", {"prompt": "a", "top_p": 1e-45}, 400, "top_p", "underflows in float32"),
+    "lone surrogate in a prompt": ("/v1/completions", {"prompt": "a\ud800"}, 400, "prompt", "unicode"),
+    "lone surrogate in a prompt list": ("/v1/completions", {"prompt": ["ok", "\udfff"]}, 400, "prompt",
+                                        "unicode"),
+    "lone surrogate in a stop string": ("/v1/completions", {"prompt": "a", "stop": "\ud800"}, 400, "stop",
+                                        "unicode"),
+    "lone surrogate in a message": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]},
+                                    400, "messages", "unicode"),
+    "lone surrogate in a field name": ("/v1/completions", {"prompt": "a", "\ud800": 1}, 400, None, "unicode"),
     "stream with logprobs": ("/v1/completions", {"prompt": "a", "logprobs": 0, "stream": True}, 400, "logprobs",
                              "non-streaming"),
     "empty stop string": ("/v1/completions", {"prompt": "a", "stop": [""]}, 400, "stop", "at least 1 character"),
@@ -248,6 +299,14 @@ def test_bad_requests_get_openai_errors(server, case):
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and message in error["message"], error
+    assert_serving(server)
+
+
+def test_unforeseen_errors_are_json_500s(server, monkeypatch):
+    monkeypatch.setattr(server.engine.engine, "models", [None])  # /v1/models reads their names: AttributeError
+    r = server.http.get("/v1/models")
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    monkeypatch.undo()
     assert_serving(server)
 
 

@@ -5,10 +5,12 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (streaming by server-sent events),
 GET /v1/models, GET /health, GET /metrics (Prometheus text format). Every request joins the engine's
 queue and is decoded in the running batch (continuous batching). Bad requests get OpenAI's error
-body ``{"error": {"message", "type", "param", "code"}}`` with status 400 (404 for an unknown model);
+body ``{"error": {"message", "type", "param", "code"}}`` with status 400 (404 for an unknown model,
+413 for a body beyond the limit, 429 with Retry-After while the queue is full);
 fields this server does not implement are refused unless they carry their no-op value, so a request
 never silently means something else. Types are strict: no string, bool or float is coerced to another
-type. A client that disconnects has its requests aborted.
+type. A client that disconnects has its requests aborted. Tokenizing and detokenizing run in worker
+threads, so a long prompt holds up no other request.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any, Literal, TypeVar
 
 import torch
@@ -30,13 +33,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .async_engine import AsyncEngine, EngineDeadError
 from .engine import Engine, GenerationResult
 from .sampling import SamplingParams
 
-MAX_N = 16  # choices per prompt: a bound on how much one request can queue
+MAX_N = 16  # choices per prompt
+# Defaults of the limits (OpenAIServer's arguments, serve's options).
+MAX_BODY_BYTES = 4 * 2**20  # e.g. 256 prompts of 2048 token ids
+MAX_REQUEST_SEQUENCES = 256  # prompts x n of one request
+MAX_QUEUED_SEQUENCES = 1024  # over all requests, running or waiting
+RETRY_AFTER_S = 1  # a full queue's hint: decoding frees places quickly
 # Sampling divides logits by the temperature and cuts at top_p in float32: a positive value below its
 # smallest normal number underflows (every token then scores the same, and token 0 wins).
 FLOAT32_TINY = torch.finfo(torch.float32).tiny
@@ -146,15 +156,15 @@ class APIError(Exception):
     """An OpenAI-style error response."""
 
     def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.param, self.code, self.type = status, param, code, type
+        self.status, self.param, self.code, self.type, self.headers = status, param, code, type, headers
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def _api_error(exc: Exception) -> APIError:
@@ -241,17 +251,71 @@ def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, allow_nan=False)}\n\n"
 
 
+class _EventStream(StreamingResponse):
+    """Server-sent events that call ``on_close`` however the response ends: sent, failed or abandoned
+    (the event generator itself may never start, for a client gone before the status line)."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
 # ---------------------------------------------------------------- the app
 
-class OpenAIServer:
-    """The request handlers over one AsyncEngine; ``app`` is the ASGI application."""
+class _Gate:
+    """ASGI middleware that every HTTP request passes before its handler: the body size limit (413,
+    refused on its Content-Length before a byte is read, or once the bytes read pass the limit)."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str | None = None):
+    def __init__(self, app: ASGIApp, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length", "")
+        declared, size = int(length) if length.isdigit() else 0, 0
+
+        async def receive_limited() -> Message:
+            nonlocal size
+            if declared <= self.max_body_bytes:
+                message = await receive()
+                size += len(message.get("body", b""))
+            if max(declared, size) > self.max_body_bytes:  # raised in the handler's body read: its handler answers
+                raise HTTPException(413, f"the request body exceeds this server's limit of {self.max_body_bytes} bytes")
+            return message
+
+        await self.app(scope, receive_limited, send)
+
+
+class OpenAIServer:
+    """The request handlers over one AsyncEngine; ``app`` is the ASGI application.
+
+    max_body_bytes: larger request bodies get a 413. max_request_sequences: a request asking for
+    more sequences (prompts x n) gets a 400. max_queued_sequences: the sequences of all accepted
+    requests, running or waiting; a request that would pass it gets a 429 with Retry-After.
+    """
+
+    def __init__(self, engine: AsyncEngine, model_name: str | None = None, *, max_body_bytes: int = MAX_BODY_BYTES,
+                 max_request_sequences: int = MAX_REQUEST_SEQUENCES, max_queued_sequences: int = MAX_QUEUED_SEQUENCES):
+        limits = {"max_body_bytes": max_body_bytes, "max_request_sequences": max_request_sequences,
+                  "max_queued_sequences": max_queued_sequences}
+        for name, value in limits.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.async_engine = engine
         self.engine = engine.engine  # read here only for what never changes: tokenizer, context, vocabulary
         self.model_name = model_name or "+".join(m.name for m in self.engine.models)
         self.created = int(time.time())
+        self.max_request_sequences, self.max_queued_sequences = max_request_sequences, max_queued_sequences
+        self.queued_sequences = 0  # of the requests accepted and not yet answered; the event loop's alone
         app = self.app = FastAPI(title="se_engine", description="OpenAI-compatible speculative ensemble server")
+        app.add_middleware(_Gate, max_body_bytes=max_body_bytes)
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
         app.get("/v1/models")(self.models)
@@ -266,8 +330,8 @@ class OpenAIServer:
         prompts = [body.prompt] if isinstance(body.prompt, str) or _is_ids(body.prompt) else body.prompt
         if not prompts:
             raise APIError("prompt: must not be empty", param="prompt")
-        ids = [self.engine.encode(p) for p in prompts]
-        return await self._serve(request, body, ids, body.max_tokens, body.logprobs is not None, COMPLETION)
+        return await self._serve(request, body, len(prompts), lambda: [self.engine.encode(p) for p in prompts],
+                                 body.max_tokens, body.logprobs is not None, COMPLETION)
 
     async def chat_completions(self, body: ChatRequest, request: Request) -> Response:
         tokenizer = self.engine.tokenizer
@@ -277,12 +341,15 @@ class OpenAIServer:
         messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
                      "\n".join(part.text for part in m.content), **({"name": m.name} if m.name else {})}
                     for m in body.messages]
+        max_tokens = body.max_completion_tokens or body.max_tokens  # None: up to the context's end
+        return await self._serve(request, body, 1, lambda: [self._chat_ids(messages)], max_tokens, body.logprobs, CHAT)
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except TemplateError as e:  # e.g. a template that insists on alternating roles
             raise APIError(f"messages: the chat template refused them: {e}", param="messages") from e
-        max_tokens = body.max_completion_tokens or body.max_tokens  # None: up to the context's end
-        return await self._serve(request, body, [self.engine.encode(text)], max_tokens, body.logprobs, CHAT)
+        return self.engine.encode(text)
 
     async def models(self) -> dict:
         e = self.engine
@@ -301,8 +368,11 @@ class OpenAIServer:
 
     # ------------------------------------------------------------ serving one request
 
-    async def _serve(self, request: Request, body: _SamplingRequest, prompts: list[list[int]],
-                     max_tokens: int | None, logprobs: bool, fmt: _Format) -> Response:
+    async def _serve(self, request: Request, body: _SamplingRequest, num_prompts: int,
+                     encode: Callable[[], list[list[int]]], max_tokens: int | None, logprobs: bool,
+                     fmt: _Format) -> Response:
+        """Checks a request, holds queue places for its sequences (num_prompts x n), and answers it.
+        encode: the prompts' token ids (it runs in a worker thread)."""
         if body.model is not None and body.model != self.model_name:
             raise APIError(f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
                            status=404, param="model", code="model_not_found")
@@ -310,27 +380,46 @@ class OpenAIServer:
             raise APIError("stream_options: only allowed with stream=true", param="stream_options")
         if logprobs and body.stream:
             raise APIError("logprobs are only returned by non-streaming requests", param="logprobs")
-        requests = []
-        for ids in prompts:
-            params = self._params(body, ids, max_tokens, logprobs, fmt)
-            requests += [(ids, p) for p in params]
-        outputs = self.async_engine.generate_batch(requests)
-        prompt_tokens = sum(len(ids) for ids in prompts)
-        response_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self._stream(outputs, len(requests), response_id, fmt,
-                                                  prompt_tokens if include_usage else None),
-                                     media_type="text/event-stream")
-        results = await _unless_disconnected(request, _collect(outputs, len(requests)))
-        if results is None:
-            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
-        tokenizer = self.engine.tokenizer
-        completion_tokens = sum(len(r.token_ids) for r in results)
-        return JSONResponse({
-            "id": response_id, "object": fmt.object, "created": int(time.time()), "model": self.model_name,
-            "choices": [fmt.choice(i, r, tokenizer) for i, r in enumerate(results)],
-            "usage": _usage(prompt_tokens, completion_tokens)})
+        count = num_prompts * body.n
+        if count > self.max_request_sequences:
+            raise APIError(f"this request asks for {count} sequences ({num_prompts} prompts x n={body.n}); this "
+                           f"server takes at most {self.max_request_sequences} per request",
+                           param="n" if num_prompts == 1 else "prompt")
+        if self.queued_sequences + count > self.max_queued_sequences:
+            raise APIError(f"the server is busy: {self.queued_sequences} sequences are queued and it holds at most "
+                           f"{self.max_queued_sequences}; retry later", status=429, type="server_busy",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.queued_sequences += count  # held until the response ends, however it ends
+        streaming = False
+        try:
+            prompts = await asyncio.to_thread(encode)
+            requests = []
+            for ids in prompts:
+                params = self._params(body, ids, max_tokens, logprobs, fmt)
+                requests += [(ids, p) for p in params]
+            outputs = self.async_engine.generate_batch(requests)
+            prompt_tokens = sum(len(ids) for ids in prompts)
+            response_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
+            if body.stream:
+                include_usage = body.stream_options is not None and body.stream_options.include_usage
+                streaming = True  # the stream lets go of the places when it ends
+                return _EventStream(self._stream(outputs, count, response_id, fmt,
+                                                 prompt_tokens if include_usage else None),
+                                    on_close=partial(self._release, count))
+            results = await _unless_disconnected(request, _collect(outputs, count))
+            if results is None:
+                return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+            tokenizer = self.engine.tokenizer
+            choices = await asyncio.to_thread(lambda: [fmt.choice(i, r, tokenizer) for i, r in enumerate(results)])
+            return JSONResponse({
+                "id": response_id, "object": fmt.object, "created": int(time.time()), "model": self.model_name,
+                "choices": choices, "usage": _usage(prompt_tokens, sum(len(r.token_ids) for r in results))})
+        finally:
+            if not streaming:
+                self._release(count)
+
+    def _release(self, count: int) -> None:
+        self.queued_sequences -= count
 
     def _params(self, body: _SamplingRequest, ids: list[int], max_tokens: int | None, logprobs: bool,
                 fmt: _Format) -> list[SamplingParams]:
@@ -339,9 +428,6 @@ class OpenAIServer:
         prompt_param = "messages" if fmt is CHAT else "prompt"
         if not ids:
             raise APIError(f"{prompt_param}: must not be empty", param=prompt_param)
-        vocab = engine.models[0].runner.vocab_size
-        if not all(0 <= t < vocab for t in ids):
-            raise APIError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
         room = engine.max_new_tokens(len(ids))
         if room < 1:
             raise APIError(f"the prompt has {len(ids)} tokens; this model's context of {engine.max_len} tokens takes "
@@ -351,6 +437,9 @@ class OpenAIServer:
             raise APIError(f"max_tokens={max_tokens} is too large: this model's context is {engine.max_len} tokens and "
                            f"the prompt has {len(ids)}, so at most {room} new tokens fit", param="max_tokens",
                            code="context_length_exceeded")
+        vocab = engine.models[0].runner.vocab_size
+        if not all(0 <= t < vocab for t in ids):  # after the length check: it bounds this scan
+            raise APIError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
         try:
             return [SamplingParams(
                 temperature=1.0 if body.temperature is None else body.temperature,
@@ -466,10 +555,10 @@ def _escape(value: str) -> str:
 # ---------------------------------------------------------------- entry point
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          log_level: str = "info") -> None:
-    """Serves ``engine`` until interrupted (``se-engine serve``)."""
+          log_level: str = "info", **limits: int) -> None:
+    """Serves ``engine`` until interrupted (``se-engine serve``); limits: OpenAIServer's."""
     async_engine = AsyncEngine(engine)
     try:
-        uvicorn.run(OpenAIServer(async_engine, model_name).app, host=host, port=port, log_level=log_level)
+        uvicorn.run(OpenAIServer(async_engine, model_name, **limits).app, host=host, port=port, log_level=log_level)
     finally:
         async_engine.close()

@@ -26,11 +26,14 @@ from se_engine.async_engine import AsyncEngine, EngineDeadError  # noqa: E402
 from se_engine.engine import Engine  # noqa: E402
 from se_engine.ensemble import EnsembleSpec  # noqa: E402
 from se_engine.sampling import SamplingParams  # noqa: E402
+from se_engine import server as server_module  # noqa: E402
+from se_engine.cli import main as cli_main  # noqa: E402
 from se_engine.server import OpenAIServer  # noqa: E402
 
 NAMES = ["tiny-random-llama", "tiny-random-qwen2"]
 MAX_LEN = 512
 MODEL = "tiny-se"
+LIMITS = dict(max_body_bytes=2**20, max_request_sequences=32, max_queued_sequences=48)  # the test server's
 
 
 def tiny_engine() -> Engine:
@@ -51,15 +54,16 @@ def one_thread():
 def server():
     """uvicorn in a background thread on a free loopback port, serving its own engine."""
     engine = AsyncEngine(tiny_engine())
+    api = OpenAIServer(engine, MODEL, **LIMITS)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(OpenAIServer(engine, MODEL).app, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(api.app, log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not srv.started:
         time.sleep(0.01)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    yield SimpleNamespace(url=url, engine=engine, http=httpx.Client(base_url=url, timeout=30),
+    yield SimpleNamespace(url=url, engine=engine, api=api, http=httpx.Client(base_url=url, timeout=30),
                           client=openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30))
     srv.should_exit = True
     thread.join()
@@ -77,10 +81,11 @@ def greedy(reference: Engine, prompt: str, max_tokens: int, **kw) -> str:
 
 
 def wait_idle(server) -> None:
-    """Every request has left the engine: no live stream, no sequence waiting or holding a slot."""
+    """Every request has left the engine and the server: no live stream, no sequence waiting or holding
+    a slot or a place in the server's queue."""
     sched = server.engine.engine.scheduler
     deadline = time.monotonic() + 10
-    while server.engine.num_unfinished or sched.running or sched.waiting:
+    while server.engine.num_unfinished or sched.running or sched.waiting or server.api.queued_sequences:
         assert time.monotonic() < deadline, "requests still in the engine"
         time.sleep(0.01)
     assert len(sched.free) == sched.max_batch
@@ -287,6 +292,10 @@ BAD = {
     "chat beyond the context": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 600}]},
                                 400, "messages", "context"),
     "unknown route": ("/v1/embeddings", {"input": "a"}, 404, None, "Not Found"),
+    "more sequences than a request may ask for": ("/v1/completions", {"prompt": ["a", "b", "c"], "n": 11}, 400,
+                                                  "prompt", "33 sequences (3 prompts x n=11); this server takes "
+                                                  "at most 32 per request"),
+    "body beyond the limit": ("/v1/completions", {"prompt": "x" * 2**20}, 413, None, "limit of 1048576 bytes"),
 }
 
 
@@ -307,6 +316,52 @@ def test_unforeseen_errors_are_json_500s(server, monkeypatch):
     r = server.http.get("/v1/models")
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     monkeypatch.undo()
+    assert_serving(server)
+
+
+def test_a_chunked_body_beyond_the_limit_is_refused(server):
+    """Without a Content-Length the body is counted as it arrives."""
+    chunks = iter([b'{"prompt": "', b"x" * LIMITS["max_body_bytes"], b'"}'])
+    r = server.http.post("/v1/completions", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit of 1048576 bytes" in r.json()["error"]["message"]
+    assert_serving(server)
+
+
+def test_a_full_queue_answers_429(server):
+    """Sequences held by requests in flight count against the queue; past it a request gets a 429
+    with Retry-After, and the places come back when the requests end."""
+    body = {"prompt": ["hold", "on"], "n": 16, "max_tokens": 500, "ignore_eos": True, "stream": True}  # 32 of 48
+    with server.http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200 and server.api.queued_sequences == 32
+        with pytest.raises(openai.RateLimitError) as e:
+            server.client.completions.create(model=MODEL, prompt=["a", "b"], n=9, max_tokens=1)  # 32 + 18 > 48
+        assert e.value.response.headers["retry-after"] == "1" and e.value.code == "queue_full"
+    wait_idle(server)
+    out = server.client.completions.create(model=MODEL, prompt=["a", "b"], n=16, max_tokens=1)  # the places are back
+    assert len(out.choices) == 32
+    assert_serving(server)
+
+
+def test_health_answers_while_a_huge_prompt_is_tokenized(server):
+    """Tokenizing runs in a worker thread: /health answers at once while the largest body the
+    server takes is tokenized (a prompt too long for the context: a 400 afterwards)."""
+    prompt = "word " * ((LIMITS["max_body_bytes"] - 20) // 5)
+    result = {}
+
+    def post() -> None:
+        result["response"] = server.http.post("/v1/completions", json={"prompt": prompt})
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    waits = []
+    while thread.is_alive():
+        start = time.monotonic()
+        assert server.http.get("/health").status_code == 200
+        waits.append(time.monotonic() - start)
+        time.sleep(0.02)
+    thread.join()
+    assert result["response"].json()["error"]["code"] == "context_length_exceeded", result["response"].text[:300]
+    assert len(waits) > 3 and max(waits) < 0.5, waits
     assert_serving(server)
 
 
@@ -388,6 +443,14 @@ def test_serve_command():
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def test_serve_help_states_the_servers_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("MAX_BODY_BYTES", "MAX_REQUEST_SEQUENCES", "MAX_QUEUED_SEQUENCES"):
+        assert f"(default: {getattr(server_module, name)}" in text, name
 
 
 # ---------------------------------------------------------------- the in-process API

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -82,7 +83,8 @@ def cmd_serve(args) -> None:
                     confidence_threshold=args.confidence_threshold, max_batch=args.max_batch,
                     max_len=args.max_len, dtype=dtype, device=args.device)
     limits = {name: getattr(args, name) for name in SERVE_LIMITS if getattr(args, name) is not None}
-    serve(engine, args.host, args.port, args.served_model_name, args.log_level, **limits)
+    serve(engine, args.host, args.port, args.served_model_name, args.log_level, api_key=args.api_key, docs=args.docs,
+          **limits)
 
 
 def cmd_demo(args) -> None:
@@ -149,6 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--max-queued-sequences", type=int,
                    help="sequences of all accepted requests, running or waiting; a request beyond gets a 429 "
                         "with Retry-After (default: 1024)")
+    s.add_argument("--api-key", default=os.environ.get("SE_ENGINE_API_KEY") or None,
+                   help="clients must send 'Authorization: Bearer KEY' (/health stays open); default: the "
+                        "environment variable SE_ENGINE_API_KEY (which, unlike an argument, other users' ps "
+                        "does not show), else no key")
+    s.add_argument("--docs", action="store_true", help="serve FastAPI's /docs, /redoc and /openapi.json")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="real Qwen2.5-Coder 0.5B + 1.5B: SE vs the standard ensemble")

@@ -6,7 +6,8 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions (streaming by server-
 GET /v1/models, GET /health, GET /metrics (Prometheus text format). Every request joins the engine's
 queue and is decoded in the running batch (continuous batching). Bad requests get OpenAI's error
 body ``{"error": {"message", "type", "param", "code"}}`` with status 400 (404 for an unknown model,
-413 for a body beyond the limit, 429 with Retry-After while the queue is full);
+401 without the API key where one is set, 413 for a body beyond the limit, 429 with Retry-After
+while the queue is full);
 fields this server does not implement are refused unless they carry their no-op value, so a request
 never silently means something else. Types are strict: no string, bool or float is coerced to another
 type. A client that disconnects has its requests aborted. Tokenizing and detokenizing run in worker
@@ -16,6 +17,7 @@ threads, so a long prompt holds up no other request.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import math
 import time
@@ -269,16 +271,28 @@ class _EventStream(StreamingResponse):
 # ---------------------------------------------------------------- the app
 
 class _Gate:
-    """ASGI middleware that every HTTP request passes before its handler: the body size limit (413,
-    refused on its Content-Length before a byte is read, or once the bytes read pass the limit)."""
+    """ASGI middleware that every HTTP request passes before its handler: the API key where one is
+    set (a 401 before the body is read; /health stays open, for load balancers), then the body size
+    limit (413, refused on its Content-Length before a byte is read, or once the bytes read pass it)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None):
         self.app, self.max_body_bytes = app, max_body_bytes
+        self.api_key = None if api_key is None else api_key.encode()
+
+    def _authorized(self, headers: Headers) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken tells nothing about how much of the key matched
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.encode("latin-1"), self.api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = Headers(scope=scope).get("content-length", "")
+        headers = Headers(scope=scope)
+        if self.api_key is not None and scope["path"] != "/health" and not self._authorized(headers):
+            error = APIError("a valid API key is needed: send the header 'Authorization: Bearer <key>'", status=401,
+                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            return await error.response()(scope, receive, send)
+        length = headers.get("content-length", "")
         declared, size = int(length) if length.isdigit() else 0, 0
 
         async def receive_limited() -> Message:
@@ -299,23 +313,30 @@ class OpenAIServer:
     max_body_bytes: larger request bodies get a 413. max_request_sequences: a request asking for
     more sequences (prompts x n) gets a 400. max_queued_sequences: the sequences of all accepted
     requests, running or waiting; a request that would pass it gets a 429 with Retry-After.
+    api_key: every request but /health must send ``Authorization: Bearer <api_key>`` (else a 401).
+    docs: serve FastAPI's /docs, /redoc and /openapi.json (behind the key too).
     """
 
     def __init__(self, engine: AsyncEngine, model_name: str | None = None, *, max_body_bytes: int = MAX_BODY_BYTES,
-                 max_request_sequences: int = MAX_REQUEST_SEQUENCES, max_queued_sequences: int = MAX_QUEUED_SEQUENCES):
+                 max_request_sequences: int = MAX_REQUEST_SEQUENCES, max_queued_sequences: int = MAX_QUEUED_SEQUENCES,
+                 api_key: str | None = None, docs: bool = False):
         limits = {"max_body_bytes": max_body_bytes, "max_request_sequences": max_request_sequences,
                   "max_queued_sequences": max_queued_sequences}
         for name, value in limits.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+            raise ValueError("api_key must be a non-empty string (None: no key)")
         self.async_engine = engine
         self.engine = engine.engine  # read here only for what never changes: tokenizer, context, vocabulary
         self.model_name = model_name or "+".join(m.name for m in self.engine.models)
         self.created = int(time.time())
         self.max_request_sequences, self.max_queued_sequences = max_request_sequences, max_queued_sequences
         self.queued_sequences = 0  # of the requests accepted and not yet answered; the event loop's alone
-        app = self.app = FastAPI(title="se_engine", description="OpenAI-compatible speculative ensemble server")
-        app.add_middleware(_Gate, max_body_bytes=max_body_bytes)
+        app = self.app = FastAPI(title="se_engine", description="OpenAI-compatible speculative ensemble server",
+                                 docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                                 openapi_url="/openapi.json" if docs else None)
+        app.add_middleware(_Gate, max_body_bytes=max_body_bytes, api_key=api_key)
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
         app.get("/v1/models")(self.models)
@@ -555,10 +576,10 @@ def _escape(value: str) -> str:
 # ---------------------------------------------------------------- entry point
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          log_level: str = "info", **limits: int) -> None:
-    """Serves ``engine`` until interrupted (``se-engine serve``); limits: OpenAIServer's."""
+          log_level: str = "info", **options: Any) -> None:
+    """Serves ``engine`` until interrupted (``se-engine serve``); options: OpenAIServer's."""
     async_engine = AsyncEngine(engine)
     try:
-        uvicorn.run(OpenAIServer(async_engine, model_name, **limits).app, host=host, port=port, log_level=log_level)
+        uvicorn.run(OpenAIServer(async_engine, model_name, **options).app, host=host, port=port, log_level=log_level)
     finally:
         async_engine.close()

@@ -2,6 +2,7 @@
 (and by raw HTTP for malformed input), checked against ``Engine.generate`` and the engine's state."""
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -34,6 +36,7 @@ NAMES = ["tiny-random-llama", "tiny-random-qwen2"]
 MAX_LEN = 512
 MODEL = "tiny-se"
 LIMITS = dict(max_body_bytes=2**20, max_request_sequences=32, max_queued_sequences=48)  # the test server's
+KEY = "sk-test-0123456789"
 
 
 def tiny_engine() -> Engine:
@@ -50,24 +53,39 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def server():
-    """uvicorn in a background thread on a free loopback port, serving its own engine."""
-    engine = AsyncEngine(tiny_engine())
-    api = OpenAIServer(engine, MODEL, **LIMITS)
+@contextlib.contextmanager
+def running(app) -> Iterator[str]:
+    """uvicorn in a background thread on a free loopback port; yields its URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(api.app, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not srv.started:
         time.sleep(0.01)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    yield SimpleNamespace(url=url, engine=engine, api=api, http=httpx.Client(base_url=url, timeout=30),
-                          client=openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30))
-    srv.should_exit = True
-    thread.join()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join()
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The server under test, on its own engine."""
+    engine = AsyncEngine(tiny_engine())
+    api = OpenAIServer(engine, MODEL, **LIMITS)
+    with running(api.app) as url:
+        yield SimpleNamespace(url=url, engine=engine, api=api, http=httpx.Client(base_url=url, timeout=30),
+                              client=openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30))
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def keyed(server) -> str:
+    """A second server over the same engine, with an API key and the docs on; its URL."""
+    with running(OpenAIServer(server.engine, MODEL, api_key=KEY, docs=True).app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -365,6 +383,35 @@ def test_health_answers_while_a_huge_prompt_is_tokenized(server):
     assert_serving(server)
 
 
+def test_docs_are_off_unless_asked_for(server):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert server.http.get(path).status_code == 404, path
+
+
+def test_api_key(keyed):
+    http = httpx.Client(base_url=keyed, timeout=30)
+    body = {"prompt": "a", "max_tokens": 2}
+    for auth in (None, "Bearer wrong", f"Bearer {KEY}x", KEY, f"Basic {KEY}", "Bearer"):
+        r = http.post("/v1/completions", json=body, headers={"Authorization": auth} if auth else {})
+        assert r.status_code == 401, auth
+        assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+    for path in ("/v1/models", "/metrics", "/openapi.json", "/docs", "/v1/unknown"):
+        assert http.get(path).status_code == 401, path
+    assert http.get("/health").status_code == 200  # open: for load balancers
+    right = {"Authorization": f"Bearer {KEY}"}
+    assert http.post("/v1/completions", json=body, headers=right).json()["usage"]["completion_tokens"] <= 2
+    assert http.get("/openapi.json", headers=right).status_code == 200  # docs asked for
+    assert http.post("/v1/completions", content=b"x" * 2**23, headers=right).status_code == 413  # limits still apply
+
+    def client(key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=keyed + "/v1", api_key=key, max_retries=0, timeout=30)
+
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        client("wrong").completions.create(model=MODEL, prompt="a", max_tokens=2)
+    out = client(KEY).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a"}], max_tokens=2)
+    assert out.usage.completion_tokens <= 2
+
+
 def test_client_library_sees_errors(server):
     with pytest.raises(openai.BadRequestError, match="context"):
         server.client.completions.create(model=MODEL, prompt="a", max_tokens=10**6)
@@ -417,15 +464,16 @@ def test_non_streaming_disconnect_aborts_the_request(server):
 # ---------------------------------------------------------------- the command line
 
 def test_serve_command():
-    """``se-engine serve`` answers once /health does, and exits cleanly on Ctrl-C."""
+    """``se-engine serve`` answers once /health does (its key from SE_ENGINE_API_KEY), and exits cleanly
+    on Ctrl-C."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "se_engine.cli", "serve", "--models", *NAMES, "--gammas", "3", "1",
            "--dtype", "float32", "--max-batch", "2", "--max-len", "128", "--port", str(port),
            "--served-model-name", "cli"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "SE_ENGINE_API_KEY": KEY},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -437,7 +485,8 @@ def test_serve_command():
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "the server did not come up"
                 time.sleep(0.2)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         out = client.chat.completions.create(model="cli", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert out.usage.completion_tokens <= 4
     finally:

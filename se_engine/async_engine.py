@@ -12,7 +12,8 @@ engine computes and new requests join the running batch at the next tick (contin
     engine.close()
 
 Closing the generator early aborts the request and frees its cache slot: ``aclose()``, an exception
-or a cancellation inside the ``async for``, or (after a ``break``) Python collecting it.
+or a cancellation inside the ``async for``, or (after a ``break``) Python collecting it. A tick that
+raises fails the requests it was decoding (``EngineStepError``) and no others; the thread serves on.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ _Requests = Sequence[tuple[Prompt, SamplingParams]]
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread has stopped (closed, or a tick raised): no request can be served."""
+    """The engine thread has stopped (closed, or failed outside a tick): no request can be served."""
+
+
+class EngineStepError(RuntimeError):
+    """A tick raised while decoding this request: it was aborted (its batch with it); the engine serves on."""
 
 
 @dataclass
@@ -44,6 +49,7 @@ class ServingStats:
     generated_tokens: int = 0
     finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0})
     aborted: int = 0
+    failed: int = 0  # ended by a tick that raised
     latency_s: float = 0.0  # summed over finished requests, submission to last token
     busy_s: float = 0.0     # wall time inside Engine.step
     drafts_tested: list[int] = field(default_factory=list)    # per model, over finished requests
@@ -93,7 +99,8 @@ class AsyncEngine:
     async def generate_batch(self, requests: _Requests) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Submits requests together and yields (index into requests, output) as the engine commits
         tokens, until every one has finished. All or none: if the engine rejects one (ValueError),
-        none runs. Leaving early aborts the unfinished ones. EngineDeadError if the engine stops."""
+        none runs. Leaving early aborts the unfinished ones. EngineDeadError if the engine stops;
+        EngineStepError if a tick fails while decoding one of them (the others are aborted too)."""
         batch = _Batch(asyncio.get_running_loop(), asyncio.Queue())
         if not self._post((batch, requests)):
             raise EngineDeadError(f"the engine is not running ({self._error})") from self._error
@@ -131,7 +138,7 @@ class AsyncEngine:
                 if self.engine.has_unfinished():
                     self._step()
             error: BaseException = EngineDeadError("the engine was closed")
-        except Exception as e:  # a failed tick leaves the engine in an unknown state: stop serving
+        except Exception as e:  # outside a tick: the thread's own state is in doubt, stop serving
             logger.exception("the engine thread failed; no further requests are served")
             error = e
         with self._lock:
@@ -157,7 +164,7 @@ class AsyncEngine:
                 return False
             batch, requests = command
             if requests is None:
-                self._abort(batch)
+                self.stats.aborted += self._abort(batch)
             else:
                 self._submit(batch, requests)
         return True
@@ -176,17 +183,25 @@ class AsyncEngine:
         for index, request_id in enumerate(batch.ids):
             self._live[request_id] = (batch, index)
 
-    def _abort(self, batch: _Batch) -> None:
+    def _abort(self, batch: _Batch) -> int:
+        """Takes what is left of a batch out of the engine; returns how many requests that was."""
+        dropped = 0
         for request_id in batch.ids:
             if self._live.pop(request_id, None) is not None:
                 self.engine.abort(request_id)
-                self.stats.aborted += 1
+                dropped += 1
+        return dropped
 
     def _step(self) -> None:
-        start = time.perf_counter()
-        outputs = self.engine.step()
         stats = self.stats
-        stats.busy_s += time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # this tick's requests are in doubt, the engine's other state is not
+            self._fail_tick(e)
+            return
+        finally:
+            stats.busy_s += time.perf_counter() - start
         for out in outputs:
             stats.generated_tokens += len(out.token_ids)
             if out.result is not None:
@@ -201,7 +216,22 @@ class AsyncEngine:
             if out.finish_reason is not None:
                 del self._live[out.request_id]
             if not _send(batch, (index, out)):
-                self._abort(batch)
+                stats.aborted += self._abort(batch)
+
+    def _fail_tick(self, error: Exception) -> None:
+        """A tick raised: the requests it was decoding are in an unknown state, so they (and the rest of
+        their batches) leave the engine, which frees their slots and caches, and their callers get
+        EngineStepError. Requests still waiting for a slot were not touched: they stay queued."""
+        waiting = {seq.request_id for seq in self.engine.scheduler.waiting}
+        batches = {batch for request_id, (batch, _) in self._live.items() if request_id not in waiting}
+        failed = 0
+        for batch in batches:
+            failed += self._abort(batch)
+            _send(batch, EngineStepError(f"the engine failed while decoding this request ({type(error).__name__}: "
+                                         f"{error}); it was aborted"))
+        self.stats.failed += failed
+        logger.error("an engine tick failed; %d requests of %d callers were aborted, the engine serves on",
+                     failed, len(batches), exc_info=error)
 
 
 def _send(batch: _Batch, item: object) -> bool:

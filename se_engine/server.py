@@ -39,7 +39,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .async_engine import AsyncEngine, EngineDeadError
+from .async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from .engine import Engine, GenerationResult
 from .sampling import SamplingParams
 
@@ -180,6 +180,8 @@ def _api_error(exc: Exception) -> APIError:
         return APIError(str(exc.detail), status=exc.status_code)
     if isinstance(exc, EngineDeadError):
         return APIError(str(exc), status=503, type="server_error")
+    if isinstance(exc, EngineStepError):
+        return APIError(str(exc), status=500, type="server_error", code="engine_step_failed")
     if isinstance(exc, ValueError):
         return APIError(str(exc))
     return APIError("internal server error", status=500, type="server_error")
@@ -342,7 +344,8 @@ class OpenAIServer:
         app.get("/v1/models")(self.models)
         app.get("/health")(self.health)
         app.get("/metrics")(self.metrics)
-        for exc in (APIError, RequestValidationError, HTTPException, ValueError, EngineDeadError, Exception):
+        for exc in (APIError, RequestValidationError, HTTPException, ValueError, EngineDeadError, EngineStepError,
+                    Exception):
             app.exception_handler(exc)(_error_response)
 
     # ------------------------------------------------------------ endpoints
@@ -486,7 +489,7 @@ class OpenAIServer:
                     yield _sse({**head, "choices": [fmt.delta(index, out.text, out.finish_reason)]})
                 if out.result is not None:
                     completion_tokens += len(out.result.token_ids)
-        except (ValueError, EngineDeadError) as e:  # the status line has gone: report in the stream
+        except (ValueError, EngineDeadError, EngineStepError) as e:  # the status line has gone: say so here
             yield _sse(_api_error(e).body())
         else:
             if prompt_tokens is not None:
@@ -542,6 +545,7 @@ def _prometheus(engine: AsyncEngine) -> str:
          [({"finish_reason": r}, c) for r, c in s.finished.items()]),
         ("requests_aborted_total", "counter", "Requests cancelled before finishing (client gone)",
          [({}, s.aborted)]),
+        ("requests_failed_total", "counter", "Requests ended by an engine tick that raised", [({}, s.failed)]),
         ("request_latency_seconds", "summary", "Submission to last token, finished requests",
          [({}, s.latency_s, "_sum"), ({}, finished, "_count")]),
         ("prompt_tokens_total", "counter", "Prompt tokens submitted", [({}, s.prompt_tokens)]),

@@ -461,6 +461,47 @@ def test_non_streaming_disconnect_aborts_the_request(server):
     assert_serving(server)
 
 
+# ---------------------------------------------------------------- a failing engine tick
+
+def test_a_failing_tick_fails_only_its_requests(server, monkeypatch):
+    """A tick that raises (a fault planted in a model's forward) ends the requests it was decoding with
+    an error: a 500, or in a stream an error event and [DONE]. A request waiting for a slot was not
+    in that tick: it runs afterwards, and the engine serves on."""
+    runner, sched = server.engine.engine.models[0].runner, server.engine.engine.scheduler
+    forward = runner.forward
+
+    def fail_once(*args, **kwargs):
+        runner.forward = forward
+        raise RuntimeError("planted fault")
+
+    failed = server.engine.stats.failed
+    monkeypatch.setattr(runner, "forward", fail_once)
+    r = server.http.post("/v1/completions", json={"prompt": "a", "max_tokens": 4})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+    assert "planted fault" in r.json()["error"]["message"]
+
+    later = {}
+    body = {"prompt": "fill", "n": sched.max_batch, "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with server.http.stream("POST", "/v1/completions", json=body) as stream:
+        events = (line[6:] for line in stream.iter_lines() if line.startswith("data: "))
+        next(events)  # every slot is decoding the stream's sequences
+        waiter = threading.Thread(target=lambda: later.update(
+            r=server.http.post("/v1/completions", json={"prompt": "b", "max_tokens": 4, "temperature": 0})))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while not sched.waiting:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        monkeypatch.setattr(runner, "forward", fail_once)
+        rest = list(events)
+    assert rest[-1] == "[DONE]" and "planted fault" in json.loads(rest[-2])["error"]["message"]
+    waiter.join()
+    assert later["r"].status_code == 200 and later["r"].json()["usage"]["completion_tokens"] >= 1
+    assert server.engine.stats.failed == failed + 1 + sched.max_batch
+    assert server.engine.alive
+    assert_serving(server)
+
+
 # ---------------------------------------------------------------- the command line
 
 def test_serve_command():

@@ -10,16 +10,20 @@ body ``{"error": {"message", "type", "param", "code"}}`` with status 400 (404 fo
 while the queue is full);
 fields this server does not implement are refused unless they carry their no-op value, so a request
 never silently means something else. Types are strict: no string, bool or float is coerced to another
-type. A client that disconnects has its requests aborted. Tokenizing and detokenizing run in worker
+type. Every response carries an ``X-Request-Id`` (the client's, if it sent a sane one), which the
+server's log lines name. A client that disconnects has its requests aborted. Tokenizing and detokenizing run in worker
 threads, so a long prompt holds up no other request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
+import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -52,7 +56,10 @@ RETRY_AFTER_S = 1  # a full queue's hint: decoding frees places quickly
 # Sampling divides logits by the temperature and cuts at top_p in float32: a positive value below its
 # smallest normal number underflows (every token then scores the same, and token 0 wins).
 FLOAT32_TINY = torch.finfo(torch.float32).tiny
+# A client's X-Request-Id is echoed if it looks like an id: it goes into log lines and headers verbatim.
+REQUEST_ID = re.compile(r"[\w.:/+=-]{1,128}", re.ASCII)
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- request schemas
@@ -187,8 +194,15 @@ def _api_error(exc: Exception) -> APIError:
     return APIError("internal server error", status=500, type="server_error")
 
 
-async def _error_response(_: Request, exc: Exception) -> JSONResponse:
-    return _api_error(exc).response()
+async def _error_response(request: Request, exc: Exception) -> JSONResponse:
+    error = _api_error(exc)
+    _log_error(request.state.request_id, error)
+    return error.response()
+
+
+def _log_error(request_id: str, error: APIError) -> None:
+    """A 4xx at info (the client's doing), a 5xx at error."""
+    logger.log(logging.ERROR if error.status >= 500 else logging.INFO, "%s: %d %s", request_id, error.status, error)
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -273,9 +287,11 @@ class _EventStream(StreamingResponse):
 # ---------------------------------------------------------------- the app
 
 class _Gate:
-    """ASGI middleware that every HTTP request passes before its handler: the API key where one is
-    set (a 401 before the body is read; /health stays open, for load balancers), then the body size
-    limit (413, refused on its Content-Length before a byte is read, or once the bytes read pass it)."""
+    """ASGI middleware around the app, which every HTTP request passes first: its request id (the
+    handlers' ``request.state.request_id``, and every response's X-Request-Id header), the API key
+    where one is set (a 401 before the body is read; /health stays open, for load balancers), then the
+    body size limit (413, refused on its Content-Length before a byte is read, or once the bytes read
+    pass it)."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None):
         self.app, self.max_body_bytes = app, max_body_bytes
@@ -290,10 +306,21 @@ class _Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
+        request_id = headers.get("x-request-id", "")
+        if not REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
         if self.api_key is not None and scope["path"] != "/health" and not self._authorized(headers):
             error = APIError("a valid API key is needed: send the header 'Authorization: Bearer <key>'", status=401,
                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-            return await error.response()(scope, receive, send)
+            _log_error(request_id, error)
+            return await error.response()(scope, receive, send_with_id)
         length = headers.get("content-length", "")
         declared, size = int(length) if length.isdigit() else 0, 0
 
@@ -306,11 +333,12 @@ class _Gate:
                 raise HTTPException(413, f"the request body exceeds this server's limit of {self.max_body_bytes} bytes")
             return message
 
-        await self.app(scope, receive_limited, send)
+        await self.app(scope, receive_limited, send_with_id)
 
 
 class OpenAIServer:
-    """The request handlers over one AsyncEngine; ``app`` is the ASGI application.
+    """The request handlers over one AsyncEngine; ``app`` is the ASGI application (FastAPI's, behind
+    the gate of request ids, API key and body limit).
 
     max_body_bytes: larger request bodies get a 413. max_request_sequences: a request asking for
     more sequences (prompts x n) gets a 400. max_queued_sequences: the sequences of all accepted
@@ -335,10 +363,11 @@ class OpenAIServer:
         self.created = int(time.time())
         self.max_request_sequences, self.max_queued_sequences = max_request_sequences, max_queued_sequences
         self.queued_sequences = 0  # of the requests accepted and not yet answered; the event loop's alone
-        app = self.app = FastAPI(title="se_engine", description="OpenAI-compatible speculative ensemble server",
-                                 docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
-                                 openapi_url="/openapi.json" if docs else None)
-        app.add_middleware(_Gate, max_body_bytes=max_body_bytes, api_key=api_key)
+        app = FastAPI(title="se_engine", description="OpenAI-compatible speculative ensemble server",
+                      docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                      openapi_url="/openapi.json" if docs else None)
+        # Outside FastAPI's own middleware, so that its 500s carry the request id too.
+        self.app = _Gate(app, max_body_bytes, api_key)
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
         app.get("/v1/models")(self.models)
@@ -424,10 +453,13 @@ class OpenAIServer:
             outputs = self.async_engine.generate_batch(requests)
             prompt_tokens = sum(len(ids) for ids in prompts)
             response_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
+            request_id = request.state.request_id
+            logger.info("%s: %s, %d sequences of %d prompt tokens%s", request_id, response_id, count, prompt_tokens,
+                        ", streamed" if body.stream else "")
             if body.stream:
                 include_usage = body.stream_options is not None and body.stream_options.include_usage
                 streaming = True  # the stream lets go of the places when it ends
-                return _EventStream(self._stream(outputs, count, response_id, fmt,
+                return _EventStream(self._stream(outputs, count, request_id, response_id, fmt,
                                                  prompt_tokens if include_usage else None),
                                     on_close=partial(self._release, count))
             results = await _unless_disconnected(request, _collect(outputs, count))
@@ -473,7 +505,7 @@ class OpenAIServer:
         except ValueError as e:
             raise APIError(str(e)) from e
 
-    async def _stream(self, outputs: AsyncIterator, count: int, response_id: str, fmt: _Format,
+    async def _stream(self, outputs: AsyncIterator, count: int, request_id: str, response_id: str, fmt: _Format,
                       prompt_tokens: int | None) -> AsyncIterator[str]:
         """Server-sent events: one chunk per choice and tick that produced text, a chunk with each
         choice's finish_reason, the usage chunk if asked for, then [DONE]."""
@@ -490,7 +522,9 @@ class OpenAIServer:
                 if out.result is not None:
                     completion_tokens += len(out.result.token_ids)
         except (ValueError, EngineDeadError, EngineStepError) as e:  # the status line has gone: say so here
-            yield _sse(_api_error(e).body())
+            error = _api_error(e)
+            _log_error(request_id, error)
+            yield _sse(error.body())
         else:
             if prompt_tokens is not None:
                 yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
@@ -584,6 +618,14 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name:
     """Serves ``engine`` until interrupted (``se-engine serve``); options: OpenAIServer's."""
     async_engine = AsyncEngine(engine)
     try:
-        uvicorn.run(OpenAIServer(async_engine, model_name, **options).app, host=host, port=port, log_level=log_level)
+        uvicorn.run(OpenAIServer(async_engine, model_name, **options).app, host=host, port=port, log_level=log_level,
+                    log_config=_log_config(log_level))
     finally:
         async_engine.close()
+
+
+def _log_config(level: str) -> dict:
+    """uvicorn's logging, with se_engine's loggers (request ids, failed ticks) on its stderr handler."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["se_engine"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config

@@ -4,8 +4,10 @@
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -331,8 +333,9 @@ def test_bad_requests_get_openai_errors(server, case):
 
 def test_unforeseen_errors_are_json_500s(server, monkeypatch):
     monkeypatch.setattr(server.engine.engine, "models", [None])  # /v1/models reads their names: AttributeError
-    r = server.http.get("/v1/models")
+    r = server.http.get("/v1/models", headers={"X-Request-Id": "broken-1"})
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert r.headers["x-request-id"] == "broken-1"
     monkeypatch.undo()
     assert_serving(server)
 
@@ -458,6 +461,34 @@ def test_non_streaming_disconnect_aborts_the_request(server):
                          timeout=0.15)
     wait_idle(server)
     assert _aborted(server) == before + 1
+    assert_serving(server)
+
+
+# ---------------------------------------------------------------- request ids
+
+def test_request_ids(server, keyed, caplog):
+    """Every response has an X-Request-Id: the client's if it sent one that looks like an id, else a
+    fresh one; the server's log lines name it."""
+    caplog.set_level(logging.INFO, logger="se_engine.server")
+    body = {"prompt": "a", "max_tokens": 2}
+
+    def request_id(sent: str | None = None, path: str = "/v1/completions", **kw) -> str:
+        headers = {"X-Request-Id": sent} if sent else {}
+        return server.http.post(path, json=kw.get("json", body), headers=headers).headers["x-request-id"]
+
+    assert request_id("client-42") == "client-42"
+    fresh = [request_id(), request_id(), request_id("x" * 129), request_id("not an id")]
+    assert len(set(fresh)) == 4 and all(re.fullmatch("[0-9a-f]{32}", r) for r in fresh)
+    assert request_id("bad-1", json={"prompt": ""}) == "bad-1"  # errors too
+    assert request_id("lost-1", path="/v1/nothing") == "lost-1"
+    with server.http.stream("POST", "/v1/completions", json={**body, "stream": True},
+                            headers={"X-Request-Id": "stream-1"}) as r:
+        assert r.headers["x-request-id"] == "stream-1"
+    assert httpx.get(keyed + "/v1/models", headers={"X-Request-Id": "nokey-1"}).headers["x-request-id"] == "nokey-1"
+    lines = [r.getMessage() for r in caplog.records if r.name == "se_engine.server"]
+    for start in ("client-42: cmpl-", "stream-1: cmpl-", "bad-1: 400 prompt: must not be empty", "lost-1: 404 ",
+                  "nokey-1: 401 "):
+        assert any(line.startswith(start) for line in lines), (start, lines)
     assert_serving(server)
 
 

@@ -77,6 +77,7 @@ class AsyncEngine:
         self._live: dict[int, tuple[_Batch, int]] = {}  # engine request id -> (batch, index); engine thread writes
         self._lock = threading.Lock()  # a command is either posted before the thread stops, or refused
         self._error: BaseException | None = None
+        self._close_reason = "the engine was closed"  # the message of the EngineDeadError close() sends
         self._thread = threading.Thread(target=self._run, name="se-engine", daemon=True)
         self._thread.start()
 
@@ -118,8 +119,11 @@ class AsyncEngine:
             if unfinished:  # commands run in order: this one after the submission
                 self._post((batch, None))
 
-    def close(self) -> None:
-        """Stops the engine thread after its current tick; unfinished requests end with EngineDeadError."""
+    def close(self, reason: str | None = None) -> None:
+        """Stops the engine thread after its current tick; unfinished requests end with EngineDeadError
+        (saying ``reason``, if given)."""
+        if reason is not None:
+            self._close_reason = reason
         self._post(None)
         self._thread.join()
 
@@ -137,7 +141,7 @@ class AsyncEngine:
             while self._apply_commands():
                 if self.engine.has_unfinished():
                     self._step()
-            error: BaseException = EngineDeadError("the engine was closed")
+            error: BaseException = EngineDeadError(self._close_reason)
         except Exception as e:  # outside a tick: the thread's own state is in doubt, stop serving
             logger.exception("the engine thread failed; no further requests are served")
             error = e

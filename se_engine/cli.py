@@ -14,7 +14,8 @@ from .errors import SEEngineError
 from .ensemble import EnsembleSpec
 from .sampling import SamplingParams
 
-SERVE_LIMITS = ("max_body_bytes", "max_request_sequences", "max_queued_sequences")  # OpenAIServer's arguments
+# serve's arguments whose defaults are the server's
+SERVE_DEFAULTS = ("max_body_bytes", "max_request_sequences", "max_queued_sequences", "shutdown_timeout")
 DEMO_MODELS = ["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"]
 DEMO_PROMPT = "Write a Python function that checks whether a string is a palindrome."
 
@@ -82,9 +83,9 @@ def cmd_serve(args) -> None:
     engine = Engine(args.models, _ensemble(args), args.method, _gammas(args),
                     confidence_threshold=args.confidence_threshold, max_batch=args.max_batch,
                     max_len=args.max_len, dtype=dtype, device=args.device)
-    limits = {name: getattr(args, name) for name in SERVE_LIMITS if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in SERVE_DEFAULTS if getattr(args, name) is not None}
     serve(engine, args.host, args.port, args.served_model_name, args.log_level, api_key=args.api_key, docs=args.docs,
-          **limits)
+          **given)
 
 
 def cmd_demo(args) -> None:
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--served-model-name", help="the model id clients send (default: the model names joined by +)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's; info logs every request")
-    # The limits' defaults are the server's (se_engine.server: imported only to serve).
+    # The defaults below are the server's (se_engine.server: imported only to serve).
     s.add_argument("--max-body-bytes", type=int, help="larger request bodies get a 413 (default: 4194304, 4 MiB)")
     s.add_argument("--max-request-sequences", type=int,
                    help="a request asking for more sequences (prompts x n) gets a 400 (default: 256)")
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
                         "environment variable SE_ENGINE_API_KEY (which, unlike an argument, other users' ps "
                         "does not show), else no key")
     s.add_argument("--docs", action="store_true", help="serve FastAPI's /docs, /redoc and /openapi.json")
+    s.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
+                   help="on SIGINT / SIGTERM, how long requests in flight may take to finish before they are ended "
+                        "(a stream with an error event and [DONE]); a second signal exits at once (default: 20.0)")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="real Qwen2.5-Coder 0.5B + 1.5B: SE vs the standard ensemble")

@@ -53,6 +53,8 @@ MAX_BODY_BYTES = 4 * 2**20  # e.g. 256 prompts of 2048 token ids
 MAX_REQUEST_SEQUENCES = 256  # prompts x n of one request
 MAX_QUEUED_SEQUENCES = 1024  # over all requests, running or waiting
 RETRY_AFTER_S = 1  # a full queue's hint: decoding frees places quickly
+SHUTDOWN_TIMEOUT_S = 20.0  # under the 30 s that e.g. Kubernetes waits before a SIGKILL
+SHUTDOWN_GRACE_S = 5.0  # after it, for the ended requests' last events; then uvicorn cuts the connections
 # Sampling divides logits by the temperature and cuts at top_p in float32: a positive value below its
 # smallest normal number underflows (every token then scores the same, and token 0 wins).
 FLOAT32_TINY = torch.finfo(torch.float32).tiny
@@ -613,13 +615,50 @@ def _escape(value: str) -> str:
 
 # ---------------------------------------------------------------- entry point
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server with a bounded shutdown. On SIGINT or SIGTERM it stops accepting connections
+    and lets the requests in flight finish for up to ``shutdown_timeout`` seconds; then it closes the
+    engine, which ends those left (a stream with an error event and [DONE], others with a 503), and
+    after SHUTDOWN_GRACE_S more uvicorn cuts what is still open (a client that stopped reading). A
+    second signal exits at once (uvicorn alone forces only on a second SIGINT)."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout: float = SHUTDOWN_TIMEOUT_S):
+        if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)) \
+                or not 0 <= shutdown_timeout < math.inf:
+            raise ValueError(f"shutdown_timeout must be a number of seconds >= 0, got {shutdown_timeout!r}")
+        config.timeout_graceful_shutdown = shutdown_timeout + SHUTDOWN_GRACE_S
+        super().__init__(config)
+        self.engine, self.shutdown_timeout = engine, shutdown_timeout
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        again = self.should_exit
+        super().handle_exit(sig, frame)
+        self.force_exit = self.force_exit or again
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        timer = asyncio.get_running_loop().call_later(self.shutdown_timeout, self._end_requests)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    def _end_requests(self) -> None:
+        logger.warning("shutting down: %g s have passed, the requests in flight are ended", self.shutdown_timeout)
+        # close() waits for the engine's current tick: in a thread, so that the loop sends on meanwhile
+        asyncio.get_running_loop().run_in_executor(None, self.engine.close, "the server is shutting down")
+
+
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          log_level: str = "info", **options: Any) -> None:
-    """Serves ``engine`` until interrupted (``se-engine serve``); options: OpenAIServer's."""
+          log_level: str = "info", shutdown_timeout: float = SHUTDOWN_TIMEOUT_S, **options: Any) -> None:
+    """Serves ``engine`` until interrupted (``se-engine serve``); see GracefulServer for shutdown_timeout.
+    options: OpenAIServer's."""
     async_engine = AsyncEngine(engine)
+    config = uvicorn.Config(OpenAIServer(async_engine, model_name, **options).app, host=host, port=port,
+                            log_level=log_level, log_config=_log_config(log_level))
     try:
-        uvicorn.run(OpenAIServer(async_engine, model_name, **options).app, host=host, port=port, log_level=log_level,
-                    log_config=_log_config(log_level))
+        GracefulServer(config, async_engine, shutdown_timeout).run()
+    except KeyboardInterrupt:  # uvicorn raises a SIGINT again once it has shut down (a SIGTERM: the process ends)
+        pass
     finally:
         async_engine.close()
 

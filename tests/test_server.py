@@ -56,17 +56,18 @@ def one_thread():
 
 
 @contextlib.contextmanager
-def running(app) -> Iterator[str]:
-    """uvicorn in a background thread on a free loopback port; yields its URL."""
+def running(app, srv: uvicorn.Server | None = None) -> Iterator[SimpleNamespace]:
+    """uvicorn (or srv, a server of app) in a background thread on a free loopback port; yields its
+    url and thread."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    srv = srv or uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not srv.started:
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield SimpleNamespace(url=f"http://127.0.0.1:{sock.getsockname()[1]}", thread=thread)
     finally:
         srv.should_exit = True
         thread.join()
@@ -77,7 +78,8 @@ def server():
     """The server under test, on its own engine."""
     engine = AsyncEngine(tiny_engine())
     api = OpenAIServer(engine, MODEL, **LIMITS)
-    with running(api.app) as url:
+    with running(api.app) as up:
+        url = up.url
         yield SimpleNamespace(url=url, engine=engine, api=api, http=httpx.Client(base_url=url, timeout=30),
                               client=openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30))
     engine.close()
@@ -86,8 +88,8 @@ def server():
 @pytest.fixture(scope="module")
 def keyed(server) -> str:
     """A second server over the same engine, with an API key and the docs on; its URL."""
-    with running(OpenAIServer(server.engine, MODEL, api_key=KEY, docs=True).app) as url:
-        yield url
+    with running(OpenAIServer(server.engine, MODEL, api_key=KEY, docs=True).app) as up:
+        yield up.url
 
 
 @pytest.fixture(scope="module")
@@ -533,6 +535,82 @@ def test_a_failing_tick_fails_only_its_requests(server, monkeypatch):
     assert_serving(server)
 
 
+# ---------------------------------------------------------------- shutting down
+
+@pytest.fixture
+def slow_server(monkeypatch):
+    """A GracefulServer on its own engine whose ticks take 50 ms or more (a model's forward sleeps);
+    yields (url, server, its thread)."""
+    engine = AsyncEngine(tiny_engine())
+    runner = engine.engine.models[0].runner
+    forward = runner.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.05)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "forward", slow_forward)
+    app = OpenAIServer(engine, MODEL).app
+    srv = server_module.GracefulServer(uvicorn.Config(app, log_level="warning"), engine, shutdown_timeout=2)
+    try:
+        with running(app, srv) as up:
+            yield up.url, srv, up.thread
+    finally:
+        engine.close()
+
+
+def _stream_events(url: str, max_tokens: int) -> Iterator[str]:
+    """The data of a completion stream's events, the connection closed when the generator is."""
+    body = {"model": MODEL, "prompt": "go on", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        yield from (line[6:] for line in r.iter_lines() if line.startswith("data: "))
+
+
+def test_shutdown_lets_requests_finish_then_ends_them(slow_server):
+    """After a signal, a request that finishes within the shutdown timeout gets its whole answer;
+    those still running at the timeout end: a stream with an error event and [DONE], another with a
+    503. Then the server exits."""
+    url, srv, thread = slow_server
+    events = _stream_events(url, 400)  # 400 tokens take over 5 s at 20 ticks per second
+    next(events)
+    answers = {}
+
+    def post(max_tokens: int) -> None:
+        answers[max_tokens] = httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": max_tokens,
+                                                                        "ignore_eos": True}, timeout=30)
+
+    waiters = [threading.Thread(target=post, args=(n,)) for n in (3, 400)]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.3)  # both are in the engine
+    start = time.monotonic()
+    srv.handle_exit(signal.SIGTERM, None)
+    rest = list(events)
+    assert 2 <= time.monotonic() - start < 5
+    assert rest[-1] == "[DONE]" and json.loads(rest[-2])["error"]["message"] == "the server is shutting down"
+    for waiter in waiters:
+        waiter.join()
+    assert answers[3].status_code == 200 and answers[3].json()["usage"]["completion_tokens"] == 3
+    assert answers[400].status_code == 503 and answers[400].json()["error"]["message"] == "the server is shutting down"
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def test_a_second_signal_exits_at_once(slow_server):
+    url, srv, thread = slow_server
+    events = _stream_events(url, 400)
+    next(events)
+    start = time.monotonic()
+    srv.handle_exit(signal.SIGTERM, None)
+    time.sleep(0.3)
+    assert srv.server_state.connections  # waiting for the stream (for up to 2 s)
+    srv.handle_exit(signal.SIGTERM, None)
+    with pytest.raises(httpx.HTTPError):  # cut: no [DONE]
+        list(events)
+    thread.join(timeout=1)
+    assert not thread.is_alive() and time.monotonic() - start < 1.5
+
+
 # ---------------------------------------------------------------- the command line
 
 def test_serve_command():
@@ -543,7 +621,7 @@ def test_serve_command():
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "se_engine.cli", "serve", "--models", *NAMES, "--gammas", "3", "1",
            "--dtype", "float32", "--max-batch", "2", "--max-len", "128", "--port", str(port),
-           "--served-model-name", "cli"]
+           "--served-model-name", "cli", "--shutdown-timeout", "1"]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "SE_ENGINE_API_KEY": KEY},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -570,7 +648,7 @@ def test_serve_help_states_the_servers_defaults(capsys):
     with pytest.raises(SystemExit):
         cli_main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for name in ("MAX_BODY_BYTES", "MAX_REQUEST_SEQUENCES", "MAX_QUEUED_SEQUENCES"):
+    for name in ("MAX_BODY_BYTES", "MAX_REQUEST_SEQUENCES", "MAX_QUEUED_SEQUENCES", "SHUTDOWN_TIMEOUT_S"):
         assert f"(default: {getattr(server_module, name)}" in text, name
 
 

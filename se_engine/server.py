@@ -7,12 +7,11 @@ GET /v1/models, GET /health, GET /metrics (Prometheus text format). Every reques
 queue and is decoded in the running batch (continuous batching). Bad requests get OpenAI's error
 body ``{"error": {"message", "type", "param", "code"}}`` with status 400 (404 for an unknown model,
 401 without the API key where one is set, 413 for a body beyond the limit, 429 with Retry-After
-while the queue is full);
-fields this server does not implement are refused unless they carry their no-op value, so a request
-never silently means something else. Types are strict: no string, bool or float is coerced to another
-type. Every response carries an ``X-Request-Id`` (the client's, if it sent a sane one), which the
-server's log lines name. A client that disconnects has its requests aborted. Tokenizing and detokenizing run in worker
-threads, so a long prompt holds up no other request.
+while the queue is full); fields this server does not implement are refused unless they carry their
+no-op value, so a request never silently means something else. Types are strict: no string, bool or
+float is coerced to another type. Every response carries an ``X-Request-Id`` (the client's, if it
+sent a sane one), which the server's log lines name. A client that disconnects has its requests
+aborted. Tokenizing and detokenizing run in worker threads, so a long prompt holds up no other request.
 """
 
 from __future__ import annotations

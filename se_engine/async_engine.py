@@ -12,7 +12,8 @@ engine computes and new requests join the running batch at the next tick (contin
     engine.close()
 
 Closing the generator early aborts the request and frees its cache slot: ``aclose()``, an exception
-or a cancellation inside the ``async for``, or (after a ``break``) Python collecting it.
+or a cancellation inside the ``async for``, or (after a ``break``) Python collecting it. A tick that
+raises fails the requests it was decoding (``EngineStepError``) and no others; the thread serves on.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ _Requests = Sequence[tuple[Prompt, SamplingParams]]
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread has stopped (closed, or a tick raised): no request can be served."""
+    """The engine thread has stopped (closed, or failed outside a tick): no request can be served."""
+
+
+class EngineStepError(RuntimeError):
+    """A tick raised while decoding this request: it was aborted (its batch with it); the engine serves on."""
 
 
 @dataclass
@@ -44,6 +49,7 @@ class ServingStats:
     generated_tokens: int = 0
     finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0})
     aborted: int = 0
+    failed: int = 0  # ended by a tick that raised
     latency_s: float = 0.0  # summed over finished requests, submission to last token
     busy_s: float = 0.0     # wall time inside Engine.step
     drafts_tested: list[int] = field(default_factory=list)    # per model, over finished requests
@@ -71,6 +77,7 @@ class AsyncEngine:
         self._live: dict[int, tuple[_Batch, int]] = {}  # engine request id -> (batch, index); engine thread writes
         self._lock = threading.Lock()  # a command is either posted before the thread stops, or refused
         self._error: BaseException | None = None
+        self._close_reason = "the engine was closed"  # the message of the EngineDeadError close() sends
         self._thread = threading.Thread(target=self._run, name="se-engine", daemon=True)
         self._thread.start()
 
@@ -93,7 +100,8 @@ class AsyncEngine:
     async def generate_batch(self, requests: _Requests) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Submits requests together and yields (index into requests, output) as the engine commits
         tokens, until every one has finished. All or none: if the engine rejects one (ValueError),
-        none runs. Leaving early aborts the unfinished ones. EngineDeadError if the engine stops."""
+        none runs. Leaving early aborts the unfinished ones. EngineDeadError if the engine stops;
+        EngineStepError if a tick fails while decoding one of them (the others are aborted too)."""
         batch = _Batch(asyncio.get_running_loop(), asyncio.Queue())
         if not self._post((batch, requests)):
             raise EngineDeadError(f"the engine is not running ({self._error})") from self._error
@@ -111,8 +119,11 @@ class AsyncEngine:
             if unfinished:  # commands run in order: this one after the submission
                 self._post((batch, None))
 
-    def close(self) -> None:
-        """Stops the engine thread after its current tick; unfinished requests end with EngineDeadError."""
+    def close(self, reason: str | None = None) -> None:
+        """Stops the engine thread after its current tick; unfinished requests end with EngineDeadError
+        (saying ``reason``, if given)."""
+        if reason is not None:
+            self._close_reason = reason
         self._post(None)
         self._thread.join()
 
@@ -130,8 +141,8 @@ class AsyncEngine:
             while self._apply_commands():
                 if self.engine.has_unfinished():
                     self._step()
-            error: BaseException = EngineDeadError("the engine was closed")
-        except Exception as e:  # a failed tick leaves the engine in an unknown state: stop serving
+            error: BaseException = EngineDeadError(self._close_reason)
+        except Exception as e:  # outside a tick: the thread's own state is in doubt, stop serving
             logger.exception("the engine thread failed; no further requests are served")
             error = e
         with self._lock:
@@ -157,7 +168,7 @@ class AsyncEngine:
                 return False
             batch, requests = command
             if requests is None:
-                self._abort(batch)
+                self.stats.aborted += self._abort(batch)
             else:
                 self._submit(batch, requests)
         return True
@@ -176,17 +187,25 @@ class AsyncEngine:
         for index, request_id in enumerate(batch.ids):
             self._live[request_id] = (batch, index)
 
-    def _abort(self, batch: _Batch) -> None:
+    def _abort(self, batch: _Batch) -> int:
+        """Takes what is left of a batch out of the engine; returns how many requests that was."""
+        dropped = 0
         for request_id in batch.ids:
             if self._live.pop(request_id, None) is not None:
                 self.engine.abort(request_id)
-                self.stats.aborted += 1
+                dropped += 1
+        return dropped
 
     def _step(self) -> None:
-        start = time.perf_counter()
-        outputs = self.engine.step()
         stats = self.stats
-        stats.busy_s += time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # this tick's requests are in doubt, the engine's other state is not
+            self._fail_tick(e)
+            return
+        finally:
+            stats.busy_s += time.perf_counter() - start
         for out in outputs:
             stats.generated_tokens += len(out.token_ids)
             if out.result is not None:
@@ -201,7 +220,22 @@ class AsyncEngine:
             if out.finish_reason is not None:
                 del self._live[out.request_id]
             if not _send(batch, (index, out)):
-                self._abort(batch)
+                stats.aborted += self._abort(batch)
+
+    def _fail_tick(self, error: Exception) -> None:
+        """A tick raised: the requests it was decoding are in an unknown state, so they (and the rest of
+        their batches) leave the engine, which frees their slots and caches, and their callers get
+        EngineStepError. Requests still waiting for a slot were not touched: they stay queued."""
+        waiting = {seq.request_id for seq in self.engine.scheduler.waiting}
+        batches = {batch for request_id, (batch, _) in self._live.items() if request_id not in waiting}
+        failed = 0
+        for batch in batches:
+            failed += self._abort(batch)
+            _send(batch, EngineStepError(f"the engine failed while decoding this request ({type(error).__name__}: "
+                                         f"{error}); it was aborted"))
+        self.stats.failed += failed
+        logger.error("an engine tick failed; %d requests of %d callers were aborted, the engine serves on",
+                     failed, len(batches), exc_info=error)
 
 
 def _send(batch: _Batch, item: object) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -13,6 +14,8 @@ from .errors import SEEngineError
 from .ensemble import EnsembleSpec
 from .sampling import SamplingParams
 
+# serve's arguments whose defaults are the server's
+SERVE_DEFAULTS = ("max_body_bytes", "max_request_sequences", "max_queued_sequences", "shutdown_timeout")
 DEMO_MODELS = ["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"]
 DEMO_PROMPT = "Write a Python function that checks whether a string is a palindrome."
 
@@ -80,7 +83,9 @@ def cmd_serve(args) -> None:
     engine = Engine(args.models, _ensemble(args), args.method, _gammas(args),
                     confidence_threshold=args.confidence_threshold, max_batch=args.max_batch,
                     max_len=args.max_len, dtype=dtype, device=args.device)
-    serve(engine, args.host, args.port, args.served_model_name, args.log_level)
+    given = {name: getattr(args, name) for name in SERVE_DEFAULTS if getattr(args, name) is not None}
+    serve(engine, args.host, args.port, args.served_model_name, args.log_level, api_key=args.api_key, docs=args.docs,
+          **given)
 
 
 def cmd_demo(args) -> None:
@@ -140,6 +145,21 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--served-model-name", help="the model id clients send (default: the model names joined by +)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's; info logs every request")
+    # The defaults below are the server's (se_engine.server: imported only to serve).
+    s.add_argument("--max-body-bytes", type=int, help="larger request bodies get a 413 (default: 4194304, 4 MiB)")
+    s.add_argument("--max-request-sequences", type=int,
+                   help="a request asking for more sequences (prompts x n) gets a 400 (default: 256)")
+    s.add_argument("--max-queued-sequences", type=int,
+                   help="sequences of all accepted requests, running or waiting; a request beyond gets a 429 "
+                        "with Retry-After (default: 1024)")
+    s.add_argument("--api-key", default=os.environ.get("SE_ENGINE_API_KEY") or None,
+                   help="clients must send 'Authorization: Bearer KEY' (/health stays open); default: the "
+                        "environment variable SE_ENGINE_API_KEY (which, unlike an argument, other users' ps "
+                        "does not show), else no key")
+    s.add_argument("--docs", action="store_true", help="serve FastAPI's /docs, /redoc and /openapi.json")
+    s.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
+                   help="on SIGINT / SIGTERM, how long requests in flight may take to finish before they are ended "
+                        "(a stream with an error event and [DONE]); a second signal exits at once (default: 20.0)")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="real Qwen2.5-Coder 0.5B + 1.5B: SE vs the standard ensemble")

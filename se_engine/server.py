@@ -5,22 +5,32 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (streaming by server-sent events),
 GET /v1/models, GET /health, GET /metrics (Prometheus text format). Every request joins the engine's
 queue and is decoded in the running batch (continuous batching). Bad requests get OpenAI's error
-body ``{"error": {"message", "type", "param", "code"}}`` with status 400 (404 for an unknown model);
-fields this server does not implement are refused unless they carry their no-op value, so a request
-never silently means something else. A client that disconnects has its requests aborted.
+body ``{"error": {"message", "type", "param", "code"}}`` with status 400 (404 for an unknown model,
+401 without the API key where one is set, 413 for a body beyond the limit, 429 with Retry-After
+while the queue is full); fields this server does not implement are refused unless they carry their
+no-op value, so a request never silently means something else. Types are strict: no string, bool or
+float is coerced to another type. Every response carries an ``X-Request-Id`` (the client's, if it
+sent a sane one), which the server's log lines name. A client that disconnects has its requests
+aborted. Tokenizing and detokenizing run in worker threads, so a long prompt holds up no other request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import hmac
 import json
+import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any, Literal, TypeVar
 
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,34 +38,72 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .async_engine import AsyncEngine, EngineDeadError
+from .async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from .engine import Engine, GenerationResult
 from .sampling import SamplingParams
 
-MAX_N = 16  # choices per prompt: a bound on how much one request can queue
+MAX_N = 16  # choices per prompt
+# Defaults of the limits (OpenAIServer's arguments, serve's options).
+MAX_BODY_BYTES = 4 * 2**20  # e.g. 256 prompts of 2048 token ids
+MAX_REQUEST_SEQUENCES = 256  # prompts x n of one request
+MAX_QUEUED_SEQUENCES = 1024  # over all requests, running or waiting
+RETRY_AFTER_S = 1  # a full queue's hint: decoding frees places quickly
+SHUTDOWN_TIMEOUT_S = 20.0  # under the 30 s that e.g. Kubernetes waits before a SIGKILL
+SHUTDOWN_GRACE_S = 5.0  # after it, for the ended requests' last events; then uvicorn cuts the connections
+# Sampling divides logits by the temperature and cuts at top_p in float32: a positive value below its
+# smallest normal number underflows (every token then scores the same, and token 0 wins).
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
+# A client's X-Request-Id is echoed if it looks like an id: it goes into log lines and headers verbatim.
+REQUEST_ID = re.compile(r"[\w.:/+=-]{1,128}", re.ASCII)
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- request schemas
 
 def _only(*allowed: Any) -> Any:
     """An OpenAI field this server does not implement: accepted at its no-op values (clients send
-    them), refused otherwise."""
+    them), refused otherwise. A bool matches only a bool (Python has False == 0)."""
     def check(value: Any) -> Any:
-        if value not in allowed:
+        if not any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed):
             raise PydanticCustomError("unsupported", "only {allowed} is supported by this server",
                                       {"allowed": " or ".join(json.dumps(a) for a in allowed)})
         return value
     return Annotated[Any, AfterValidator(check)]
 
 
-_Stop = Annotated[str, Field(min_length=1)]
+def _unicode(text: str) -> str:
+    """JSON's \\ud800 escape parses to a lone surrogate, which neither a tokenizer nor UTF-8 takes."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError("unicode", "not valid unicode: a lone surrogate at character {at}",
+                                  {"at": e.start}) from None
+    return text
+
+
+def _not_tiny(value: float) -> float:
+    if 0 < value < FLOAT32_TINY:
+        raise PydanticCustomError("too_small", "{value} underflows in float32: use 0 or at least {tiny}",
+                                  {"value": value, "tiny": FLOAT32_TINY})
+    return value
+
+
+def _false_is_none(value: Any) -> Any:
+    return None if value is False else value
+
+
+_Text = Annotated[str, AfterValidator(_unicode)]
+_Stop = Annotated[str, Field(min_length=1)]  # a constrained str: pydantic itself refuses lone surrogates
+_Scale = Annotated[float, AfterValidator(_not_tiny)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -64,10 +112,10 @@ class StreamOptions(_Strict):
 
 class _SamplingRequest(_Strict):
     """Fields common to both endpoints. top_k and ignore_eos are extensions (as in vLLM)."""
-    model: str | None = None
+    model: _Text | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: _Scale | None = Field(None, ge=0)
+    top_p: _Scale | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="0: off")
     n: int = Field(1, ge=1, le=MAX_N)
     stop: _Stop | list[_Stop] | None = None
@@ -75,16 +123,17 @@ class _SamplingRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    user: str | None = None  # accepted for compatibility, unused
+    user: _Text | None = None  # accepted for compatibility, unused
     frequency_penalty: _only(0, None) = None
     presence_penalty: _only(0, None) = None
     logit_bias: _only(None, {}) = None
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: _Text | list[_Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
-    logprobs: _only(None, 0) = None  # 0: the sampled tokens' logprobs, no alternatives
+    # 0: the sampled tokens' logprobs, no alternatives; false (which clients send): none
+    logprobs: Annotated[_only(None, False, 0), AfterValidator(_false_is_none)] = None
     echo: _only(False, None) = None
     suffix: _only(None, "") = None
     best_of: _only(None, 1) = None
@@ -92,13 +141,13 @@ class CompletionRequest(_SamplingRequest):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: _Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: _Text | list[TextPart]
+    name: _Text | None = None
 
 
 class ChatRequest(_SamplingRequest):
@@ -117,19 +166,20 @@ class APIError(Exception):
     """An OpenAI-style error response."""
 
     def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.param, self.code, self.type = status, param, code, type
+        self.status, self.param, self.code, self.type, self.headers = status, param, code, type, headers
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def _api_error(exc: Exception) -> APIError:
-    """Every error the handlers see, as OpenAI spells it. A ValueError is the engine refusing a request."""
+    """Every error the handlers see, as OpenAI spells it. A ValueError is the engine refusing a request;
+    anything unforeseen is a 500 (uvicorn logs its traceback)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, RequestValidationError):
@@ -138,11 +188,22 @@ def _api_error(exc: Exception) -> APIError:
         return APIError(str(exc.detail), status=exc.status_code)
     if isinstance(exc, EngineDeadError):
         return APIError(str(exc), status=503, type="server_error")
-    return APIError(str(exc))
+    if isinstance(exc, EngineStepError):
+        return APIError(str(exc), status=500, type="server_error", code="engine_step_failed")
+    if isinstance(exc, ValueError):
+        return APIError(str(exc))
+    return APIError("internal server error", status=500, type="server_error")
 
 
-async def _error_response(_: Request, exc: Exception) -> JSONResponse:
-    return _api_error(exc).response()
+async def _error_response(request: Request, exc: Exception) -> JSONResponse:
+    error = _api_error(exc)
+    _log_error(request.state.request_id, error)
+    return error.response()
+
+
+def _log_error(request_id: str, error: APIError) -> None:
+    """A 4xx at info (the client's doing), a 5xx at error."""
+    logger.log(logging.ERROR if error.status >= 500 else logging.INFO, "%s: %d %s", request_id, error.status, error)
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -152,6 +213,10 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if err["type"] == "json_invalid":
         return APIError(f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}")
     loc = [str(part) for part in err["loc"][1:]]  # drop "body"
+    # Drop the union members a value was tried as ("list[int]", "function-after[...]"): they name no
+    # field. A field the client made up (the last part) is kept as sent.
+    made_up = len(loc) - (err["type"] == "extra_forbidden")
+    loc = [part for i, part in enumerate(loc) if i >= made_up or "[" not in part]
     path = ".".join(loc) or "body"
     message = f"unsupported field {path!r}" if err["type"] == "extra_forbidden" else f"{path}: {err['msg']}"
     return APIError(message, param=loc[0] if loc else None)
@@ -174,7 +239,8 @@ def _completion_choice(index: int, result: GenerationResult, tokenizer: Any) -> 
     if result.logprobs is not None:
         tokens = [tokenizer.decode([t]) for t in result.token_ids]
         offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-        logprobs = {"tokens": tokens, "token_logprobs": result.logprobs, "top_logprobs": None, "text_offset": offsets}
+        logprobs = {"tokens": tokens, "token_logprobs": _finite(result.logprobs), "top_logprobs": None,
+                    "text_offset": offsets}
     return {"index": index, "text": result.text, "logprobs": logprobs, "finish_reason": result.finish_reason}
 
 
@@ -183,7 +249,7 @@ def _chat_choice(index: int, result: GenerationResult, tokenizer: Any) -> dict:
     if result.logprobs is not None:
         tokens = [tokenizer.decode([t]) for t in result.token_ids]
         logprobs = {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                                for t, lp in zip(tokens, result.logprobs)]}
+                                for t, lp in zip(tokens, _finite(result.logprobs))]}
     return {"index": index, "message": {"role": "assistant", "content": result.text}, "logprobs": logprobs,
             "finish_reason": result.finish_reason}
 
@@ -195,27 +261,121 @@ CHAT = _Format("chat.completion", "chat.completion.chunk", "chatcmpl", _chat_cho
                                         "finish_reason": finish})
 
 
+def _finite(logprobs: list[float]) -> list[float | None]:
+    """JSON has no NaN or infinity: a logprob that is not finite (a model's NaN logits) is null."""
+    return [lp if math.isfinite(lp) else None for lp in logprobs]
+
+
 def _sse(obj: dict | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, allow_nan=False)}\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that call ``on_close`` however the response ends: sent, failed or abandoned
+    (the event generator itself may never start, for a client gone before the status line)."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 # ---------------------------------------------------------------- the app
 
-class OpenAIServer:
-    """The request handlers over one AsyncEngine; ``app`` is the ASGI application."""
+class _Gate:
+    """ASGI middleware around the app, which every HTTP request passes first: its request id (the
+    handlers' ``request.state.request_id``, and every response's X-Request-Id header), the API key
+    where one is set (a 401 before the body is read; /health stays open, for load balancers), then the
+    body size limit (413, refused on its Content-Length before a byte is read, or once the bytes read
+    pass it)."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str | None = None):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None):
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.api_key = None if api_key is None else api_key.encode()
+
+    def _authorized(self, headers: Headers) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken tells nothing about how much of the key matched
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.encode("latin-1"), self.api_key)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        request_id = headers.get("x-request-id", "")
+        if not REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        if self.api_key is not None and scope["path"] != "/health" and not self._authorized(headers):
+            error = APIError("a valid API key is needed: send the header 'Authorization: Bearer <key>'", status=401,
+                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            _log_error(request_id, error)
+            return await error.response()(scope, receive, send_with_id)
+        length = headers.get("content-length", "")
+        declared, size = int(length) if length.isdigit() else 0, 0
+
+        async def receive_limited() -> Message:
+            nonlocal size
+            if declared <= self.max_body_bytes:
+                message = await receive()
+                size += len(message.get("body", b""))
+            if max(declared, size) > self.max_body_bytes:  # raised in the handler's body read: its handler answers
+                raise HTTPException(413, f"the request body exceeds this server's limit of {self.max_body_bytes} bytes")
+            return message
+
+        await self.app(scope, receive_limited, send_with_id)
+
+
+class OpenAIServer:
+    """The request handlers over one AsyncEngine; ``app`` is the ASGI application (FastAPI's, behind
+    the gate of request ids, API key and body limit).
+
+    max_body_bytes: larger request bodies get a 413. max_request_sequences: a request asking for
+    more sequences (prompts x n) gets a 400. max_queued_sequences: the sequences of all accepted
+    requests, running or waiting; a request that would pass it gets a 429 with Retry-After.
+    api_key: every request but /health must send ``Authorization: Bearer <api_key>`` (else a 401).
+    docs: serve FastAPI's /docs, /redoc and /openapi.json (behind the key too).
+    """
+
+    def __init__(self, engine: AsyncEngine, model_name: str | None = None, *, max_body_bytes: int = MAX_BODY_BYTES,
+                 max_request_sequences: int = MAX_REQUEST_SEQUENCES, max_queued_sequences: int = MAX_QUEUED_SEQUENCES,
+                 api_key: str | None = None, docs: bool = False):
+        limits = {"max_body_bytes": max_body_bytes, "max_request_sequences": max_request_sequences,
+                  "max_queued_sequences": max_queued_sequences}
+        for name, value in limits.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+            raise ValueError("api_key must be a non-empty string (None: no key)")
         self.async_engine = engine
         self.engine = engine.engine  # read here only for what never changes: tokenizer, context, vocabulary
         self.model_name = model_name or "+".join(m.name for m in self.engine.models)
         self.created = int(time.time())
-        app = self.app = FastAPI(title="se_engine", description="OpenAI-compatible speculative ensemble server")
+        self.max_request_sequences, self.max_queued_sequences = max_request_sequences, max_queued_sequences
+        self.queued_sequences = 0  # of the requests accepted and not yet answered; the event loop's alone
+        app = FastAPI(title="se_engine", description="OpenAI-compatible speculative ensemble server",
+                      docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                      openapi_url="/openapi.json" if docs else None)
+        # Outside FastAPI's own middleware, so that its 500s carry the request id too.
+        self.app = _Gate(app, max_body_bytes, api_key)
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
         app.get("/v1/models")(self.models)
         app.get("/health")(self.health)
         app.get("/metrics")(self.metrics)
-        for exc in (APIError, RequestValidationError, HTTPException, ValueError, EngineDeadError):
+        for exc in (APIError, RequestValidationError, HTTPException, ValueError, EngineDeadError, EngineStepError,
+                    Exception):
             app.exception_handler(exc)(_error_response)
 
     # ------------------------------------------------------------ endpoints
@@ -224,8 +384,8 @@ class OpenAIServer:
         prompts = [body.prompt] if isinstance(body.prompt, str) or _is_ids(body.prompt) else body.prompt
         if not prompts:
             raise APIError("prompt: must not be empty", param="prompt")
-        ids = [self.engine.encode(p) for p in prompts]
-        return await self._serve(request, body, ids, body.max_tokens, body.logprobs is not None, COMPLETION)
+        return await self._serve(request, body, len(prompts), lambda: [self.engine.encode(p) for p in prompts],
+                                 body.max_tokens, body.logprobs is not None, COMPLETION)
 
     async def chat_completions(self, body: ChatRequest, request: Request) -> Response:
         tokenizer = self.engine.tokenizer
@@ -235,12 +395,15 @@ class OpenAIServer:
         messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
                      "\n".join(part.text for part in m.content), **({"name": m.name} if m.name else {})}
                     for m in body.messages]
+        max_tokens = body.max_completion_tokens or body.max_tokens  # None: up to the context's end
+        return await self._serve(request, body, 1, lambda: [self._chat_ids(messages)], max_tokens, body.logprobs, CHAT)
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except TemplateError as e:  # e.g. a template that insists on alternating roles
             raise APIError(f"messages: the chat template refused them: {e}", param="messages") from e
-        max_tokens = body.max_completion_tokens or body.max_tokens  # None: up to the context's end
-        return await self._serve(request, body, [self.engine.encode(text)], max_tokens, body.logprobs, CHAT)
+        return self.engine.encode(text)
 
     async def models(self) -> dict:
         e = self.engine
@@ -259,8 +422,11 @@ class OpenAIServer:
 
     # ------------------------------------------------------------ serving one request
 
-    async def _serve(self, request: Request, body: _SamplingRequest, prompts: list[list[int]],
-                     max_tokens: int | None, logprobs: bool, fmt: _Format) -> Response:
+    async def _serve(self, request: Request, body: _SamplingRequest, num_prompts: int,
+                     encode: Callable[[], list[list[int]]], max_tokens: int | None, logprobs: bool,
+                     fmt: _Format) -> Response:
+        """Checks a request, holds queue places for its sequences (num_prompts x n), and answers it.
+        encode: the prompts' token ids (it runs in a worker thread)."""
         if body.model is not None and body.model != self.model_name:
             raise APIError(f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
                            status=404, param="model", code="model_not_found")
@@ -268,27 +434,49 @@ class OpenAIServer:
             raise APIError("stream_options: only allowed with stream=true", param="stream_options")
         if logprobs and body.stream:
             raise APIError("logprobs are only returned by non-streaming requests", param="logprobs")
-        requests = []
-        for ids in prompts:
-            params = self._params(body, ids, max_tokens, logprobs, fmt)
-            requests += [(ids, p) for p in params]
-        outputs = self.async_engine.generate_batch(requests)
-        prompt_tokens = sum(len(ids) for ids in prompts)
-        response_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self._stream(outputs, len(requests), response_id, fmt,
-                                                  prompt_tokens if include_usage else None),
-                                     media_type="text/event-stream")
-        results = await _unless_disconnected(request, _collect(outputs, len(requests)))
-        if results is None:
-            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
-        tokenizer = self.engine.tokenizer
-        completion_tokens = sum(len(r.token_ids) for r in results)
-        return JSONResponse({
-            "id": response_id, "object": fmt.object, "created": int(time.time()), "model": self.model_name,
-            "choices": [fmt.choice(i, r, tokenizer) for i, r in enumerate(results)],
-            "usage": _usage(prompt_tokens, completion_tokens)})
+        count = num_prompts * body.n
+        if count > self.max_request_sequences:
+            raise APIError(f"this request asks for {count} sequences ({num_prompts} prompts x n={body.n}); this "
+                           f"server takes at most {self.max_request_sequences} per request",
+                           param="n" if num_prompts == 1 else "prompt")
+        if self.queued_sequences + count > self.max_queued_sequences:
+            raise APIError(f"the server is busy: {self.queued_sequences} sequences are queued and it holds at most "
+                           f"{self.max_queued_sequences}; retry later", status=429, type="server_busy",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.queued_sequences += count  # held until the response ends, however it ends
+        streaming = False
+        try:
+            prompts = await asyncio.to_thread(encode)
+            requests = []
+            for ids in prompts:
+                params = self._params(body, ids, max_tokens, logprobs, fmt)
+                requests += [(ids, p) for p in params]
+            outputs = self.async_engine.generate_batch(requests)
+            prompt_tokens = sum(len(ids) for ids in prompts)
+            response_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
+            request_id = request.state.request_id
+            logger.info("%s: %s, %d sequences of %d prompt tokens%s", request_id, response_id, count, prompt_tokens,
+                        ", streamed" if body.stream else "")
+            if body.stream:
+                include_usage = body.stream_options is not None and body.stream_options.include_usage
+                streaming = True  # the stream lets go of the places when it ends
+                return _EventStream(self._stream(outputs, count, request_id, response_id, fmt,
+                                                 prompt_tokens if include_usage else None),
+                                    on_close=partial(self._release, count))
+            results = await _unless_disconnected(request, _collect(outputs, count))
+            if results is None:
+                return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+            tokenizer = self.engine.tokenizer
+            choices = await asyncio.to_thread(lambda: [fmt.choice(i, r, tokenizer) for i, r in enumerate(results)])
+            return JSONResponse({
+                "id": response_id, "object": fmt.object, "created": int(time.time()), "model": self.model_name,
+                "choices": choices, "usage": _usage(prompt_tokens, sum(len(r.token_ids) for r in results))})
+        finally:
+            if not streaming:
+                self._release(count)
+
+    def _release(self, count: int) -> None:
+        self.queued_sequences -= count
 
     def _params(self, body: _SamplingRequest, ids: list[int], max_tokens: int | None, logprobs: bool,
                 fmt: _Format) -> list[SamplingParams]:
@@ -297,9 +485,6 @@ class OpenAIServer:
         prompt_param = "messages" if fmt is CHAT else "prompt"
         if not ids:
             raise APIError(f"{prompt_param}: must not be empty", param=prompt_param)
-        vocab = engine.models[0].runner.vocab_size
-        if not all(0 <= t < vocab for t in ids):
-            raise APIError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
         room = engine.max_new_tokens(len(ids))
         if room < 1:
             raise APIError(f"the prompt has {len(ids)} tokens; this model's context of {engine.max_len} tokens takes "
@@ -309,6 +494,9 @@ class OpenAIServer:
             raise APIError(f"max_tokens={max_tokens} is too large: this model's context is {engine.max_len} tokens and "
                            f"the prompt has {len(ids)}, so at most {room} new tokens fit", param="max_tokens",
                            code="context_length_exceeded")
+        vocab = engine.models[0].runner.vocab_size
+        if not all(0 <= t < vocab for t in ids):  # after the length check: it bounds this scan
+            raise APIError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
         try:
             return [SamplingParams(
                 temperature=1.0 if body.temperature is None else body.temperature,
@@ -318,7 +506,7 @@ class OpenAIServer:
         except ValueError as e:
             raise APIError(str(e)) from e
 
-    async def _stream(self, outputs: AsyncIterator, count: int, response_id: str, fmt: _Format,
+    async def _stream(self, outputs: AsyncIterator, count: int, request_id: str, response_id: str, fmt: _Format,
                       prompt_tokens: int | None) -> AsyncIterator[str]:
         """Server-sent events: one chunk per choice and tick that produced text, a chunk with each
         choice's finish_reason, the usage chunk if asked for, then [DONE]."""
@@ -334,8 +522,10 @@ class OpenAIServer:
                     yield _sse({**head, "choices": [fmt.delta(index, out.text, out.finish_reason)]})
                 if out.result is not None:
                     completion_tokens += len(out.result.token_ids)
-        except (ValueError, EngineDeadError) as e:  # the status line has gone: report in the stream
-            yield _sse(_api_error(e).body())
+        except (ValueError, EngineDeadError, EngineStepError) as e:  # the status line has gone: say so here
+            error = _api_error(e)
+            _log_error(request_id, error)
+            yield _sse(error.body())
         else:
             if prompt_tokens is not None:
                 yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
@@ -390,6 +580,7 @@ def _prometheus(engine: AsyncEngine) -> str:
          [({"finish_reason": r}, c) for r, c in s.finished.items()]),
         ("requests_aborted_total", "counter", "Requests cancelled before finishing (client gone)",
          [({}, s.aborted)]),
+        ("requests_failed_total", "counter", "Requests ended by an engine tick that raised", [({}, s.failed)]),
         ("request_latency_seconds", "summary", "Submission to last token, finished requests",
          [({}, s.latency_s, "_sum"), ({}, finished, "_count")]),
         ("prompt_tokens_total", "counter", "Prompt tokens submitted", [({}, s.prompt_tokens)]),
@@ -423,11 +614,56 @@ def _escape(value: str) -> str:
 
 # ---------------------------------------------------------------- entry point
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server with a bounded shutdown. On SIGINT or SIGTERM it stops accepting connections
+    and lets the requests in flight finish for up to ``shutdown_timeout`` seconds; then it closes the
+    engine, which ends those left (a stream with an error event and [DONE], others with a 503), and
+    after SHUTDOWN_GRACE_S more uvicorn cuts what is still open (a client that stopped reading). A
+    second signal exits at once (uvicorn alone forces only on a second SIGINT)."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout: float = SHUTDOWN_TIMEOUT_S):
+        if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, (int, float)) \
+                or not 0 <= shutdown_timeout < math.inf:
+            raise ValueError(f"shutdown_timeout must be a number of seconds >= 0, got {shutdown_timeout!r}")
+        config.timeout_graceful_shutdown = shutdown_timeout + SHUTDOWN_GRACE_S
+        super().__init__(config)
+        self.engine, self.shutdown_timeout = engine, shutdown_timeout
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        again = self.should_exit
+        super().handle_exit(sig, frame)
+        self.force_exit = self.force_exit or again
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        timer = asyncio.get_running_loop().call_later(self.shutdown_timeout, self._end_requests)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    def _end_requests(self) -> None:
+        logger.warning("shutting down: %g s have passed, the requests in flight are ended", self.shutdown_timeout)
+        # close() waits for the engine's current tick: in a thread, so that the loop sends on meanwhile
+        asyncio.get_running_loop().run_in_executor(None, self.engine.close, "the server is shutting down")
+
+
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          log_level: str = "info") -> None:
-    """Serves ``engine`` until interrupted (``se-engine serve``)."""
+          log_level: str = "info", shutdown_timeout: float = SHUTDOWN_TIMEOUT_S, **options: Any) -> None:
+    """Serves ``engine`` until interrupted (``se-engine serve``); see GracefulServer for shutdown_timeout.
+    options: OpenAIServer's."""
     async_engine = AsyncEngine(engine)
+    config = uvicorn.Config(OpenAIServer(async_engine, model_name, **options).app, host=host, port=port,
+                            log_level=log_level, log_config=_log_config(log_level))
     try:
-        uvicorn.run(OpenAIServer(async_engine, model_name).app, host=host, port=port, log_level=log_level)
+        GracefulServer(config, async_engine, shutdown_timeout).run()
+    except KeyboardInterrupt:  # uvicorn raises a SIGINT again once it has shut down (a SIGTERM: the process ends)
+        pass
     finally:
         async_engine.close()
+
+
+def _log_config(level: str) -> dict:
+    """uvicorn's logging, with se_engine's loggers (request ids, failed ticks) on its stderr handler."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["se_engine"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config

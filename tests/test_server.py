@@ -2,15 +2,19 @@
 (and by raw HTTP for malformed input), checked against ``Engine.generate`` and the engine's state."""
 
 import asyncio
+import contextlib
 import json
+import logging
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -26,11 +30,15 @@ from se_engine.async_engine import AsyncEngine, EngineDeadError  # noqa: E402
 from se_engine.engine import Engine  # noqa: E402
 from se_engine.ensemble import EnsembleSpec  # noqa: E402
 from se_engine.sampling import SamplingParams  # noqa: E402
+from se_engine import server as server_module  # noqa: E402
+from se_engine.cli import main as cli_main  # noqa: E402
 from se_engine.server import OpenAIServer  # noqa: E402
 
 NAMES = ["tiny-random-llama", "tiny-random-qwen2"]
 MAX_LEN = 512
 MODEL = "tiny-se"
+LIMITS = dict(max_body_bytes=2**20, max_request_sequences=32, max_queued_sequences=48)  # the test server's
+KEY = "sk-test-0123456789"
 
 
 def tiny_engine() -> Engine:
@@ -47,23 +55,41 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def server():
-    """uvicorn in a background thread on a free loopback port, serving its own engine."""
-    engine = AsyncEngine(tiny_engine())
+@contextlib.contextmanager
+def running(app, srv: uvicorn.Server | None = None) -> Iterator[SimpleNamespace]:
+    """uvicorn (or srv, a server of app) in a background thread on a free loopback port; yields its
+    url and thread."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(OpenAIServer(engine, MODEL).app, log_level="warning"))
+    srv = srv or uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not srv.started:
         time.sleep(0.01)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    yield SimpleNamespace(url=url, engine=engine, http=httpx.Client(base_url=url, timeout=30),
-                          client=openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30))
-    srv.should_exit = True
-    thread.join()
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{sock.getsockname()[1]}", thread=thread)
+    finally:
+        srv.should_exit = True
+        thread.join()
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The server under test, on its own engine."""
+    engine = AsyncEngine(tiny_engine())
+    api = OpenAIServer(engine, MODEL, **LIMITS)
+    with running(api.app) as up:
+        url = up.url
+        yield SimpleNamespace(url=url, engine=engine, api=api, http=httpx.Client(base_url=url, timeout=30),
+                              client=openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30))
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def keyed(server) -> str:
+    """A second server over the same engine, with an API key and the docs on; its URL."""
+    with running(OpenAIServer(server.engine, MODEL, api_key=KEY, docs=True).app) as up:
+        yield up.url
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +103,11 @@ def greedy(reference: Engine, prompt: str, max_tokens: int, **kw) -> str:
 
 
 def wait_idle(server) -> None:
-    """Every request has left the engine: no live stream, no sequence waiting or holding a slot."""
+    """Every request has left the engine and the server: no live stream, no sequence waiting or holding
+    a slot or a place in the server's queue."""
     sched = server.engine.engine.scheduler
     deadline = time.monotonic() + 10
-    while server.engine.num_unfinished or sched.running or sched.waiting:
+    while server.engine.num_unfinished or sched.running or sched.waiting or server.api.queued_sequences:
         assert time.monotonic() < deadline, "requests still in the engine"
         time.sleep(0.01)
     assert len(sched.free) == sched.max_batch
@@ -188,6 +215,30 @@ def test_logprobs(server):
     chat = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "log"}],
                                                  max_tokens=8, temperature=0.8, seed=1, logprobs=True)
     assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
+    none = server.http.post("/v1/completions", json={"prompt": "log", "max_tokens": 2, "logprobs": False})
+    assert none.json()["choices"][0]["logprobs"] is None  # false (sent by some clients) asks for none
+
+
+def test_no_nan_reaches_json(server, monkeypatch):
+    """Logprobs that are not finite (a model's NaN logits) arrive as null: JSON has no NaN or infinity."""
+    engine = server.engine.engine
+    step = engine.step
+
+    def poisoned() -> list:
+        outputs = step()
+        for out in outputs:
+            if out.result is not None and out.result.logprobs:
+                out.result.logprobs[0], out.result.logprobs[-1] = math.nan, -math.inf
+        return outputs
+
+    monkeypatch.setattr(engine, "step", poisoned)  # the engine thread looks it up every tick
+    kw = dict(max_tokens=3, temperature=0, ignore_eos=True)
+    r = server.http.post("/v1/completions", json={"prompt": "nan", "logprobs": 0, **kw})
+    assert json.loads(r.text, parse_constant=pytest.fail)["choices"][0]["logprobs"]["token_logprobs"][::2] == [None] * 2
+    r = server.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "nan"}],
+                                                       "logprobs": True, **kw})
+    content = json.loads(r.text, parse_constant=pytest.fail)["choices"][0]["logprobs"]["content"]
+    assert [c["logprob"] for c in content][::2] == [None] * 2
 
 
 def test_models_health_metrics(server):
@@ -222,7 +273,34 @@ BAD = {
     "unknown field": ("/v1/completions", {"prompt": "a", "mystery": 1}, 400, "mystery", "unsupported field"),
     "unsupported value": ("/v1/completions", {"prompt": "a", "frequency_penalty": 0.5}, 400, "frequency_penalty",
                           "only 0 or null"),
-    "top logprobs": ("/v1/completions", {"prompt": "a", "logprobs": 2}, 400, "logprobs", "only null or 0"),
+    "top logprobs": ("/v1/completions", {"prompt": "a", "logprobs": 2}, 400, "logprobs", "only null or false or 0"),
+    "logprobs true": ("/v1/completions", {"prompt": "a", "logprobs": True}, 400, "logprobs", "only null or false"),
+    "echo 0 (not a bool)": ("/v1/completions", {"prompt": "a", "echo": 0}, 400, "echo", "only false or null"),
+    "max_tokens as a string": ("/v1/completions", {"prompt": "a", "max_tokens": "5"}, 400, "max_tokens",
+                               "valid integer"),
+    "max_tokens as a bool": ("/v1/completions", {"prompt": "a", "max_tokens": True}, 400, "max_tokens",
+                             "valid integer"),
+    "n as a float": ("/v1/completions", {"prompt": "a", "n": 2.0}, 400, "n", "valid integer"),
+    "token id as a bool": ("/v1/completions", {"prompt": [True]}, 400, "prompt", "valid"),
+    "stream as a string": ("/v1/completions", {"prompt": "a", "stream": "yes"}, 400, "stream", "valid boolean"),
+    "include_usage as a number": ("/v1/completions", {"prompt": "a", "stream": True,
+                                                      "stream_options": {"include_usage": 1}}, 400, "stream_options",
+                                  "valid boolean"),
+    "chat logprobs as a string": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                                           "logprobs": "true"}, 400, "logprobs", "valid boolean"),
+    "temperature NaN": ("/v1/completions", b'{"prompt": "a", "temperature": NaN}', 400, "temperature", "finite"),
+    "top_p infinite": ("/v1/completions", b'{"prompt": "a", "top_p": Infinity}', 400, "top_p", "finite"),
+    "temperature underflows": ("/v1/completions", {"prompt": "a", "temperature": 1e-39}, 400, "temperature",
+                               "underflows in float32"),
+    "top_p underflows": ("/v1/completions", {"prompt": "a", "top_p": 1e-45}, 400, "top_p", "underflows in float32"),
+    "lone surrogate in a prompt": ("/v1/completions", {"prompt": "a\ud800"}, 400, "prompt", "unicode"),
+    "lone surrogate in a prompt list": ("/v1/completions", {"prompt": ["ok", "\udfff"]}, 400, "prompt",
+                                        "unicode"),
+    "lone surrogate in a stop string": ("/v1/completions", {"prompt": "a", "stop": "\ud800"}, 400, "stop",
+                                        "unicode"),
+    "lone surrogate in a message": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]},
+                                    400, "messages", "unicode"),
+    "lone surrogate in a field name": ("/v1/completions", {"prompt": "a", "\ud800": 1}, 400, None, "unicode"),
     "stream with logprobs": ("/v1/completions", {"prompt": "a", "logprobs": 0, "stream": True}, 400, "logprobs",
                              "non-streaming"),
     "empty stop string": ("/v1/completions", {"prompt": "a", "stop": [""]}, 400, "stop", "at least 1 character"),
@@ -236,6 +314,10 @@ BAD = {
     "chat beyond the context": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 600}]},
                                 400, "messages", "context"),
     "unknown route": ("/v1/embeddings", {"input": "a"}, 404, None, "Not Found"),
+    "more sequences than a request may ask for": ("/v1/completions", {"prompt": ["a", "b", "c"], "n": 11}, 400,
+                                                  "prompt", "33 sequences (3 prompts x n=11); this server takes "
+                                                  "at most 32 per request"),
+    "body beyond the limit": ("/v1/completions", {"prompt": "x" * 2**20}, 413, None, "limit of 1048576 bytes"),
 }
 
 
@@ -249,6 +331,90 @@ def test_bad_requests_get_openai_errors(server, case):
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and message in error["message"], error
     assert_serving(server)
+
+
+def test_unforeseen_errors_are_json_500s(server, monkeypatch):
+    monkeypatch.setattr(server.engine.engine, "models", [None])  # /v1/models reads their names: AttributeError
+    r = server.http.get("/v1/models", headers={"X-Request-Id": "broken-1"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert r.headers["x-request-id"] == "broken-1"
+    monkeypatch.undo()
+    assert_serving(server)
+
+
+def test_a_chunked_body_beyond_the_limit_is_refused(server):
+    """Without a Content-Length the body is counted as it arrives."""
+    chunks = iter([b'{"prompt": "', b"x" * LIMITS["max_body_bytes"], b'"}'])
+    r = server.http.post("/v1/completions", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit of 1048576 bytes" in r.json()["error"]["message"]
+    assert_serving(server)
+
+
+def test_a_full_queue_answers_429(server):
+    """Sequences held by requests in flight count against the queue; past it a request gets a 429
+    with Retry-After, and the places come back when the requests end."""
+    body = {"prompt": ["hold", "on"], "n": 16, "max_tokens": 500, "ignore_eos": True, "stream": True}  # 32 of 48
+    with server.http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200 and server.api.queued_sequences == 32
+        with pytest.raises(openai.RateLimitError) as e:
+            server.client.completions.create(model=MODEL, prompt=["a", "b"], n=9, max_tokens=1)  # 32 + 18 > 48
+        assert e.value.response.headers["retry-after"] == "1" and e.value.code == "queue_full"
+    wait_idle(server)
+    out = server.client.completions.create(model=MODEL, prompt=["a", "b"], n=16, max_tokens=1)  # the places are back
+    assert len(out.choices) == 32
+    assert_serving(server)
+
+
+def test_health_answers_while_a_huge_prompt_is_tokenized(server):
+    """Tokenizing runs in a worker thread: /health answers at once while the largest body the
+    server takes is tokenized (a prompt too long for the context: a 400 afterwards)."""
+    prompt = "word " * ((LIMITS["max_body_bytes"] - 20) // 5)
+    result = {}
+
+    def post() -> None:
+        result["response"] = server.http.post("/v1/completions", json={"prompt": prompt})
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    waits = []
+    while thread.is_alive():
+        start = time.monotonic()
+        assert server.http.get("/health").status_code == 200
+        waits.append(time.monotonic() - start)
+        time.sleep(0.02)
+    thread.join()
+    assert result["response"].json()["error"]["code"] == "context_length_exceeded", result["response"].text[:300]
+    assert len(waits) > 3 and max(waits) < 0.5, waits
+    assert_serving(server)
+
+
+def test_docs_are_off_unless_asked_for(server):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert server.http.get(path).status_code == 404, path
+
+
+def test_api_key(keyed):
+    http = httpx.Client(base_url=keyed, timeout=30)
+    body = {"prompt": "a", "max_tokens": 2}
+    for auth in (None, "Bearer wrong", f"Bearer {KEY}x", KEY, f"Basic {KEY}", "Bearer"):
+        r = http.post("/v1/completions", json=body, headers={"Authorization": auth} if auth else {})
+        assert r.status_code == 401, auth
+        assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+    for path in ("/v1/models", "/metrics", "/openapi.json", "/docs", "/v1/unknown"):
+        assert http.get(path).status_code == 401, path
+    assert http.get("/health").status_code == 200  # open: for load balancers
+    right = {"Authorization": f"Bearer {KEY}"}
+    assert http.post("/v1/completions", json=body, headers=right).json()["usage"]["completion_tokens"] <= 2
+    assert http.get("/openapi.json", headers=right).status_code == 200  # docs asked for
+    assert http.post("/v1/completions", content=b"x" * 2**23, headers=right).status_code == 413  # limits still apply
+
+    def client(key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=keyed + "/v1", api_key=key, max_retries=0, timeout=30)
+
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        client("wrong").completions.create(model=MODEL, prompt="a", max_tokens=2)
+    out = client(KEY).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a"}], max_tokens=2)
+    assert out.usage.completion_tokens <= 2
 
 
 def test_client_library_sees_errors(server):
@@ -300,18 +466,164 @@ def test_non_streaming_disconnect_aborts_the_request(server):
     assert_serving(server)
 
 
+# ---------------------------------------------------------------- request ids
+
+def test_request_ids(server, keyed, caplog):
+    """Every response has an X-Request-Id: the client's if it sent one that looks like an id, else a
+    fresh one; the server's log lines name it."""
+    caplog.set_level(logging.INFO, logger="se_engine.server")
+    body = {"prompt": "a", "max_tokens": 2}
+
+    def request_id(sent: str | None = None, path: str = "/v1/completions", **kw) -> str:
+        headers = {"X-Request-Id": sent} if sent else {}
+        return server.http.post(path, json=kw.get("json", body), headers=headers).headers["x-request-id"]
+
+    assert request_id("client-42") == "client-42"
+    fresh = [request_id(), request_id(), request_id("x" * 129), request_id("not an id")]
+    assert len(set(fresh)) == 4 and all(re.fullmatch("[0-9a-f]{32}", r) for r in fresh)
+    assert request_id("bad-1", json={"prompt": ""}) == "bad-1"  # errors too
+    assert request_id("lost-1", path="/v1/nothing") == "lost-1"
+    with server.http.stream("POST", "/v1/completions", json={**body, "stream": True},
+                            headers={"X-Request-Id": "stream-1"}) as r:
+        assert r.headers["x-request-id"] == "stream-1"
+    assert httpx.get(keyed + "/v1/models", headers={"X-Request-Id": "nokey-1"}).headers["x-request-id"] == "nokey-1"
+    lines = [r.getMessage() for r in caplog.records if r.name == "se_engine.server"]
+    for start in ("client-42: cmpl-", "stream-1: cmpl-", "bad-1: 400 prompt: must not be empty", "lost-1: 404 ",
+                  "nokey-1: 401 "):
+        assert any(line.startswith(start) for line in lines), (start, lines)
+    assert_serving(server)
+
+
+# ---------------------------------------------------------------- a failing engine tick
+
+def test_a_failing_tick_fails_only_its_requests(server, monkeypatch):
+    """A tick that raises (a fault planted in a model's forward) ends the requests it was decoding with
+    an error: a 500, or in a stream an error event and [DONE]. A request waiting for a slot was not
+    in that tick: it runs afterwards, and the engine serves on."""
+    runner, sched = server.engine.engine.models[0].runner, server.engine.engine.scheduler
+    forward = runner.forward
+
+    def fail_once(*args, **kwargs):
+        runner.forward = forward
+        raise RuntimeError("planted fault")
+
+    failed = server.engine.stats.failed
+    monkeypatch.setattr(runner, "forward", fail_once)
+    r = server.http.post("/v1/completions", json={"prompt": "a", "max_tokens": 4})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+    assert "planted fault" in r.json()["error"]["message"]
+
+    later = {}
+    body = {"prompt": "fill", "n": sched.max_batch, "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with server.http.stream("POST", "/v1/completions", json=body) as stream:
+        events = (line[6:] for line in stream.iter_lines() if line.startswith("data: "))
+        next(events)  # every slot is decoding the stream's sequences
+        waiter = threading.Thread(target=lambda: later.update(
+            r=server.http.post("/v1/completions", json={"prompt": "b", "max_tokens": 4, "temperature": 0})))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while not sched.waiting:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        monkeypatch.setattr(runner, "forward", fail_once)
+        rest = list(events)
+    assert rest[-1] == "[DONE]" and "planted fault" in json.loads(rest[-2])["error"]["message"]
+    waiter.join()
+    assert later["r"].status_code == 200 and later["r"].json()["usage"]["completion_tokens"] >= 1
+    assert server.engine.stats.failed == failed + 1 + sched.max_batch
+    assert server.engine.alive
+    assert_serving(server)
+
+
+# ---------------------------------------------------------------- shutting down
+
+@pytest.fixture
+def slow_server(monkeypatch):
+    """A GracefulServer on its own engine whose ticks take 50 ms or more (a model's forward sleeps);
+    yields (url, server, its thread)."""
+    engine = AsyncEngine(tiny_engine())
+    runner = engine.engine.models[0].runner
+    forward = runner.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.05)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "forward", slow_forward)
+    app = OpenAIServer(engine, MODEL).app
+    srv = server_module.GracefulServer(uvicorn.Config(app, log_level="warning"), engine, shutdown_timeout=2)
+    try:
+        with running(app, srv) as up:
+            yield up.url, srv, up.thread
+    finally:
+        engine.close()
+
+
+def _stream_events(url: str, max_tokens: int) -> Iterator[str]:
+    """The data of a completion stream's events, the connection closed when the generator is."""
+    body = {"model": MODEL, "prompt": "go on", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        yield from (line[6:] for line in r.iter_lines() if line.startswith("data: "))
+
+
+def test_shutdown_lets_requests_finish_then_ends_them(slow_server):
+    """After a signal, a request that finishes within the shutdown timeout gets its whole answer;
+    those still running at the timeout end: a stream with an error event and [DONE], another with a
+    503. Then the server exits."""
+    url, srv, thread = slow_server
+    events = _stream_events(url, 400)  # 400 tokens take over 5 s at 20 ticks per second
+    next(events)
+    answers = {}
+
+    def post(max_tokens: int) -> None:
+        answers[max_tokens] = httpx.post(url + "/v1/completions", json={"prompt": "p", "max_tokens": max_tokens,
+                                                                        "ignore_eos": True}, timeout=30)
+
+    waiters = [threading.Thread(target=post, args=(n,)) for n in (3, 400)]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.3)  # both are in the engine
+    start = time.monotonic()
+    srv.handle_exit(signal.SIGTERM, None)
+    rest = list(events)
+    assert 2 <= time.monotonic() - start < 5
+    assert rest[-1] == "[DONE]" and json.loads(rest[-2])["error"]["message"] == "the server is shutting down"
+    for waiter in waiters:
+        waiter.join()
+    assert answers[3].status_code == 200 and answers[3].json()["usage"]["completion_tokens"] == 3
+    assert answers[400].status_code == 503 and answers[400].json()["error"]["message"] == "the server is shutting down"
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def test_a_second_signal_exits_at_once(slow_server):
+    url, srv, thread = slow_server
+    events = _stream_events(url, 400)
+    next(events)
+    start = time.monotonic()
+    srv.handle_exit(signal.SIGTERM, None)
+    time.sleep(0.3)
+    assert srv.server_state.connections  # waiting for the stream (for up to 2 s)
+    srv.handle_exit(signal.SIGTERM, None)
+    with pytest.raises(httpx.HTTPError):  # cut: no [DONE]
+        list(events)
+    thread.join(timeout=1)
+    assert not thread.is_alive() and time.monotonic() - start < 1.5
+
+
 # ---------------------------------------------------------------- the command line
 
 def test_serve_command():
-    """``se-engine serve`` answers once /health does, and exits cleanly on Ctrl-C."""
+    """``se-engine serve`` answers once /health does (its key from SE_ENGINE_API_KEY), and exits cleanly
+    on Ctrl-C."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "se_engine.cli", "serve", "--models", *NAMES, "--gammas", "3", "1",
            "--dtype", "float32", "--max-batch", "2", "--max-len", "128", "--port", str(port),
-           "--served-model-name", "cli"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+           "--served-model-name", "cli", "--shutdown-timeout", "1"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "SE_ENGINE_API_KEY": KEY},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -323,12 +635,21 @@ def test_serve_command():
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "the server did not come up"
                 time.sleep(0.2)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         out = client.chat.completions.create(model="cli", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert out.usage.completion_tokens <= 4
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+def test_serve_help_states_the_servers_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("MAX_BODY_BYTES", "MAX_REQUEST_SEQUENCES", "MAX_QUEUED_SEQUENCES", "SHUTDOWN_TIMEOUT_S"):
+        assert f"(default: {getattr(server_module, name)}" in text, name
 
 
 # ---------------------------------------------------------------- the in-process API

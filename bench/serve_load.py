@@ -2,15 +2,18 @@
 
     python -m bench.serve_load [--requests 200] [--concurrency 16] [--max-batch 8] [--threads 1]
 
-Starts the server as a subprocess (the tiny random models, se with gammas [3, 1], fp32) and sends
---requests requests from --concurrency concurrent clients (raw HTTP, as the openai client sends it).
-Requests come in twins: requests 2k and 2k+1 have the same prompt, seed (k), temperature 0.8 and
-max_tokens (8 .. 64), one streamed and one not; twins alternate between /v1/completions and
-/v1/chat/completions. Checks: every request answered once with status 200 and no error event, all
-response ids distinct, twins identical (no output crosses between requests, streaming equals
-non-streaming), completion tokens within max_tokens, the server's own counters (finished, aborted,
-generated tokens) matching what the clients received, and the server's RSS back near its post-warm-up
-baseline afterwards. Writes bench/results/serve-load-<device>.{md,json}.
+Starts the server as a subprocess (the tiny random models, se with gammas [3, 1], the server's
+default dtype unless --dtype) and sends --requests requests from --concurrency concurrent clients (raw
+HTTP, as the openai client sends it). Requests come in twins: requests 2k and 2k+1 have the same
+prompt, seed (k), temperature (0: greedy for every third pair, else 0.8) and max_tokens (8 .. 64), one
+streamed and one not; twins alternate between /v1/completions and /v1/chat/completions. After the
+load, one request of each pair is sent again alone (one client, one request at a time): its solo
+reference. Checks: every request answered once with status 200 and no error event, all response ids
+distinct, twins identical (no output crosses between requests, streaming equals non-streaming), every
+response equal to its solo reference (what a request emits does not depend on what else the batch
+held), completion tokens within max_tokens, the server's own counters (finished, aborted, generated
+tokens) matching what the clients received, and the server's RSS back near its post-warm-up baseline
+afterwards. Writes bench/results/serve-load-<device>.{md,json}.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def metrics(client: httpx.Client) -> dict[str, float]:
 def request_body(i: int) -> tuple[str, dict]:
     """Request i: the twin pair k = i // 2 shares everything but streaming."""
     k = i // 2
-    body = {"model": "bench", "max_tokens": 8 + (k * 7) % 57, "temperature": 0.8, "seed": k, "stream": i % 2 == 1}
+    body = {"model": "bench", "max_tokens": 8 + (k * 7) % 57, "temperature": 0.0 if k % 3 == 0 else 0.8, "seed": k,
+            "stream": i % 2 == 1}
     text = f"Request {k}: tell me about the number {k * 37 % 101}."
     if body["stream"]:
         body["stream_options"] = {"include_usage": True}
@@ -114,8 +118,9 @@ async def load(url: str, indices: list[int], concurrency: int) -> list[dict]:
         return [rec for recs in await asyncio.gather(*[worker() for _ in range(concurrency)]) for rec in recs]
 
 
-def check(records: list[dict], sent: int, before: dict, after: dict) -> dict[str, bool]:
+def check(records: list[dict], solo: list[dict], sent: int, before: dict, after: dict) -> dict[str, bool]:
     ok = [r for r in records if r["status"] == 200 and not r["errors"] and r.get("id")]
+    alone = {r["i"] // 2: r["text"] for r in solo if r["status"] == 200 and not r["errors"]}
     by_index = sorted(r["i"] for r in records)
     twins = {}
     for r in ok:
@@ -129,6 +134,8 @@ def check(records: list[dict], sent: int, before: dict, after: dict) -> dict[str
         "response ids distinct": len({r["id"] for r in ok}) == sent,
         "streams ended with [DONE]": all(r.get("done") for r in ok if r["stream"]),
         "twins identical (streamed = not streamed)": all(len(set(t)) == 1 for t in twins.values()),
+        "every response equal to its solo reference": len(alone) == sent // 2 and all(
+            r["text"] == alone[r["i"] // 2] for r in ok),
         "completion tokens within max_tokens": all(
             r["tokens"] <= r["max_tokens"] and (r["finish"] != "length" or r["tokens"] == r["max_tokens"])
             for r in ok),
@@ -146,8 +153,9 @@ def markdown(result: dict) -> str:
 
 {header_markdown(result)}- server: `{result['server']}` (OMP_NUM_THREADS={result['threads']})
 - workload: {result['requests']} requests from {result['concurrency']} concurrent clients (raw HTTP), closed loop;
-  twins 2k / 2k+1 share prompt, seed k, temperature 0.8 and max_tokens (8 .. 64), one streamed and one not;
-  twins alternate between /v1/completions and /v1/chat/completions; {result['warmup']} warm-up requests first
+  twins 2k / 2k+1 share prompt, seed k, temperature (0 for every third pair, else 0.8) and max_tokens (8 .. 64),
+  one streamed and one not; twins alternate between /v1/completions and /v1/chat/completions;
+  {result['warmup']} warm-up requests first; afterwards one request of each pair alone (its solo reference)
 - note: {result['note']}
 
 | check | passed |
@@ -182,6 +190,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="the server's OMP_NUM_THREADS (tiny models: 1 is fastest)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="the server's --dtype (default: its own, bf16)")
     ap.add_argument("--note", default="-", help="conditions worth recording (e.g. a shared CPU)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -189,9 +198,9 @@ def main() -> None:
         ap.error("--requests must be even (requests come in twins)")
 
     port = free_port()
-    server_args = ["serve", "--models", *MODELS, "--gammas", "3", "1", "--dtype", "float32", "--max-len", "512",
+    server_args = ["serve", "--models", *MODELS, "--gammas", "3", "1", "--max-len", "512",
                    "--max-batch", str(args.max_batch), "--port", str(port), "--served-model-name", "bench",
-                   "--log-level", "warning"]
+                   "--log-level", "warning", *(["--dtype", args.dtype] if args.dtype else [])]
     proc = subprocess.Popen([sys.executable, "-m", "se_engine.cli", *server_args],
                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     url = f"http://127.0.0.1:{port}"
@@ -232,11 +241,12 @@ def main() -> None:
         time.sleep(2)  # let the server finish its bookkeeping
         after = metrics(client)
         rss.update(peak=max(peak), after=rss_mb(proc.pid))
+        solo = asyncio.run(load(url, list(range(0, args.requests, 2)), 1))
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
 
-    checks = check(records, args.requests, before, after)
+    checks = check(records, solo, args.requests, before, after)
     checks["server RSS back to about its baseline"] = rss["after"] <= rss["baseline"] * RSS_SLACK
     latencies = [r["latency"] for r in records]
     ttfts = [r["ttft"] for r in records if "ttft" in r]

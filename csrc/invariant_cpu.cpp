@@ -41,9 +41,9 @@ using bf16 = c10::BFloat16;
 
 constexpr int64_t LANES = 16;     // fp32 lanes of one accumulator
 constexpr int64_t KBLOCK = 32;    // bf16 elements per accumulation step
-constexpr int64_t ROW_TILE = 4;   // rows of x per register tile
+constexpr int64_t ROW_TILE = 6;   // rows of x per register tile (24 accumulators: 10 loads per 24 dot steps)
 constexpr int64_t COL_TILE = 4;   // rows of w (outputs) per register tile
-constexpr int64_t L2_BYTES = 256 * 1024;  // budget for one block of x rows, reused across the outputs
+constexpr int64_t L2_BYTES = 768 * 1024;  // one block of x rows, kept in L2 (1 MiB here) while the weights stream past
 
 // SE_ENGINE_PORTABLE_KERNELS=1 forces the portable loops (tests of the path other CPUs take).
 bool has_avx512_bf16() {
@@ -61,9 +61,11 @@ inline float bf16_to_float(const bf16* p) { return static_cast<float>(*p); }
 
 // ------------------------------------------------------------------------------------------ linear
 
-// Portable twin of the register tile below: R x C dot products with the same lane structure.
+// Portable twin of the register tile below: R x C dot products with the same lane structure; writes
+// y[r * ldy + c] = bf16(x[r, :] . w[c, :] + bias[c]).
 template <int R, int C>
-void tile_portable(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t K, float* out, int64_t ldo) {
+void tile_portable(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t K, const float* bias, bf16* y,
+                   int64_t ldy) {
   float acc[R][C][LANES] = {};
   for (int64_t k0 = 0; k0 < K; k0 += KBLOCK) {
     for (int r = 0; r < R; ++r) {
@@ -85,7 +87,7 @@ void tile_portable(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64
       for (int64_t width = LANES / 2; width >= 1; width /= 2) {
         for (int64_t i = 0; i < width; ++i) lanes[i] += lanes[i + width];
       }
-      out[r * ldo + c] = lanes[0];
+      y[r * ldy + c] = bf16(lanes[0] + bias[c]);
     }
   }
 }
@@ -112,41 +114,64 @@ __attribute__((target("avx512f"))) inline __m512 reduce16(const __m512* a) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
 }
 
-// The sums of an R x C tile: out[r * ldo + c] = x[r, :] . w[c, :] (fp32, not yet rounded).
+// One 32-wide step of an R x C tile: acc[r][c] += x[r, k0 : k0 + 32] . w[c, k0 : k0 + 32] by lane pairs.
+// FULL: a whole block (plain loads, and a prefetch of the weights PREFETCH elements ahead, since the
+// weights stream from memory while x stays in cache); else the masked tail of K.
+constexpr int64_t PREFETCH = 512;
+
+template <int R, int C, bool FULL>
+__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline void tile_step(
+    __m512 (&acc)[R][C], const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t k0, __mmask32 mask) {
+  __m512bh wv[C];
+#pragma GCC unroll 4
+  for (int c = 0; c < C; ++c) {
+    if constexpr (FULL) {
+      wv[c] = (__m512bh)_mm512_loadu_si512(w + c * ldw + k0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + c * ldw + k0 + PREFETCH), _MM_HINT_T0);
+    } else {
+      wv[c] = load_bf16(w + c * ldw + k0, mask);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const __m512bh xv = FULL ? (__m512bh)_mm512_loadu_si512(x + r * ldx + k0) : load_bf16(x + r * ldx + k0, mask);
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
+  }
+}
+
+// An R x C tile: y[r * ldy + c] = bf16(x[r, :] . w[c, :] + bias[c]) (sums in fp32, rounded once, RNE).
 template <int R, int C>
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
-void tile_avx512(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t K, float* out, int64_t ldo) {
+void tile_avx512(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t K, const float* bias, bf16* y,
+                 int64_t ldy) {
   // Fully unrolled so that the R x C accumulators live in registers.
   __m512 acc[R][C];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t k0 = 0; k0 < K; k0 += KBLOCK) {
-    const __mmask32 mask = K - k0 >= KBLOCK ? ~__mmask32(0) : (__mmask32(1) << (K - k0)) - 1;
-    __m512bh wv[C];
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) wv[c] = load_bf16(w + c * ldw + k0, mask);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m512bh xv = load_bf16(x + r * ldx + k0, mask);
-#pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
-    }
-  }
-  __m512 all[16];
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) all[i] = i / COL_TILE < R && i % COL_TILE < C ? acc[i / COL_TILE][i % COL_TILE] : _mm512_setzero_ps();
-  float sums[16];
-  _mm512_storeu_ps(sums, reduce16(all));
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) out[r * ldo + c] = sums[r * COL_TILE + c];
+  const int64_t full = K / KBLOCK * KBLOCK;
+  for (int64_t k0 = 0; k0 < full; k0 += KBLOCK) tile_step<R, C, true>(acc, x, ldx, w, ldw, k0, 0);
+  if (full < K) tile_step<R, C, false>(acc, x, ldx, w, ldw, full, (__mmask32(1) << (K - full)) - 1);
+  // Place p = r * COL_TILE + c; 16 places per reduce16, whose 16 sums take the biases c = p % 4.
+  constexpr int PLACES = ROW_TILE * COL_TILE, GROUPS = (PLACES + 15) / 16;
+  __m512 all[GROUPS * 16];
+#pragma GCC unroll 32
+  for (int i = 0; i < GROUPS * 16; ++i)
+    all[i] = i / COL_TILE < R && i % COL_TILE < C ? acc[i / COL_TILE][i % COL_TILE] : _mm512_setzero_ps();
+  const __m512 biases = _mm512_broadcast_f32x4(_mm_loadu_ps(bias));
+  bf16 rounded[GROUPS * 16];
+#pragma GCC unroll 2
+  for (int g = 0; g < GROUPS; ++g)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(rounded + 16 * g),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(reduce16(all + 16 * g), biases)));
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) std::memcpy(y + r * ldy, rounded + r * COL_TILE, C * sizeof(bf16));
 }
 #endif
 
-using TileFn = void (*)(const bf16*, int64_t, const bf16*, int64_t, int64_t, float*, int64_t);
+using TileFn = void (*)(const bf16*, int64_t, const bf16*, int64_t, int64_t, const float*, bf16*, int64_t);
 
 template <int R, int C>
 TileFn tile_fn() {
@@ -163,8 +188,8 @@ std::array<TileFn, COL_TILE> tile_row() {
 }
 
 const std::array<std::array<TileFn, COL_TILE>, ROW_TILE>& tiles() {
-  static const std::array<std::array<TileFn, COL_TILE>, ROW_TILE> table = {tile_row<1>(), tile_row<2>(),
-                                                                           tile_row<3>(), tile_row<4>()};
+  static const std::array<std::array<TileFn, COL_TILE>, ROW_TILE> table = {
+      tile_row<1>(), tile_row<2>(), tile_row<3>(), tile_row<4>(), tile_row<5>(), tile_row<6>()};
   return table;
 }
 
@@ -182,7 +207,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
   const at::Tensor x = x_in.reshape({-1, K}).contiguous();
   const at::Tensor w = w_in.contiguous();
   const int64_t M = x.size(0);
-  std::vector<float> b(N, 0.f);
+  std::vector<float> b(N + COL_TILE, 0.f);  // padded: a tile reads COL_TILE biases
   if (bias.has_value()) {
     check_bf16_matrix(*bias, "bias");
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "], got ", bias->sizes());
@@ -201,16 +226,13 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
   const auto& table = tiles();
   // Threads split the outputs, never a sum: each output's order is the same for any thread count.
   at::parallel_for(0, col_tiles, 1, [&](int64_t t0, int64_t t1) {
-    float sums[ROW_TILE * COL_TILE];
     for (int64_t m0 = 0; m0 < M; m0 += row_block) {
       const int64_t m1 = std::min(M, m0 + row_block);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * COL_TILE, cols = std::min<int64_t>(COL_TILE, N - n0);
         for (int64_t m = m0; m < m1; m += ROW_TILE) {
           const int64_t rows = std::min<int64_t>(ROW_TILE, m1 - m);
-          table[rows - 1][cols - 1](xp + m * K, K, wp + n0 * K, K, K, sums, COL_TILE);
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t c = 0; c < cols; ++c) yp[(m + r) * N + n0 + c] = bf16(sums[r * COL_TILE + c] + b[n0 + c]);
+          table[rows - 1][cols - 1](xp + m * K, K, wp + n0 * K, K, K, b.data() + n0, yp + m * N + n0, N);
         }
       }
     }

@@ -136,7 +136,7 @@ class _Shape:
         slots = torch.arange(span, device=inputs.device).repeat_interleave(width)
         self.batch = PackedBatch(tokens=ids, slots=slots, positions=positions, pad_index=None,
                                  query_pos=positions.view(span, width), logit_index=logit_rows, lo=0, span=span,
-                                 width=width, kv_len=model.max_len)
+                                 width=width, kv_len=model.max_len, invariant=model.invariant)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.hidden: Tensor | None = None  # the graph's output [N, hidden]
 

@@ -1,4 +1,5 @@
-"""Batch-invariant bf16 CPU kernels (``csrc/invariant_cpu.cpp``) and their PyTorch twins.
+"""Batch-invariant bf16 kernels: the CPU's (``csrc/invariant_cpu.cpp``), the GPU's
+(``triton_kernels/invariant.py``), and their PyTorch twins.
 
 A kernel is batch-invariant when each output element is computed by the same instructions in the
 same order whatever else the call carries: other rows, other queries, padded keys, threads. Then a
@@ -8,9 +9,10 @@ ensemble in bf16 too. On this project's CPUs neither oneDNN's bf16 GEMM (its red
 changes with the row count for K >= ~1500) nor PyTorch's CPU SDPA (it changes with the number of
 keys after the query's causal limit) is invariant.
 
-``linear`` / ``attention`` run the extension (se_engine._kv); ``*_reference`` are their fp32
-PyTorch twins, which the tests hold them to within bf16 rounding (the kernels' sums are fp32 in a
-fixed order, not the twins' order, so equality is not expected; invariance is tested bitwise).
+``linear`` / ``attention`` run the extension (se_engine._kv) on CPU tensors and the Triton kernels
+(imported on first use) on CUDA tensors; ``*_reference`` are their fp32 PyTorch twins, which the
+tests hold both to within bf16 rounding (the kernels' sums are fp32 in a fixed order, not the twins'
+order, so equality is not expected; invariance is tested bitwise).
 """
 
 from __future__ import annotations
@@ -22,8 +24,16 @@ from torch import Tensor
 from . import kv_ops
 
 
+def _gpu():
+    from triton_kernels import invariant
+
+    return invariant
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [..., K] @ weight [N, K]^T + bias [N] -> [..., N], all bf16 (fp32 sums, rounded once)."""
+    if x.is_cuda:
+        return _gpu().linear(x, weight, bias)
     return kv_ops.ops("se_inv").linear(x, weight, bias)
 
 
@@ -32,8 +42,10 @@ def attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positi
 
     q: [N, Hq, D] (rotary applied); k_cache, v_cache: [B, Hkv, S, D] contiguous, with the queries'
     own keys already written; slots, positions: [N] int64 CPU: query t attends to keys
-    0 .. positions[t] of slot slots[t] (GQA: query head h reads kv head h // (Hq / Hkv)).
-    Returns [N, Hq, D]."""
+    0 .. positions[t] of slot slots[t] (GQA: query head h reads kv head h // (Hq / Hkv)); on CUDA
+    slots and positions live on q's device. Returns [N, Hq, D]."""
+    if q.is_cuda:
+        return _gpu().attention(q, k_cache, v_cache, slots, positions)
     return kv_ops.ops("se_inv").attention(q, k_cache, v_cache, slots, positions)
 
 

@@ -256,10 +256,10 @@ class Transformer(nn.Module):
     host because the scheduler decides them: rollback is a list update, and no forward ever reads
     a length back from the device.
 
-    batch_invariant: run bf16 on the CPU through the batch-invariant kernels
-    (``se_engine.invariant_ops``): a token's logits and KV entries are then bitwise the same
-    whatever else a forward carries (other rows, its row's other tokens, slots, cache length).
-    Ignored elsewhere (fp32, CUDA), where ``invariant`` is False and torch's kernels run.
+    batch_invariant: run bf16 through the batch-invariant kernels (``se_engine.invariant_ops``: C++
+    on the CPU, Triton on CUDA): a token's logits and KV entries are then bitwise the same whatever
+    else a forward carries (other rows, its row's other tokens, slots, cache length). Ignored for
+    other dtypes, where ``invariant`` is False and torch's kernels run.
     """
 
     def __init__(self, cfg: ModelConfig, *, max_batch: int, max_len: int,
@@ -282,8 +282,8 @@ class Transformer(nn.Module):
         self.register_buffer("k_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
         self.lengths = [0] * max_batch
-        self.invariant = batch_invariant and self.device.type == "cpu" and dtype == torch.bfloat16
-        if self.invariant:
+        self.invariant = batch_invariant and dtype == torch.bfloat16 and self.device.type in ("cpu", "cuda")
+        if self.invariant and self.device.type == "cpu":
             invariant_ops.has_fast_path()  # fails here, not mid-forward, if the extension is missing
         self.graphs: GraphedForward | None = None
         cos, sin = rope_tables(cfg, max_len)

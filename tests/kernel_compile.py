@@ -1,4 +1,5 @@
-"""Compiles every variant of the fused kernels for a Hopper GPU (sm_90) on a machine without one.
+"""Compiles every variant of the fused kernels (triton_kernels.verify) and the batch-invariant ones
+(triton_kernels.invariant) for a Hopper GPU (sm_90) on a machine without one.
 
     python tests/kernel_compile.py        (run by tests/test_kernels.py; TRITON_INTERPRET must be unset)
 
@@ -25,6 +26,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import triton_kernels.invariant as inv  # noqa: E402
 import triton_kernels.verify as vm  # noqa: E402
 from se_engine.ensemble import EnsembleSpec  # noqa: E402
 
@@ -60,7 +62,7 @@ def recorded_launches(n: int, linear: bool, sample: bool, logprobs: bool, dtype:
     try:
         for k in KERNELS:
             setattr(vm, k, Recorder(originals[k]))
-        vm._tiling = lambda device, V: (1024, 4 * 132)  # an H100 / H200's tiling
+        vm._tiling = lambda device, V: tiling(torch.device("cuda"), V)  # the GPU's tiling
         vm._launch(logits, spec, torch.tensor([0, 4, T]), torch.ones(B), torch.ones(T), torch.arange(B), ids, ids,
                    torch.arange(T), 1, sample, 4, logprobs)
     finally:
@@ -87,7 +89,29 @@ def main() -> None:
                 sys.exit(f"{fn.__name__} (n={n}, linear={linear}, sample={sample}, logprobs={logprobs}, {dtype}) "
                          f"does not compile for sm_90:\n{e}")
             compiled += 1
+    for dtype in (torch.bfloat16, torch.float32):
+        t = TYPES[dtype]
+        for bias in (False, True):
+            compile_one(target, inv._linear_kernel,
+                        {"x_ptr": t, "w_ptr": t, "b_ptr": t, "y_ptr": t, "M": "i32", "N": "i32", "K": "i32"},
+                        {"HAS_BIAS": bias, "BM": inv.BLOCK_M, "BN": inv.BLOCK_N, "BK": inv.BLOCK_K, "UPCAST": False})
+            compiled += 1
+        for d in (64, 128):
+            compile_one(target, inv._attention_kernel,
+                        {"q_ptr": t, "k_ptr": t, "v_ptr": t, "slots_ptr": "*i64", "positions_ptr": "*i64", "out_ptr": t,
+                         "Hq": "i32", "Hkv": "i32", "S": "i32", "scale": "fp32"},
+                        {"D": d, "BLOCK_D": d, "BLOCK": inv.BLOCK_KV})
+            compiled += 1
     print(f"{compiled} kernel variants compiled for sm_90")
+
+
+def compile_one(target, fn, signature: dict, constexprs: dict) -> None:
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    consts = {(fn.arg_names.index(name),): v for name, v in constexprs.items()}
+    try:
+        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=target)
+    except Exception as e:
+        sys.exit(f"{fn.__name__} ({constexprs}) does not compile for sm_90:\n{e}")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,43 @@ def test_attention_matches_its_twin_and_ignores_everything_past_its_keys(hq, hkv
         assert torch.equal(got[0], out[t])
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU, Triton runs under TRITON_INTERPRET=1
+
+
+@pytest.mark.parametrize("n,k", [(70, 100), (130, 64)])
+def test_triton_linear_matches_its_twin_and_is_row_invariant(n, k):
+    from triton_kernels import invariant as gpu
+    gen = torch.Generator().manual_seed(n)
+    w = (0.05 * torch.randn(n, k, generator=gen)).to(BF16).to(DEVICE)
+    b = torch.randn(n, generator=gen).to(BF16).to(DEVICE)
+    x = torch.randn(37, k, generator=gen).to(BF16).to(DEVICE)
+    y = gpu.linear(x, w, b)
+    ref = invariant_ops.linear_reference(x, w, b).float()
+    assert (y.float() - ref).abs().max() <= 2 ** -7 * ref.abs().max()
+    for m in (1, 3, 17, 20):  # within one row block, across two, and the same rows at other offsets
+        for i in {0, 15, 37 - m}:
+            assert torch.equal(gpu.linear(x[i:i + m], w, b)[0], y[i])
+
+
+def test_triton_attention_matches_its_twin_and_ignores_everything_past_its_keys():
+    from triton_kernels import invariant as gpu
+    gen = torch.Generator().manual_seed(3)
+    B, S, N, hq, hkv, d = 2, 150, 6, 4, 2, 16
+    k_cache, v_cache = (torch.randn(B, hkv, S, d, generator=gen).to(BF16) for _ in range(2))
+    q = torch.randn(N, hq, d, generator=gen).to(BF16)
+    slots, positions = torch.tensor([0, 1, 1, 0, 1, 0]), torch.tensor([0, 63, 64, 149, 100, 5])
+    on = [t.to(DEVICE) for t in (q, k_cache, v_cache, slots, positions)]
+    out = gpu.attention(*on).cpu()
+    ref = invariant_ops.attention_reference(q, k_cache, v_cache, slots, positions).float()
+    assert (out.float() - ref).abs().max() < 2e-2
+    for t in range(N):
+        k_nan, v_nan = k_cache.clone(), v_cache.clone()
+        k_nan[1 - slots[t]], v_nan[1 - slots[t]] = float("nan"), float("nan")
+        k_nan[slots[t], :, positions[t] + 1:], v_nan[slots[t], :, positions[t] + 1:] = float("nan"), float("nan")
+        alone = [x.to(DEVICE) for x in (q[t:t + 1], k_nan, v_nan, slots[t:t + 1], positions[t:t + 1])]
+        assert torch.equal(gpu.attention(*alone).cpu()[0], out[t])
+
+
 def test_kernels_refuse_bad_input():
     w = torch.zeros(4, 8, dtype=BF16)
     with pytest.raises(TypeError, match="bfloat16"):

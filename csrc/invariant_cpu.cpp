@@ -10,8 +10,9 @@
 // linear:    y[m, n] = round_bf16(sum_k x[m, k] w[n, k] + b[n]), the sum in fp32: 16 lanes, lane i
 //            accumulating elements 32j + 2i, 32j + 2i + 1 of each 32-wide block j in order (AVX512-BF16
 //            vdpbf16ps), then one fixed horizontal tree (reduce16).
-// attention: out[t, h] = sum_{j <= p_t} softmax_j(q_t,h . k_j / sqrt(D)) v_j over slot s_t's cache, in
-//            fp32, keys in order; exp by one fixed polynomial.
+// attention: out[t, h] = sum_{j <= p_t} softmax_j(q_t,h . k_j / sqrt(D)) v_j over slot s_t's cache: scores
+//            in fp32 (one fixed tree per key), exp by one fixed polynomial, the weights rounded to bf16
+//            for the value products (fp32 sums over key pairs in order).
 // Machines without AVX512-BF16 run portable loops with the same structure (invariant as well, but
 // rounding differently from the AVX512 path).
 #include <algorithm>
@@ -44,6 +45,7 @@ constexpr int64_t KBLOCK = 32;    // bf16 elements per accumulation step
 constexpr int64_t ROW_TILE = 6;   // rows of x per register tile (24 accumulators: 10 loads per 24 dot steps)
 constexpr int64_t COL_TILE = 4;   // rows of w (outputs) per register tile
 constexpr int64_t L2_BYTES = 768 * 1024;  // one block of x rows, kept in L2 (1 MiB here) while the weights stream past
+constexpr int64_t K_CHUNK = 2048;         // a 4-row weight tile of one K chunk (16 KiB) stays in L1
 
 // SE_ENGINE_PORTABLE_KERNELS=1 forces the portable loops (tests of the path other CPUs take).
 bool has_avx512_bf16() {
@@ -61,11 +63,13 @@ inline float bf16_to_float(const bf16* p) { return static_cast<float>(*p); }
 
 // ------------------------------------------------------------------------------------------ linear
 
-// Portable twin of the register tile below: R x C dot products with the same lane structure; writes
+// Portable twin of the register tile below: R x C dot products with the same lane structure over the
+// whole of K (it takes the first chunk's call and skips the others); writes
 // y[r * ldy + c] = bf16(x[r, :] . w[c, :] + bias[c]).
 template <int R, int C>
-void tile_portable(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t K, const float* bias, bf16* y,
-                   int64_t ldy) {
+void tile_portable(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t K, int64_t k0, int64_t,
+                   float*, const float* bias, bf16* y, int64_t ldy) {
+  if (k0 != 0) return;
   float acc[R][C][LANES] = {};
   for (int64_t k0 = 0; k0 < K; k0 += KBLOCK) {
     for (int r = 0; r < R; ++r) {
@@ -140,20 +144,31 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline voi
   }
 }
 
-// An R x C tile: y[r * ldy + c] = bf16(x[r, :] . w[c, :] + bias[c]) (sums in fp32, rounded once, RNE).
+// An R x C tile over k in [k0, k1): acc[r][c] += x[r, k0:k1] . w[c, k0:k1] by 32-wide steps. The
+// accumulators start from zero (k0 == 0) or from ``spill`` (a previous chunk of K), and go back to
+// ``spill`` unless k1 == K, where y[r * ldy + c] = bf16(acc's lane sum + bias[c]) (RNE). Chunking K
+// keeps a weight tile in L1 across the row tiles of a block; since the accumulators are stored and
+// reloaded exactly, every output's sequence of operations is the same for any chunking.
 template <int R, int C>
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
-void tile_avx512(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t K, const float* bias, bf16* y,
-                 int64_t ldy) {
+void tile_avx512(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t K, int64_t k0, int64_t k1,
+                 float* spill, const float* bias, bf16* y, int64_t ldy) {
   // Fully unrolled so that the R x C accumulators live in registers.
   __m512 acc[R][C];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  const int64_t full = K / KBLOCK * KBLOCK;
-  for (int64_t k0 = 0; k0 < full; k0 += KBLOCK) tile_step<R, C, true>(acc, x, ldx, w, ldw, k0, 0);
-  if (full < K) tile_step<R, C, false>(acc, x, ldx, w, ldw, full, (__mmask32(1) << (K - full)) - 1);
+    for (int c = 0; c < C; ++c) acc[r][c] = k0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(spill + LANES * (r * COL_TILE + c));
+  const int64_t full = std::min(k1, K / KBLOCK * KBLOCK);
+  for (int64_t k = k0; k < full; k += KBLOCK) tile_step<R, C, true>(acc, x, ldx, w, ldw, k, 0);
+  if (full < k1) tile_step<R, C, false>(acc, x, ldx, w, ldw, full, (__mmask32(1) << (K - full)) - 1);
+  if (k1 < K) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(spill + LANES * (r * COL_TILE + c), acc[r][c]);
+    return;
+  }
   // Place p = r * COL_TILE + c; 16 places per reduce16, whose 16 sums take the biases c = p % 4.
   constexpr int PLACES = ROW_TILE * COL_TILE, GROUPS = (PLACES + 15) / 16;
   __m512 all[GROUPS * 16];
@@ -171,7 +186,8 @@ void tile_avx512(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t
 }
 #endif
 
-using TileFn = void (*)(const bf16*, int64_t, const bf16*, int64_t, int64_t, const float*, bf16*, int64_t);
+using TileFn = void (*)(const bf16*, int64_t, const bf16*, int64_t, int64_t, int64_t, int64_t, float*, const float*,
+                        bf16*, int64_t);
 
 template <int R, int C>
 TileFn tile_fn() {
@@ -226,13 +242,18 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
   const auto& table = tiles();
   // Threads split the outputs, never a sum: each output's order is the same for any thread count.
   at::parallel_for(0, col_tiles, 1, [&](int64_t t0, int64_t t1) {
+    // Accumulators of every row tile of a block between K chunks.
+    std::vector<float> spill((row_block / ROW_TILE + 1) * ROW_TILE * COL_TILE * LANES);
     for (int64_t m0 = 0; m0 < M; m0 += row_block) {
       const int64_t m1 = std::min(M, m0 + row_block);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * COL_TILE, cols = std::min<int64_t>(COL_TILE, N - n0);
-        for (int64_t m = m0; m < m1; m += ROW_TILE) {
-          const int64_t rows = std::min<int64_t>(ROW_TILE, m1 - m);
-          table[rows - 1][cols - 1](xp + m * K, K, wp + n0 * K, K, K, b.data() + n0, yp + m * N + n0, N);
+        for (int64_t k0 = 0; k0 < K; k0 += K_CHUNK) {
+          for (int64_t m = m0; m < m1; m += ROW_TILE) {
+            const int64_t rows = std::min<int64_t>(ROW_TILE, m1 - m);
+            table[rows - 1][cols - 1](xp + m * K, K, wp + n0 * K, K, K, k0, std::min(K, k0 + K_CHUNK),
+                                      spill.data() + (m - m0) * COL_TILE * LANES, b.data() + n0, yp + m * N + n0, N);
+          }
         }
       }
     }
@@ -286,33 +307,47 @@ void attend_avx512(const bf16* q, const bf16* keys, const bf16* values, int64_t 
   }
   float top = -INFINITY;
   for (int64_t j = 0; j < n_keys; ++j) top = std::max(top, scores[j]);
+  // Weights e_j = exp(s_j - top), rounded to bf16 (as the value products below take them), summed.
   __m512 total = _mm512_setzero_ps();
   for (int64_t j = 0; j < n_keys; j += LANES) {
     const __mmask16 mask = n_keys - j >= LANES ? __mmask16(0xFFFF) : __mmask16((1u << (n_keys - j)) - 1);
     const __m512 s = _mm512_maskz_loadu_ps(mask, scores + j);
-    const __m512 e = _mm512_maskz_mov_ps(mask, exp_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(top))));
+    const __m512 e = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(exp_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(top)))));
     _mm512_mask_storeu_ps(scores + j, mask, e);
-    total = _mm512_add_ps(total, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mask, e));
   }
   const float inv = 1.0f / _mm512_reduce_add_ps(total);
-  // out = sum_j e_j v_j, 16 dims per accumulator, keys in order.
-  __m512 acc[16];
-  const int64_t groups = (D + LANES - 1) / LANES;
-  for (int64_t g = 0; g < groups; ++g) acc[g] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n_keys; ++j) {
-    const __m512 e = _mm512_set1_ps(scores[j]);
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t left = D - g * LANES;
-      const __mmask16 mask = left >= LANES ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-      const __m256i raw = _mm256_maskz_loadu_epi16(mask, values + j * D + g * LANES);
-      const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-      acc[g] = _mm512_fmadd_ps(e, v, acc[g]);
+  // out = sum_j e_j v_j over key pairs (j, j + 1) in order, by bf16 dot products: interleaving the two
+  // value rows (unpacklo / unpackhi) puts (v_j[d], v_j+1[d]) in one lane; lane 4l + i of lo / hi of
+  // 32-wide block b holds dimension 32b + 8l + i / 32b + 8l + 4 + i.
+  __m512 lo[8], hi[8];
+  for (int64_t b = 0; b < blocks; ++b) lo[b] = hi[b] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n_keys; j += 2) {
+    const bool pair = j + 1 < n_keys;
+    uint32_t bits[2] = {0, 0};
+    std::memcpy(bits, scores + j, (pair ? 2 : 1) * sizeof(float));  // bf16-exact: the high halves
+    const __m512bh weights = (__m512bh)_mm512_set1_epi32(static_cast<int>((bits[0] >> 16) | (bits[1] & 0xFFFF0000u)));
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t left = D - b * KBLOCK;
+      const __mmask32 mask = left >= KBLOCK ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
+      const __m512i first = _mm512_maskz_loadu_epi16(mask, values + j * D + b * KBLOCK);
+      const __m512i second = pair ? _mm512_maskz_loadu_epi16(mask, values + (j + 1) * D + b * KBLOCK)
+                                  : _mm512_setzero_si512();
+      lo[b] = _mm512_dpbf16_ps(lo[b], (__m512bh)_mm512_unpacklo_epi16(first, second), weights);
+      hi[b] = _mm512_dpbf16_ps(hi[b], (__m512bh)_mm512_unpackhi_epi16(first, second), weights);
     }
   }
-  for (int64_t g = 0; g < groups; ++g) {
-    float lanes[LANES];
-    _mm512_storeu_ps(lanes, _mm512_mul_ps(acc[g], _mm512_set1_ps(inv)));
-    for (int64_t i = 0; i < LANES && g * LANES + i < D; ++i) out[g * LANES + i] = bf16(lanes[i]);
+  for (int64_t b = 0; b < blocks; ++b) {
+    float l[LANES], h[LANES];
+    _mm512_storeu_ps(l, _mm512_mul_ps(lo[b], _mm512_set1_ps(inv)));
+    _mm512_storeu_ps(h, _mm512_mul_ps(hi[b], _mm512_set1_ps(inv)));
+    for (int64_t lane = 0; lane < 4; ++lane) {
+      for (int64_t i = 0; i < 4; ++i) {
+        const int64_t d = b * KBLOCK + 8 * lane + i;
+        if (d < D) out[d] = bf16(l[4 * lane + i]);
+        if (d + 4 < D) out[d + 4] = bf16(h[4 * lane + i]);
+      }
+    }
   }
 }
 #endif
@@ -329,7 +364,7 @@ void attend_portable(const bf16* q, const bf16* keys, const bf16* values, int64_
   float top = -INFINITY;
   for (int64_t j = 0; j < n_keys; ++j) top = std::max(top, scores[j]);
   float total = 0.f;
-  for (int64_t j = 0; j < n_keys; ++j) total += (scores[j] = std::exp(scores[j] - top));
+  for (int64_t j = 0; j < n_keys; ++j) total += (scores[j] = static_cast<float>(bf16(std::exp(scores[j] - top))));
   std::vector<float> acc(D, 0.f);
   for (int64_t j = 0; j < n_keys; ++j)
     for (int64_t d = 0; d < D; ++d) acc[d] += scores[j] * bf16_to_float(values + j * D + d);

@@ -42,7 +42,7 @@ def random_model(seed: int = 0, cfg: ModelConfig = CFG) -> Transformer:
 
 # ------------------------------------------------------------------------------------------ kernels
 
-@pytest.mark.parametrize("n,k", [(1152, 896), (896, 1664), (37, 64), (130, 200), (5, 33)])
+@pytest.mark.parametrize("n,k", [(1152, 896), (896, 1664), (37, 64), (130, 200), (5, 33), (40, 4500)])  # K > 2048: chunked
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_its_twin_and_is_row_invariant(n, k, bias):
     gen = torch.Generator().manual_seed(n + k)

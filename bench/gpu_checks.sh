@@ -30,9 +30,9 @@ CXX=g++ CC=gcc MAX_JOBS=16 timeout 100 python3 setup.py build_ext --inplace >"$o
 python3 -c "import se_engine._kv" && echo "== KV extension built" || { tail -30 "$out/build.log"; failed+=(build); }
 # Stage limits add up to 580 s, inside one call's 600 (the first H200 run took about 400 s in all).
 pytest 40 kv-ops tests/test_kv_ops.py
-pytest 80 kernels-and-graphs tests/test_kernels.py tests/test_cuda_graphs.py
+pytest 100 kernels-and-graphs tests/test_kernels.py tests/test_cuda_graphs.py tests/test_invariance.py
 bench 100 kernels
 bench 120 graphs --prompts 2
 grep "^|" "$out"/kernels-*.md "$out"/graphs-*.md | cut -d: -f2-
-pytest 140 exactness tests/test_exactness.py
+pytest 120 exactness tests/test_exactness.py
 [ ${#failed[@]} -eq 0 ] || { echo "== failed: ${failed[*]}"; exit 1; }

@@ -9,13 +9,17 @@ bench.datasets), every method decodes all the prompts greedily (temperature 0, u
 the engine's stop tokens), --max-batch sequences at a time, in the default dtype (bf16). A task is
 identical when a method's tokens equal the ensemble's; else the report gives the first position
 where they part. --torch-kernels loads the models with batch_invariant=False (torch's kernels) for
-comparison. Writes bench/results/greedy-identity-<device>[-torch-kernels].{md,json}.
+comparison. Writes bench/results/greedy-identity-<device>[-torch-kernels].{md,json} after every
+(ensemble, dataset), keeping the rows of earlier runs for other (ensemble, dataset) pairs, so runs
+with other settings add to one report.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -56,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     loaded = {name: load_model(name, max_batch=args.max_batch, max_len=args.max_len,
                                batch_invariant=not args.torch_kernels) for name in (SMALL, LARGE)}
     params = SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)
-    rows = []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    stem = f"greedy-identity-{device}" + ("-torch-kernels" if args.torch_kernels else "")
+    stored = Path(args.out) / f"{stem}.json"
+    rows = json.loads(stored.read_text())["rows"] if stored.exists() else []
     for ensemble in args.ensembles:
         spec, order, gammas = ENSEMBLES[ensemble]
         models = [loaded[name] for name in order]
@@ -68,27 +75,33 @@ def main(argv: list[str] | None = None) -> None:
                 start = time.perf_counter()
                 tokens[method] = [r.token_ids for r in engine.generate(prompts, params, progress=True)]
                 seconds[method] = time.perf_counter() - start
+            rows = [r for r in rows if (r["ensemble"], r["dataset"]) != (ensemble, dataset)]
             for method in METHODS[1:]:
                 parted = [first_difference(got, want) for got, want in zip(tokens[method], tokens["ensemble"])]
                 rows.append({"ensemble": ensemble, "dataset": dataset, "method": method, "tasks": len(prompts),
+                             "max_batch": args.max_batch,
                              "identical": sum(p is None for p in parted), "first_difference": parted,
                              "tokens": sum(map(len, tokens["ensemble"])), "seconds": seconds[method],
                              "ensemble_seconds": seconds["ensemble"]})
                 print(rows[-1]["ensemble"], dataset, method, f"{rows[-1]['identical']}/{len(prompts)} identical",
                       flush=True)
+            write(args, stem, rows)
+
+
+def write(args, stem: str, rows: list[dict]) -> None:
     result = {**header(), "settings": vars(args), "rows": rows}
     kernels = "torch's kernels (batch_invariant=False)" if args.torch_kernels else "the batch-invariant kernels"
     lines = ["# Greedy identity on the real pair", "", header_markdown(result),
              f"bf16 on the CPU, {kernels}; greedy, up to {args.max_new_tokens} new tokens (the engine's stop "
-             f"tokens), batches of {args.max_batch}; weighted 0.5 / 0.5 (0.5B, 1.5B), gammas [6, 1]; contrastive "
-             "0.1 (1.5B expert, 0.5B amateur), gammas [1, 6].", "",
-             "| ensemble | dataset | method | identical to `ensemble` | first differing position (parted tasks) |",
-             "|---|---|---|---|---|"]
+             "tokens); weighted 0.5 / 0.5 (0.5B, 1.5B), gammas [6, 1]; contrastive 0.1 (1.5B expert, 0.5B "
+             "amateur), gammas [1, 6]. The header is the last run's; rows of earlier runs (other datasets or "
+             "ensembles) are kept, each with its task count and batch size.", "",
+             "| ensemble | dataset | method | tasks (batch) | identical to `ensemble` | first differing position "
+             "(parted tasks) |", "|---|---|---|---|---|---|"]
     for r in rows:
         parted = ", ".join(str(p) for p in r["first_difference"] if p is not None) or "-"
-        lines.append(f"| {r['ensemble']} | {r['dataset']} | `{r['method']}` | {r['identical']} / {r['tasks']} | {parted} |")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    stem = f"greedy-identity-{device}" + ("-torch-kernels" if args.torch_kernels else "")
+        lines.append(f"| {r['ensemble']} | {r['dataset']} | `{r['method']}` | {r['tasks']} ({r['max_batch']}) | "
+                     f"{r['identical']} / {r['tasks']} | {parted} |")
     write_result(args.out, stem, result, "\n".join(lines) + "\n")
 
 

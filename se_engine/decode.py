@@ -64,12 +64,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from triton_kernels.verify import Backend, sample_ensemble, verify
-
 from .ensemble import EnsembleSpec
 from .gamma import DraftLengths
 from .runner import Runner
 from .sampling import STREAM_DRAFT, STREAM_ENSEMBLE, SamplingParams
+from .verify import Backend, sample_ensemble, verify
 
 METHODS = ("single", "ensemble", "ensemble_sd", "se")
 MAX_STALL = 8

@@ -11,8 +11,6 @@ from typing import Literal, get_args
 import torch
 from tqdm import tqdm
 
-from triton_kernels.verify import Backend, fused_unsupported
-
 from . import decode
 from .checks import is_int, is_real
 from .decode import METHODS, Metrics, Scheduler, Target
@@ -23,6 +21,7 @@ from .model import Transformer
 from .runner import LoadedModel, Runner, check_load_args, check_same_vocabulary, load_model
 from .sampling import SamplingParams
 from .sources import check_model
+from .verify import Backend, fused_unsupported
 
 Prompt = str | Sequence[int]
 TargetArg = tuple[Sequence[int], EnsembleSpec | None]  # model indices, the ensemble over them (None: equal weights)

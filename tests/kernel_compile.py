@@ -63,8 +63,8 @@ def recorded_launches(n: int, linear: bool, sample: bool, logprobs: bool, dtype:
         for k in KERNELS:
             setattr(vm, k, Recorder(originals[k]))
         vm._tiling = lambda device, V: tiling(torch.device("cuda"), V)  # the GPU's tiling
-        vm._launch(logits, spec, torch.tensor([0, 4, T]), torch.ones(B), torch.ones(T), torch.arange(B), ids, ids,
-                   torch.arange(T), 1, sample, 4, logprobs)
+        vm._launch(logits, spec.coefficients, linear, torch.tensor([0, 4, T]), torch.ones(B), torch.ones(T),
+                   torch.arange(B), ids, ids, torch.arange(T), 1, sample, 4, logprobs)
     finally:
         vm._tiling = tiling
         for k, fn in originals.items():

@@ -9,7 +9,7 @@ from se_engine import load_model
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.sampling import SamplingParams, process_logits, sample
-from triton_kernels.verify import verify_reference
+from se_engine.verify import verify_reference
 
 
 @pytest.fixture(scope="module")

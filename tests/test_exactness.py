@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-import triton_kernels.verify as verify_module
+import se_engine.verify as verify_module
 from se_engine import load_model
 from se_engine.decode import Scheduler
 from se_engine.engine import Engine

@@ -15,8 +15,8 @@ import torch
 
 from se_engine.ensemble import EnsembleSpec
 from se_engine.sampling import STREAM_DRAFT, STREAM_ENSEMBLE, SamplingParams, process_logits, sample
-from triton_kernels.verify import (sample_ensemble, sample_ensemble_reference, sample_ensemble_triton, verify,
-                                   verify_reference, verify_triton)
+from se_engine.verify import (sample_ensemble, sample_ensemble_reference, sample_ensemble_triton, verify,
+                              verify_reference, verify_triton)
 
 WEIGHTED = {2: EnsembleSpec.weighted([0.6, 0.4]), 3: EnsembleSpec.weighted([0.2, 0.3, 0.5])}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,8 +12,9 @@ from se_engine import VocabularyMismatchError, load_model
 from se_engine.decode import Scheduler
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
-from se_engine.model import PackedBatch, Transformer
+from se_engine.model import Transformer
 from se_engine.nested import NestedDrafter
+from se_engine.packing import PackedBatch
 from se_engine.sampling import SamplingParams
 
 NAMES = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep"]

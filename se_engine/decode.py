@@ -53,7 +53,6 @@ function of the committed prefix: a draft length chosen from the past.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections import deque
 from collections.abc import Sequence as Seq
@@ -66,6 +65,7 @@ from torch import Tensor
 
 from .ensemble import EnsembleSpec
 from .gamma import DraftLengths
+from .metrics import Metrics, TickStats
 from .runner import Runner
 from .sampling import STREAM_DRAFT, STREAM_ENSEMBLE, SamplingParams
 from .verify import Backend, sample_ensemble, verify
@@ -100,85 +100,6 @@ class Target:
     def verify_spec(self) -> EnsembleSpec:
         """spec over ``runners``: an outside proposer joins with weight 0."""
         return self.spec.with_drafter() if len(self.runners) > len(self.members) else self.spec
-
-
-@dataclass
-class Metrics:
-    """Counters of one generation; per-model lists run over all the engine's runners (its models,
-    then the drafter), also those outside the request's target (zero there)."""
-    tokens: int = 0
-    wall_s: float = 0.0  # from submission to the last token
-    forwards: list[int] = field(default_factory=list)  # forwards of each model that included this sequence
-    positions_scored: list[int] = field(default_factory=list)
-    drafts_tested: list[int] = field(default_factory=list)
-    drafts_accepted: list[int] = field(default_factory=list)
-    verify_steps: int = 0
-    verify_s: float = 0.0  # wall time of the verify calls this sequence took part in, up to their result
-    draft_lengths: list[tuple[int, int]] = field(default_factory=list)  # (proposer, gamma) of each proposal
-    # [model][d]: drafts of that proposer at depth d of their proposal (0 = first) that were tested / accepted
-    tested_at_depth: list[list[int]] = field(default_factory=list)
-    accepted_at_depth: list[list[int]] = field(default_factory=list)
-
-    @classmethod
-    def zeros(cls, n: int) -> "Metrics":
-        return cls(forwards=[0] * n, positions_scored=[0] * n, drafts_tested=[0] * n, drafts_accepted=[0] * n,
-                   tested_at_depth=[[] for _ in range(n)], accepted_at_depth=[[] for _ in range(n)])
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s if self.wall_s else 0.0
-
-    @property
-    def acceptance_rate(self) -> list[float | None]:
-        return [a / t if t else None for a, t in zip(self.drafts_accepted, self.drafts_tested)]
-
-    @property
-    def mean_draft_length(self) -> list[float | None]:
-        return [statistics.fmean(lens) if (lens := [g for p, g in self.draft_lengths if p == m]) else None
-                for m in range(len(self.forwards))]
-
-    @property
-    def mean_accepted_per_step(self) -> float | None:
-        return sum(self.drafts_accepted) / self.verify_steps if self.verify_steps else None
-
-    def add(self, other: "Metrics") -> None:
-        self.tokens += other.tokens
-        self.wall_s += other.wall_s
-        self.verify_steps += other.verify_steps
-        self.verify_s += other.verify_s
-        self.draft_lengths += other.draft_lengths
-        for name in ("forwards", "positions_scored", "drafts_tested", "drafts_accepted"):
-            setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
-        for name in ("tested_at_depth", "accepted_at_depth"):
-            for mine, theirs in zip(getattr(self, name), getattr(other, name)):
-                for d, amount in enumerate(theirs):
-                    _count_at(mine, d, amount)
-
-    def as_dict(self) -> dict:
-        return {"tokens": self.tokens, "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
-                "forwards": self.forwards, "positions_scored": self.positions_scored,
-                "drafts_tested": self.drafts_tested, "drafts_accepted": self.drafts_accepted,
-                "acceptance_rate": self.acceptance_rate, "verify_steps": self.verify_steps, "verify_s": self.verify_s,
-                "mean_accepted_per_step": self.mean_accepted_per_step, "mean_draft_length": self.mean_draft_length,
-                "draft_lengths": self.draft_lengths, "tested_at_depth": self.tested_at_depth,
-                "accepted_at_depth": self.accepted_at_depth}
-
-
-def _count_at(counts: list[int], d: int, amount: int) -> None:
-    """counts[d] += amount, growing counts as needed."""
-    counts.extend([0] * (d + 1 - len(counts)))
-    counts[d] += amount
-
-
-@dataclass
-class TickStats:
-    """Engine-wide counters over all ticks (a batched forward counts once)."""
-    ticks: int = 0
-    forwards: list[int] = field(default_factory=list)
-    forward_s: list[float] = field(default_factory=list)
-    verify_calls: int = 0
-    verify_s: float = 0.0
-    sample_s: float = 0.0
 
 
 @dataclass(eq=False)  # identity: the scheduler finds sequences in its lists
@@ -217,6 +138,14 @@ class Sequence:
         while t < len(self.pending) and all(c + t in self.logits[m] for m in self.target.runners):
             t += 1
         return t
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """One sequence's result of a verify call."""
+    accepted: int            # leading drafts accepted
+    tokens: list[int]        # emitted: the accepted drafts, then the recovered token at a rejection
+    logprobs: list[float]    # log r of each emitted token, where the call computed them (else empty)
 
 
 class Scheduler:
@@ -387,6 +316,20 @@ class Scheduler:
     def _verify_target(self, seqs: list[Sequence], counts: list[int]) -> None:
         """Verifies the first counts[i] pending drafts of seqs[i], sequences of one target."""
         start = time.perf_counter()
+        verdicts = self._call_verify(seqs, counts, *self._pack_verify(seqs, counts))
+        elapsed = time.perf_counter() - start
+        self.stats.verify_calls += 1
+        self.stats.verify_s += elapsed
+        for s, t, verdict in zip(seqs, counts, verdicts):
+            self._apply_verdict(s, t, verdict, elapsed)
+
+    def _pack_verify(self, seqs: list[Sequence], counts: list[int]) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+        """The rows of one verify call: seqs[i]'s first counts[i] pending positions, T in all.
+
+        seqs: sequences of one target.
+        counts: how many pending drafts of each to verify.
+        Returns each of the target's runners' logits [T, V] (in ``target.runners`` order), and
+        [T] int64 each: the drafts, their proposers (as places in ``target.runners``) and positions."""
         target = seqs[0].target
         rows = [(s, len(s.tokens) + j) for s, t in zip(seqs, counts) for j in range(t)]
         logits = [torch.stack([s.logits[m][pos] for s, pos in rows]) for m in target.runners]
@@ -395,41 +338,51 @@ class Scheduler:
             [[s.pending[pos - len(s.tokens)] for s, pos in rows],
              [local[s.pending_by[pos - len(s.tokens)]] for s, pos in rows],
              [pos for _, pos in rows]], device=self.device)
+        return logits, drafts, proposers, positions
+
+    def _call_verify(self, seqs: list[Sequence], counts: list[int], logits: list[Tensor], drafts: Tensor,
+                     proposers: Tensor, positions: Tensor) -> list[_Verdict]:
+        """One verify call over the rows of ``_pack_verify``, and its results read back.
+
+        seqs, counts: as for ``_pack_verify``.
+        logits, drafts, proposers, positions: what ``_pack_verify`` returned for them.
+        Returns each sequence's verdict."""
         offsets = torch.tensor([0, *counts], device=self.device).cumsum(0)
         seeds = torch.tensor([s.seed for s in seqs], device=self.device)
         params = [s.params for s in seqs]
-        res = verify(logits, target.verify_spec, drafts, proposers, positions, offsets, params, seeds,
+        res = verify(logits, seqs[0].target.verify_spec, drafts, proposers, positions, offsets, params, seeds,
                      want_logprobs=any(p.logprobs for p in params), max_n=max(counts), backend=self.sampler)
         # One read-back of the integer results (a second only for logprobs): the call's sync point.
         results = torch.cat([res.num_accepted[:, None], res.num_emitted[:, None], res.tokens], dim=1).tolist()
-        logprobs = res.logprobs.tolist() if res.logprobs is not None else None
-        elapsed = time.perf_counter() - start
-        self.stats.verify_calls += 1
-        self.stats.verify_s += elapsed
-        for i, (s, t, (a, e, *tokens)) in enumerate(zip(seqs, counts, results)):
-            s.metrics.verify_steps += 1
-            s.metrics.verify_s += elapsed
-            tested, accepted = [0] * len(self.runners), [0] * len(self.runners)
-            for j in range(min(t, a + 1)):
-                m = s.pending_by[j]
-                tested[m] += 1
-                accepted[m] += j < a
-                _count_at(s.metrics.tested_at_depth[m], s.pending_depth[j], 1)
-                _count_at(s.metrics.accepted_at_depth[m], s.pending_depth[j], int(j < a))
-            for m in set(s.pending_by[:t]):
-                s.metrics.drafts_tested[m] += tested[m]
-                s.metrics.drafts_accepted[m] += accepted[m]
-                self.draft_lengths.observe(s.acceptance[m], tested[m], accepted[m])
-            if s.params.logprobs:
-                s.logprobs.extend(logprobs[i][:e])
-            rejected = a < t
-            if rejected:  # at position c + a: every later draft and cache entry is void
-                self._roll_back(s, len(s.tokens) + a)
-            else:
-                del s.pending[:t], s.pending_by[:t], s.pending_depth[:t]
-            self._commit(s, tokens[:e])
-            if not s.finished:
-                self._after_score(s, rejected)
+        logprobs = res.logprobs.tolist() if res.logprobs is not None else [[]] * len(seqs)
+        return [_Verdict(a, tokens[:e], lp[:e]) for (a, e, *tokens), lp in zip(results, logprobs)]
+
+    def _apply_verdict(self, s: Sequence, t: int, verdict: _Verdict, elapsed: float) -> None:
+        """A sequence's share of a verify call: its metrics and proposers' acceptance, the commit of the
+        emitted tokens, and its next action.
+
+        s: the sequence.
+        t: how many of its pending drafts were verified.
+        verdict: their result.
+        elapsed: the wall time of the call."""
+        a = verdict.accepted
+        s.metrics.verify_steps += 1
+        s.metrics.verify_s += elapsed
+        tested = s.pending_by[:min(t, a + 1)]  # the accepted drafts and the rejected one
+        for j, m in enumerate(tested):
+            s.metrics.count_test(m, s.pending_depth[j], j < a)
+        for m in set(s.pending_by[:t]):
+            self.draft_lengths.observe(s.acceptance[m], tested.count(m), tested[:a].count(m))
+        if s.params.logprobs:
+            s.logprobs.extend(verdict.logprobs)
+        rejected = a < t
+        if rejected:  # at position c + a: every later draft and cache entry is void
+            self._roll_back(s, len(s.tokens) + a)
+        else:
+            del s.pending[:t], s.pending_by[:t], s.pending_depth[:t]
+        self._commit(s, verdict.tokens)
+        if not s.finished:
+            self._after_score(s, rejected)
 
     def _roll_back(self, s: Sequence, keep: int) -> None:
         """Drops every pending draft and every cache entry and logit past position ``keep``."""

@@ -13,10 +13,11 @@ from tqdm import tqdm
 
 from . import decode
 from .checks import is_int, is_real
-from .decode import METHODS, Metrics, Scheduler, Target
+from .decode import METHODS, Scheduler, Target
 from .ensemble import EnsembleSpec
 from .errors import VocabularyMismatchError
 from .gamma import MAX_GAMMA, AutoGammas, DraftLengths, FixedGammas, measure_costs
+from .metrics import Metrics
 from .model import Transformer
 from .runner import LoadedModel, Runner, check_load_args, check_same_vocabulary, load_model
 from .sampling import SamplingParams

@@ -234,7 +234,7 @@ def test_distribution_test_catches_an_unverified_bonus(small, monkeypatch):
     def emit_bonus(self, s, rejected):
         real_after_score(self, s, rejected)
         if not rejected and not s.pending:
-            (m,) = s.action[1]
+            (m,) = s.action.models
             tokens, _ = self._draw([m], EnsembleSpec.weighted([1.0]), STREAM_DRAFT + m, [s])
             self._commit(s, tokens)
             if not s.finished:

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from se_engine import load_model
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.gamma import AutoGammas, ForwardCost, measure_costs
@@ -17,8 +16,8 @@ THRESHOLD = 0.5  # near the median of the tiny models' top probabilities (quarti
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return [load_model(n, max_batch=4, max_len=160) for n in NAMES]
+def tiny(tiny_models):
+    return tiny_models(NAMES, max_batch=4, max_len=160)
 
 
 def acceptance(accepted: int, tested: int) -> list[float]:

@@ -1,7 +1,7 @@
 """Compiles every variant of the fused kernels (triton_kernels.verify) and the batch-invariant ones
 (triton_kernels.invariant) for a Hopper GPU (sm_90) on a machine without one.
 
-    python tests/kernel_compile.py        (run by tests/test_kernels.py; TRITON_INTERPRET must be unset)
+    python tools/kernel_compile.py        (run by tests/test_kernels.py; TRITON_INTERPRET must be unset)
 
 The interpreter that runs the kernels in CPU tests skips Triton's compiler, whose type rules are
 stricter (a variable set in both branches of a runtime ``if`` must have one type, loop-carried

@@ -44,6 +44,7 @@ from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.gamma import (DECAY, MAX_GAMMA, PRIOR, AutoGammas, DraftLengths, FixedGammas, ForwardCost, cycle_rate,
                              measure_costs)
+from se_engine.methods import POLICIES, Method
 from se_engine.runner import load_model
 from se_engine.sampling import SamplingParams
 
@@ -109,7 +110,7 @@ def simulate_se(policy: DraftLengths, threshold: float, trace: Trace, coins: lis
     t, m, free, seconds, lengths = 1, SMALL_M, False, 0.0, []
     while t < len(coins):
         o = 1 - m
-        g = max(1, min(policy.choose(m, acceptance[m], free, {o: 1}, "se"), len(coins) - t))
+        g = max(1, min(policy.choose(m, acceptance[m], free, {o: 1}, POLICIES["se"]), len(coins) - t))
         g, a = propose(m, g, t, trace, coins, threshold)
         if m == SMALL_M:
             lengths.append(g)
@@ -127,8 +128,8 @@ def simulate_sd(policy: DraftLengths, threshold: float, trace: Trace, coins: lis
     acceptance = [0.0, 0.0]
     t, seconds, lengths = 1, 0.0, []
     while t < len(coins):
-        g = max(1, min(policy.choose(DRAFTER, acceptance, False, {SMALL_M: 1, LARGE_M: 1}, "ensemble_sd"),
-                       len(coins) - t))
+        g = max(1, min(policy.choose(DRAFTER, acceptance, False, {SMALL_M: 1, LARGE_M: 1},
+                                     POLICIES["ensemble_sd"]), len(coins) - t))
         g, a = propose(DRAFTER, g, t, trace, coins, threshold)
         lengths.append(g)
         full = a == g
@@ -144,7 +145,7 @@ class CycleGammas(AutoGammas):
     (se_engine.gamma.cycle_rate, the large model drafting 1), taking the smoothed acceptance for both
     proposers (for a 0.5 / 0.5 weighted ensemble both accept with 1 - TV(p_small, p_large) / 2)."""
 
-    def choose(self, m: int, acceptance: list[float], free: bool, scorers: dict[int, int], method: str) -> int:
+    def choose(self, m: int, acceptance: list[float], free: bool, scorers: dict[int, int], method: Method) -> int:
         if m != SMALL_M:
             return 1
         a = self.estimate(acceptance)

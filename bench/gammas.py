@@ -23,10 +23,10 @@ from tqdm import tqdm
 from bench.env import header, header_markdown, write_result
 from bench.datasets import gsm8k_tasks, humaneval_tasks
 from bench.speedup import LARGE, SMALL
-from se_engine.decode import Metrics
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.gamma import MAX_GAMMA, AutoGammas, measure_costs
+from se_engine.metrics import Metrics
 from se_engine.runner import load_model
 from se_engine.sampling import SamplingParams
 

@@ -5,7 +5,8 @@
 For every (B, k, n): B sequences with k drafts each, n models' bf16 logits [B * k, V], a weighted
 ensemble with equal weights at T = 1, drafts drawn from their proposer. Three implementations of
 the same step, each timed end to end as the engine calls it (median of triton.testing.do_bench):
-  fused    triton_kernels.verify.verify_triton (three launches, no host sync)
+  fused    se_engine.verify.verify_triton (the kernels of triton_kernels.verify: three launches, no
+           host sync)
   torch    verify_reference (vectorised PyTorch; the CPU engine's path)
   per-row  a Python loop over sequences and positions, one softmax / mixture / acceptance /
            multinomial per row, like the sampler of the vLLM-0.6.5 reference implementation
@@ -25,7 +26,7 @@ import triton.testing
 from bench.env import header, header_markdown, write_result
 from se_engine.ensemble import EnsembleSpec
 from se_engine.sampling import STREAM_DRAFT, SamplingParams, sample
-from triton_kernels.verify import verify_reference, verify_triton
+from se_engine.verify import verify_reference, verify_triton
 
 
 def make_step(B: int, k: int, n: int, V: int, device: str) -> tuple:

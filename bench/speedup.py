@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from bench.datasets import humaneval_tasks
 from bench.env import header, header_markdown
-from se_engine.decode import Metrics
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
+from se_engine.metrics import Metrics
 from se_engine.runner import LoadedModel, load_model
 from se_engine.sampling import SamplingParams
 

@@ -8,10 +8,10 @@ import sys
 
 import torch
 
-from .decode import METHODS
 from .engine import Engine, GenerationResult
-from .errors import SEEngineError
 from .ensemble import EnsembleSpec
+from .errors import SEEngineError
+from .methods import METHODS
 from .sampling import SamplingParams
 
 # serve's arguments whose defaults are the server's

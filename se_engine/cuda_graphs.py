@@ -31,19 +31,38 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .model import Transformer
+from .packing import PackedBatch
 
 log = logging.getLogger(__name__)
 
 
+class GraphableModel(Protocol):
+    """What a graphed forward needs of its model (``se_engine.model.Transformer``, which imports this
+    module: a protocol, not that class, keeps the import one-way)."""
+    max_batch: int
+    max_len: int
+    lengths: list[int]  # cache entries of each slot
+    invariant: bool
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def hidden_at_logits(self, batch: PackedBatch) -> Tensor:
+        """The last hidden states [M, hidden] at ``batch.logit_index``."""
+        ...
+
+    def head(self, x: Tensor) -> Tensor:
+        """Hidden states [M, hidden] -> fp32 logits [M, V]."""
+        ...
+
+
 class GraphedForward:
-    def __init__(self, model: "Transformer", max_width: int, capture: bool = True):
+    def __init__(self, model: GraphableModel, max_width: int, capture: bool = True):
         if capture and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a model on a CUDA device, this one is on {model.device}")
         if max_width < 1:
@@ -128,9 +147,7 @@ class GraphedForward:
 class _Shape:
     """The static buffers of one (span, width) bucket and the padded forward over them."""
 
-    def __init__(self, model: "Transformer", span: int, width: int, inputs: Tensor):
-        from .model import PackedBatch
-
+    def __init__(self, model: GraphableModel, span: int, width: int, inputs: Tensor):
         self.model, self.inputs = model, inputs  # [3, N]: token ids, positions, logit rows
         ids, positions, logit_rows = inputs.unbind(0)
         slots = torch.arange(span, device=inputs.device).repeat_interleave(width)

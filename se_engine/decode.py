@@ -3,7 +3,8 @@
 State of a sequence (positions are absolute token indices; the token at position p is predicted
 by logits "at p", computed by forwarding the tokens before p):
     tokens     committed tokens (prompt + emitted), c = len(tokens)
-    pending    drafted, not yet verified tokens at positions c .. F-1 (F, the frontier), with their proposers
+    pending    drafts (``Draft``: token, proposer, depth in its proposal): drafted, not yet verified
+               tokens at positions c .. F-1 (F, the frontier)
     fed[m]     number of tokens of tokens + pending in model m's cache slot
     logits[m]  model m's logits at positions c .. fed[m]
 
@@ -12,11 +13,12 @@ Each sequence decodes one target (``Target``): an ensemble spec over some of the
 serves requests for several targets (single models and ensembles over its models) with one shared
 proposer. "Every model" below means the sequence's target's members.
 
-Each sequence has one next action, and a tick runs it:
+Each sequence has one next action (``Action``: a kind and its models), and a tick runs it:
     ENSEMBLE   every model feeds up to the frontier; a token is drawn from r there and committed
     DRAFT m    model m feeds up to the frontier (unless it holds logits there); it draws a draft from its q
     SCORE ms   the models ms feed every pending token; then every position that all models have
                scored is verified, oldest first, in one verify call for the whole batch
+    FORK       a sequence whose prompt another one is prefilling copies that prefill once it is done
 
 A tick: (1) each model forwards once, over every sequence whose action needs it (ragged rows
 packed; sequences of every target together), except that a model other than the cheapest may sit a
@@ -29,19 +31,19 @@ sequence keeps its own pending drafts, proposer and accepted length, and a rejec
 nothing of another; when a sequence runs changes none of its tokens (its randomness is keyed on its
 seed and positions).
 
-Methods (their action cycles):
+Every sequence starts with ENSEMBLE: its prefill, and its first token drawn from r. Which action
+follows is its method's answer (``se_engine.methods``, one policy per method); their cycles:
     single, ensemble  ENSEMBLE, ENSEMBLE, ...
-    ensemble_sd       a fixed proposer P: DRAFT P x gamma_P, SCORE (all models; P's last draft too,
-                      so that after a full accept the next token is drawn from r in the same tick).
-                      P is the cheapest model, or a draft-only runner outside the ensemble (the
-                      drafter, e.g. a ``NestedDrafter``): runner index n, after the n models. A P
-                      outside a target's members feeds only when it drafts, and verify takes its
-                      logits as q through ``EnsembleSpec.with_drafter`` (r ignores them)
+    ensemble_sd       a fixed proposer P: DRAFT P x gamma_P, SCORE (all models; P's last draft too),
+                      and after a full accept ENSEMBLE in the same tick. P is the cheapest model, or
+                      a draft-only runner outside the ensemble (the drafter, e.g. a
+                      ``NestedDrafter``): runner index n, after the n models. A P outside a target's
+                      members feeds only when it drafts, and verify takes its logits as q through
+                      ``EnsembleSpec.with_drafter`` (r ignores them)
     se                alternate proposal: DRAFT p x gamma_p, SCORE by the model that has waited
                       longest; after a full accept the scorer, which now holds logits at the frontier,
                       draws its own draft there in the same tick and proposes next; after a
                       rejection the cheapest model proposes.
-Every sequence starts with ENSEMBLE: its prefill, and its first token drawn from r.
 
 A proposal of gamma_p drafts ends early after a draft that its proposer was unsure of: the top
 probability of softmax(its logits) there below ``confidence_threshold``. That draft is still
@@ -53,30 +55,25 @@ function of the committed prefix: a draft length chosen from the past.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-from triton_kernels.verify import Backend, sample_ensemble, verify
-
 from .ensemble import EnsembleSpec
 from .gamma import DraftLengths
+from .methods import DRAFT, ENSEMBLE, FORK, SCORE, Action, Method
+from .metrics import Metrics, TickStats
 from .runner import Runner
 from .sampling import STREAM_DRAFT, STREAM_ENSEMBLE, SamplingParams
+from .verify import Backend, sample_ensemble, verify
 
-METHODS = ("single", "ensemble", "ensemble_sd", "se")
 MAX_STALL = 8
 _OWN = EnsembleSpec.weighted([1.0])  # a model's draft is a sample of the one-model "ensemble"
-
-ENSEMBLE, DRAFT, SCORE, FORK = "ensemble", "draft", "score", "fork"
-Action = tuple[Literal["ensemble", "draft", "score", "fork"], tuple[int, ...]]
 
 
 @dataclass(frozen=True, eq=False)  # identity: the scheduler groups sequences by target
@@ -103,83 +100,12 @@ class Target:
         return self.spec.with_drafter() if len(self.runners) > len(self.members) else self.spec
 
 
-@dataclass
-class Metrics:
-    """Counters of one generation; per-model lists run over all the engine's runners (its models,
-    then the drafter), also those outside the request's target (zero there)."""
-    tokens: int = 0
-    wall_s: float = 0.0  # from submission to the last token
-    forwards: list[int] = field(default_factory=list)  # forwards of each model that included this sequence
-    positions_scored: list[int] = field(default_factory=list)
-    drafts_tested: list[int] = field(default_factory=list)
-    drafts_accepted: list[int] = field(default_factory=list)
-    verify_steps: int = 0
-    verify_s: float = 0.0  # wall time of the verify calls this sequence took part in, up to their result
-    draft_lengths: list[tuple[int, int]] = field(default_factory=list)  # (proposer, gamma) of each proposal
-    # [model][d]: drafts of that proposer at depth d of their proposal (0 = first) that were tested / accepted
-    tested_at_depth: list[list[int]] = field(default_factory=list)
-    accepted_at_depth: list[list[int]] = field(default_factory=list)
-
-    @classmethod
-    def zeros(cls, n: int) -> "Metrics":
-        return cls(forwards=[0] * n, positions_scored=[0] * n, drafts_tested=[0] * n, drafts_accepted=[0] * n,
-                   tested_at_depth=[[] for _ in range(n)], accepted_at_depth=[[] for _ in range(n)])
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s if self.wall_s else 0.0
-
-    @property
-    def acceptance_rate(self) -> list[float | None]:
-        return [a / t if t else None for a, t in zip(self.drafts_accepted, self.drafts_tested)]
-
-    @property
-    def mean_draft_length(self) -> list[float | None]:
-        return [statistics.fmean(lens) if (lens := [g for p, g in self.draft_lengths if p == m]) else None
-                for m in range(len(self.forwards))]
-
-    @property
-    def mean_accepted_per_step(self) -> float | None:
-        return sum(self.drafts_accepted) / self.verify_steps if self.verify_steps else None
-
-    def add(self, other: "Metrics") -> None:
-        self.tokens += other.tokens
-        self.wall_s += other.wall_s
-        self.verify_steps += other.verify_steps
-        self.verify_s += other.verify_s
-        self.draft_lengths += other.draft_lengths
-        for name in ("forwards", "positions_scored", "drafts_tested", "drafts_accepted"):
-            setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
-        for name in ("tested_at_depth", "accepted_at_depth"):
-            for mine, theirs in zip(getattr(self, name), getattr(other, name)):
-                for d, amount in enumerate(theirs):
-                    _count_at(mine, d, amount)
-
-    def as_dict(self) -> dict:
-        return {"tokens": self.tokens, "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
-                "forwards": self.forwards, "positions_scored": self.positions_scored,
-                "drafts_tested": self.drafts_tested, "drafts_accepted": self.drafts_accepted,
-                "acceptance_rate": self.acceptance_rate, "verify_steps": self.verify_steps, "verify_s": self.verify_s,
-                "mean_accepted_per_step": self.mean_accepted_per_step, "mean_draft_length": self.mean_draft_length,
-                "draft_lengths": self.draft_lengths, "tested_at_depth": self.tested_at_depth,
-                "accepted_at_depth": self.accepted_at_depth}
-
-
-def _count_at(counts: list[int], d: int, amount: int) -> None:
-    """counts[d] += amount, growing counts as needed."""
-    counts.extend([0] * (d + 1 - len(counts)))
-    counts[d] += amount
-
-
-@dataclass
-class TickStats:
-    """Engine-wide counters over all ticks (a batched forward counts once)."""
-    ticks: int = 0
-    forwards: list[int] = field(default_factory=list)
-    forward_s: list[float] = field(default_factory=list)
-    verify_calls: int = 0
-    verify_s: float = 0.0
-    sample_s: float = 0.0
+@dataclass(frozen=True)
+class Draft:
+    """A drafted, not yet verified token."""
+    token: int
+    proposer: int  # the runner that drew it
+    depth: int     # its index in its proposal (0 = first)
 
 
 @dataclass(eq=False)  # identity: the scheduler finds sequences in its lists
@@ -194,13 +120,11 @@ class Sequence:
     metrics: Metrics
     prompt_len: int = 0
     slot: int = -1
-    pending: list[int] = field(default_factory=list)
-    pending_by: list[int] = field(default_factory=list)
-    pending_depth: list[int] = field(default_factory=list)  # index of each draft in its proposal
+    pending: list[Draft] = field(default_factory=list)  # at positions c .. F-1
     fed: list[int] = field(default_factory=list)
     logits: list[dict[int, Tensor]] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    action: Action = (ENSEMBLE, ())
+    action: Action = Action(ENSEMBLE)
     drafts_left: int = 0
     stalled: int = 0  # consecutive ticks spent waiting for a deferred model
     source: "Sequence | None" = None  # FORK: the sequence with the same prompt whose prefill it copies
@@ -220,6 +144,14 @@ class Sequence:
         return t
 
 
+@dataclass(frozen=True)
+class _Verdict:
+    """One sequence's result of a verify call."""
+    accepted: int            # leading drafts accepted
+    tokens: list[int]        # emitted: the accepted drafts, then the recovered token at a rejection
+    logprobs: list[float]    # log r of each emitted token, where the call computed them (else empty)
+
+
 class Scheduler:
     """Runs the sequences of one engine in up to ``max_batch`` cache slots, one tick at a time.
 
@@ -228,11 +160,12 @@ class Scheduler:
     hold nothing there).
     """
 
-    def __init__(self, runners: list[Runner], method: str, draft_lengths: DraftLengths, order: list[int], *,
+    def __init__(self, runners: list[Runner], method: Method, draft_lengths: DraftLengths, order: list[int], *,
                  sampler: Backend, confidence_threshold: float, max_batch: int | None = None,
                  max_stall: int | None = None):
-        """runners: the engine's models, then the drafter where there is one; order: runner indices,
-        cheapest first (the shared proposer of ensemble_sd first); each sequence brings its Target.
+        """runners: the engine's models, then the drafter where there is one; method: the policy that
+        every sequence follows; order: runner indices, cheapest first (the shared proposer of
+        ensemble_sd first); each sequence brings its Target.
         sampler, confidence_threshold: the Engine's (which checks them; the threshold ends a proposal
         early, module docstring). max_batch: at most, and by default, what every runner holds."""
         capacity = min(r.max_batch for r in runners)
@@ -284,12 +217,12 @@ class Scheduler:
             seq.fed = [0] * len(self.runners)
             seq.logits = [{} for _ in self.runners]
             seq.acceptance = [[0.0, 0.0] for _ in self.runners]
-            seq.action = (ENSEMBLE, seq.target.members)
-            seq.source = next((s for s in self.running if s.action[0] == ENSEMBLE and s.target is seq.target
+            seq.action = Action(ENSEMBLE, seq.target.members)
+            seq.source = next((s for s in self.running if s.action.kind == ENSEMBLE and s.target is seq.target
                                and s.tokens == seq.tokens and s.source is None and len(s.tokens) == s.prompt_len),
                               None)
             if seq.source is not None:
-                seq.action = (FORK, ())
+                seq.action = Action(FORK)
             for runner in self.runners:
                 runner.truncate([seq.slot], [0])
             self.running.append(seq)
@@ -309,7 +242,7 @@ class Scheduler:
             elif in_prefill:
                 continue
             seq.source = None
-            seq.action = (ENSEMBLE, seq.target.members)
+            seq.action = Action(ENSEMBLE, seq.target.members)
 
     # ------------------------------------------------------------ one tick
 
@@ -321,20 +254,20 @@ class Scheduler:
         for seq in running:
             seq.new = []
         for m in range(len(self.runners)):
-            need = [s for s in running if m in s.action[1] and s.fed[m] < s.frontier]
+            need = [s for s in running if m in s.action.models and s.fed[m] < s.frontier]
             if self._defer(m, running, need):
                 for seq in need:
                     seq.stalled += 1
             else:
                 self._forward(m, need)
-        self._fork([s for s in running if s.action[0] == FORK])
-        fed = [s for s in running if s.action[0] != FORK and all(s.fed[m] == s.frontier for m in s.action[1])]
+        self._fork([s for s in running if s.action.kind == FORK])
+        fed = [s for s in running if s.action.kind != FORK and all(s.fed[m] == s.frontier for m in s.action.models)]
         for seq in fed:
             seq.stalled = 0
-        self._verify([s for s in fed if s.action[0] == SCORE])
-        ready = [s for s in fed if not s.finished and all(s.fed[m] == s.frontier for m in s.action[1])]
-        drafts = [[s for s in ready if s.action == (DRAFT, (m,))] for m in range(len(self.runners))]
-        for seqs in _by_target([s for s in ready if s.action[0] == ENSEMBLE]):
+        self._verify([s for s in fed if s.action.kind == SCORE])
+        ready = [s for s in fed if not s.finished and all(s.fed[m] == s.frontier for m in s.action.models)]
+        drafts = [[s for s in ready if s.action == Action(DRAFT, (m,))] for m in range(len(self.runners))]
+        for seqs in _by_target([s for s in ready if s.action.kind == ENSEMBLE]):
             self._draw_ensemble(seqs)
         for m, seqs in enumerate(drafts):
             for group in _by_target(seqs):
@@ -350,7 +283,8 @@ class Scheduler:
         model, another sequence advances without m this tick, and nobody has waited max_stall ticks.
         Sequences waiting for an expensive model then line up, and one of its forwards serves them
         all (otherwise a batch in mixed phases runs it nearly every tick). Waiting changes no token."""
-        return (bool(need) and m != self.order[0] and any(m not in s.action[1] and s.action[0] != FORK for s in running)
+        return (bool(need) and m != self.order[0]
+                and any(m not in s.action.models and s.action.kind != FORK for s in running)
                 and max(s.stalled for s in need) < self.max_stall)
 
     def _forward(self, m: int, seqs: list[Sequence]) -> None:
@@ -360,7 +294,7 @@ class Scheduler:
             return
         start = time.perf_counter()
         rows = [s.slot for s in seqs]
-        feeds = [(s.tokens + s.pending)[s.fed[m]:s.frontier] for s in seqs]
+        feeds = [(s.tokens + [d.token for d in s.pending])[s.fed[m]:s.frontier] for s in seqs]
         # Feeding positions fed .. F-1 yields logits at fed + 1 .. F; those before c are spent.
         keep = [s.frontier - max(s.fed[m], len(s.tokens) - 1) for s in seqs]
         out = self.runners[m].forward(rows, feeds, keep)
@@ -388,53 +322,78 @@ class Scheduler:
     def _verify_target(self, seqs: list[Sequence], counts: list[int]) -> None:
         """Verifies the first counts[i] pending drafts of seqs[i], sequences of one target."""
         start = time.perf_counter()
+        verdicts = self._call_verify(seqs, counts, *self._pack_verify(seqs, counts))
+        elapsed = time.perf_counter() - start
+        self.stats.verify_calls += 1
+        self.stats.verify_s += elapsed
+        for s, t, verdict in zip(seqs, counts, verdicts):
+            self._apply_verdict(s, t, verdict, elapsed)
+
+    def _pack_verify(self, seqs: list[Sequence], counts: list[int]) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+        """The rows of one verify call: seqs[i]'s first counts[i] pending positions, T in all.
+
+        seqs: sequences of one target.
+        counts: how many pending drafts of each to verify.
+        Returns each of the target's runners' logits [T, V] (in ``target.runners`` order), and
+        [T] int64 each: the drafts, their proposers (as places in ``target.runners``) and positions."""
         target = seqs[0].target
         rows = [(s, len(s.tokens) + j) for s, t in zip(seqs, counts) for j in range(t)]
         logits = [torch.stack([s.logits[m][pos] for s, pos in rows]) for m in target.runners]
         local = {m: i for i, m in enumerate(target.runners)}  # verify indexes logits by place in target.runners
         drafts, proposers, positions = torch.tensor(
-            [[s.pending[pos - len(s.tokens)] for s, pos in rows],
-             [local[s.pending_by[pos - len(s.tokens)]] for s, pos in rows],
+            [[s.pending[pos - len(s.tokens)].token for s, pos in rows],
+             [local[s.pending[pos - len(s.tokens)].proposer] for s, pos in rows],
              [pos for _, pos in rows]], device=self.device)
+        return logits, drafts, proposers, positions
+
+    def _call_verify(self, seqs: list[Sequence], counts: list[int], logits: list[Tensor], drafts: Tensor,
+                     proposers: Tensor, positions: Tensor) -> list[_Verdict]:
+        """One verify call over the rows of ``_pack_verify``, and its results read back.
+
+        seqs, counts: as for ``_pack_verify``.
+        logits, drafts, proposers, positions: what ``_pack_verify`` returned for them.
+        Returns each sequence's verdict."""
         offsets = torch.tensor([0, *counts], device=self.device).cumsum(0)
         seeds = torch.tensor([s.seed for s in seqs], device=self.device)
         params = [s.params for s in seqs]
-        res = verify(logits, target.verify_spec, drafts, proposers, positions, offsets, params, seeds,
+        res = verify(logits, seqs[0].target.verify_spec, drafts, proposers, positions, offsets, params, seeds,
                      want_logprobs=any(p.logprobs for p in params), max_n=max(counts), backend=self.sampler)
         # One read-back of the integer results (a second only for logprobs): the call's sync point.
         results = torch.cat([res.num_accepted[:, None], res.num_emitted[:, None], res.tokens], dim=1).tolist()
-        logprobs = res.logprobs.tolist() if res.logprobs is not None else None
-        elapsed = time.perf_counter() - start
-        self.stats.verify_calls += 1
-        self.stats.verify_s += elapsed
-        for i, (s, t, (a, e, *tokens)) in enumerate(zip(seqs, counts, results)):
-            s.metrics.verify_steps += 1
-            s.metrics.verify_s += elapsed
-            tested, accepted = [0] * len(self.runners), [0] * len(self.runners)
-            for j in range(min(t, a + 1)):
-                m = s.pending_by[j]
-                tested[m] += 1
-                accepted[m] += j < a
-                _count_at(s.metrics.tested_at_depth[m], s.pending_depth[j], 1)
-                _count_at(s.metrics.accepted_at_depth[m], s.pending_depth[j], int(j < a))
-            for m in set(s.pending_by[:t]):
-                s.metrics.drafts_tested[m] += tested[m]
-                s.metrics.drafts_accepted[m] += accepted[m]
-                self.draft_lengths.observe(s.acceptance[m], tested[m], accepted[m])
-            if s.params.logprobs:
-                s.logprobs.extend(logprobs[i][:e])
-            rejected = a < t
-            if rejected:  # at position c + a: every later draft and cache entry is void
-                self._roll_back(s, len(s.tokens) + a)
-            else:
-                del s.pending[:t], s.pending_by[:t], s.pending_depth[:t]
-            self._commit(s, tokens[:e])
-            if not s.finished:
-                self._after_score(s, rejected)
+        logprobs = res.logprobs.tolist() if res.logprobs is not None else [[]] * len(seqs)
+        return [_Verdict(a, tokens[:e], lp[:e]) for (a, e, *tokens), lp in zip(results, logprobs)]
+
+    def _apply_verdict(self, s: Sequence, t: int, verdict: _Verdict, elapsed: float) -> None:
+        """A sequence's share of a verify call: its metrics and proposers' acceptance, the commit of the
+        emitted tokens, and its next action.
+
+        s: the sequence.
+        t: how many of its pending drafts were verified.
+        verdict: their result.
+        elapsed: the wall time of the call."""
+        a = verdict.accepted
+        s.metrics.verify_steps += 1
+        s.metrics.verify_s += elapsed
+        tested = s.pending[:min(t, a + 1)]  # the accepted drafts and the rejected one
+        for j, d in enumerate(tested):
+            s.metrics.count_test(d.proposer, d.depth, j < a)
+        by = [d.proposer for d in tested]
+        for m in {d.proposer for d in s.pending[:t]}:
+            self.draft_lengths.observe(s.acceptance[m], by.count(m), by[:a].count(m))
+        if s.params.logprobs:
+            s.logprobs.extend(verdict.logprobs)
+        rejected = a < t
+        if rejected:  # at position c + a: every later draft and cache entry is void
+            self._roll_back(s, len(s.tokens) + a)
+        else:
+            del s.pending[:t]
+        self._commit(s, verdict.tokens)
+        if not s.finished:
+            self._after_score(s, rejected)
 
     def _roll_back(self, s: Sequence, keep: int) -> None:
         """Drops every pending draft and every cache entry and logit past position ``keep``."""
-        s.pending, s.pending_by, s.pending_depth = [], [], []
+        s.pending = []
         for m, runner in enumerate(self.runners):
             s.fed[m] = min(s.fed[m], keep)
             runner.truncate([s.slot], [s.fed[m]])
@@ -449,26 +408,22 @@ class Scheduler:
             if s.params.logprobs:
                 s.logprobs.append(logprobs[i])
             self._commit(s, tokens[i:i + 1])
-            if not s.finished and self.method != "ensemble" and self.method != "single":
-                self._start_proposal(s, target.order[0])
+            if not s.finished:
+                self._act(s, self.method.after_ensemble_draw(target))
 
     def _draw_drafts(self, m: int, seqs: list[Sequence]) -> None:
         """A draft from model m's own q at the frontier of each sequence (all of one target)."""
         target = seqs[0].target
         tokens, unsure = self._draw([m], _OWN, STREAM_DRAFT + target.runners.index(m), seqs)
-        for s, token, unsure in zip(seqs, tokens, unsure or [False] * len(seqs)):
-            s.pending.append(token)
-            s.pending_by.append(m)
+        for s, token, stop in zip(seqs, tokens, unsure or [False] * len(seqs)):
             depth = s.metrics.draft_lengths[-1][1] - s.drafts_left
-            s.pending_depth.append(depth)
+            s.pending.append(Draft(token, m, depth))
             s.drafts_left -= 1
-            if unsure and s.drafts_left:  # the proposal ends here: its metrics record the drafts it made
+            if stop and s.drafts_left:  # the proposal ends here: its metrics record the drafts it made
                 s.metrics.draft_lengths[-1] = (m, depth + 1)
                 s.drafts_left = 0
             if s.drafts_left == 0:
-                others = [k for k in target.order if k != m]
-                scorers = target.members if self.method == "ensemble_sd" else [min(others, key=lambda k: s.fed[k])]
-                s.action = (SCORE, tuple(scorers))
+                s.action = self.method.after_proposal(target, m, s.fed)
 
     def _unsure(self, q: Tensor, seqs: list[Sequence]) -> Tensor:
         """[R] bool: whether the proposer's top probability, from its logits q [R, V] at each
@@ -495,28 +450,30 @@ class Scheduler:
         self.stats.sample_s += time.perf_counter() - start
         return out
 
-    # ------------------------------------------------------------ method logic
+    # ------------------------------------------------------------ the method's next action
 
     def _after_score(self, s: Sequence, rejected: bool) -> None:
-        scorer = s.action[1][0]
-        if rejected:
-            self._start_proposal(s, s.target.order[0])
-        elif self.method == "ensemble_sd":
-            s.action = (ENSEMBLE, s.target.members)  # every model holds logits at the frontier
+        """s's next action once its scored drafts are verified (rejected: one was rejected), or once
+        its scorer has fed them while other models' logits are still missing (rejected False)."""
+        self._act(s, self.method.after_verification(s.target, s.action.models, rejected))
+
+    def _act(self, s: Sequence, action: Action) -> None:
+        """Makes ``action`` s's next one; a DRAFT starts a proposal."""
+        if action.kind == DRAFT:
+            self._start_proposal(s, action.models[0])
         else:
-            self._start_proposal(s, scorer)  # it holds logits at the frontier: its first draft is free
+            s.action = action
 
     def _start_proposal(self, s: Sequence, m: int) -> None:
         """Model m proposes gamma drafts (its fixed gamma, or the auto choice), capped so that drafts
         never run past max_new_tokens."""
-        others = [k for k in s.target.order if k != m]
-        scorers = s.target.members if self.method == "ensemble_sd" else [min(others, key=lambda k: s.fed[k])]
+        scorers = self.method.scorers(s.target, m, s.fed)
         gamma = self.draft_lengths.choose(m, s.acceptance[m], s.frontier in s.logits[m],
                                           {o: s.frontier - s.fed[o] for o in scorers}, self.method)
         left = s.params.max_new_tokens - (len(s.tokens) - s.prompt_len) - len(s.pending)
         s.drafts_left = max(1, min(gamma, left))
         s.metrics.draft_lengths.append((m, s.drafts_left))
-        s.action = (DRAFT, (m,))
+        s.action = Action(DRAFT, (m,))
 
     def _commit(self, s: Sequence, tokens: Seq[int]) -> None:
         """Appends tokens up to the first stop condition; drops logits the sequence has passed."""

@@ -11,18 +11,19 @@ from typing import Literal, get_args
 import torch
 from tqdm import tqdm
 
-from triton_kernels.verify import Backend, fused_unsupported
-
 from . import decode
 from .checks import is_int, is_real
-from .decode import METHODS, Metrics, Scheduler, Target
+from .decode import Scheduler, Target
 from .ensemble import EnsembleSpec
 from .errors import VocabularyMismatchError
 from .gamma import MAX_GAMMA, AutoGammas, DraftLengths, FixedGammas, measure_costs
+from .methods import METHODS, POLICIES
+from .metrics import Metrics
 from .model import Transformer
 from .runner import LoadedModel, Runner, check_load_args, check_same_vocabulary, load_model
 from .sampling import SamplingParams
 from .sources import check_model
+from .verify import Backend, fused_unsupported
 
 Prompt = str | Sequence[int]
 TargetArg = tuple[Sequence[int], EnsembleSpec | None]  # model indices, the ensemble over them (None: equal weights)
@@ -180,7 +181,7 @@ class Engine:
         self.tokenizer = self.models[0].tokenizer
         self.eos_ids = _end_of_generation_ids(self.tokenizer)
         self.max_len = min(r.max_len for r in all_runners)
-        self.scheduler = Scheduler(all_runners, method, draft_lengths, self.order, sampler=sampler,
+        self.scheduler = Scheduler(all_runners, POLICIES[method], draft_lengths, self.order, sampler=sampler,
                                    confidence_threshold=confidence_threshold, max_batch=max_batch)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0

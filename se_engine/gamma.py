@@ -4,7 +4,8 @@ Auto: before model m proposes for a sequence, it picks the gamma that maximises 
 per second of that proposal and its verification (the segment of the alternate-proposal cycle):
 
     tokens(g) = (1 - a^g) / (1 - a)        accepted drafts, or the recovered token at a rejection
-                + a^g          (ensemble_sd: after a full accept a token is drawn from r at once)
+                + a^g          (where the method draws a token from r at once after a full accept:
+                                ``Method.extra_token_after_full_accept``, ensemble_sd)
     time(g)   = (g - free) c_m(1) + sum_{o in scorers, o != m} c_o(k_o + g)
                 + c_m(1)       (ensemble_sd, m a member: m also feeds its last draft, to score it)
 
@@ -31,9 +32,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .checks import is_int
+from .methods import Method
 from .runner import Runner
 
 PRIOR = (0.8, 2.0)  # acceptance prior: mean, weight in pseudo-drafts
@@ -84,7 +88,8 @@ class FixedGammas:
         self.gammas = gammas
         self.max_gamma = max(gammas)
 
-    def choose(self, m: int, acceptance: list[float], free: bool, scorers: dict[int, int], method: str) -> int:
+    def choose(self, m: int, acceptance: list[float], free: bool, scorers: dict[int, int], method: Method) -> int:
+        """Model m's gamma (the other arguments: see ``AutoGammas.choose``)."""
         return self.gammas[m]
 
     def observe(self, acceptance: list[float], tested: int, accepted: int) -> None:
@@ -102,14 +107,20 @@ class AutoGammas:
             raise ValueError(f"prior must be (mean in [0, 1], weight > 0) and decay in [0, 1], got {prior}, {decay}")
         self.costs, self.max_gamma, self.prior, self.decay = costs, max_gamma, prior, decay
 
-    def choose(self, m: int, acceptance: list[float], free: bool, scorers: dict[int, int], method: str) -> int:
-        """acceptance: smoothed [accepted, tested] of m's drafts; scorers: the models that score
-        the drafts -> k_o (m among them: a member proposing in ensemble_sd, which feeds its last draft)."""
+    def choose(self, m: int, acceptance: list[float], free: bool, scorers: dict[int, int], method: Method) -> int:
+        """The gamma of model m's next proposal.
+
+        m: the proposer.
+        acceptance: smoothed [accepted, tested] of m's drafts.
+        free: whether m holds logits at the frontier (its first draft needs no forward).
+        scorers: the models that score the drafts -> k_o (m among them: a member proposing in
+            ensemble_sd, which feeds its last draft).
+        method: the sequence's; whether a token follows a full accept at once."""
         a = self.estimate(acceptance)
         best, best_rate = 1, 0.0
         for g in range(1, self.max_gamma + 1):
             full = a ** g
-            tokens = (1 - full) / (1 - a) + (full if method == "ensemble_sd" else 0.0)
+            tokens = (1 - full) / (1 - a) + (full if method.extra_token_after_full_accept else 0.0)
             drafting = g - free + (m in scorers)
             seconds = drafting * self.costs[m](1) + sum(self.costs[o](k + g) for o, k in scorers.items() if o != m)
             if tokens / seconds > best_rate:
@@ -153,33 +164,59 @@ def cycle_rate(method: str, costs: list[ForwardCost], gammas: list[float] | None
                      fully accepted proposal, so it holds logits at the frontier)
 
     Gammas may be fractional (the mean draft length of an automatic choice)."""
-    if len(costs) != 2 and not (len(costs) == 3 and method == "ensemble_sd"):
+    cycle = _CYCLES.get(method)
+    if cycle is None:
+        raise ValueError(f"unknown method {method!r}")
+    if len(costs) != 2 and not (len(costs) == 3 and cycle.drafter):
         raise ValueError(f"the cycle model covers two models (and a drafter for ensemble_sd), got {len(costs)} "
                          f"for {method!r}")
-    p, v = order or (0, 1)
-    if method == "ensemble":
-        return 1 / (costs[p](1) + costs[v](1))
-    if gammas is None or acceptance is None:
+    if cycle.drafts and (gammas is None or acceptance is None):
         raise ValueError(f"{method} needs gammas and acceptance rates")
+    return cycle.rate(costs, gammas, acceptance, *(order or (0, 1)))
 
-    def accepted(m: int) -> float:
-        a, g = acceptance[m], gammas[m]
-        return g if a == 1 else (1 - a ** g) / (1 - a)
 
+def _ensemble_rate(costs: list[ForwardCost], gammas: list[float] | None, acceptance: list[float] | None,
+                   p: int, v: int) -> float:
+    """cycle_rate of ensemble."""
+    return 1 / (costs[p](1) + costs[v](1))
+
+
+def _ensemble_sd_rate(costs: list[ForwardCost], gammas: list[float], acceptance: list[float], p: int,
+                      v: int) -> float:
+    """cycle_rate of ensemble_sd, with a drafter where costs has three runners."""
     if len(costs) == 3:
         d, g = 2, gammas[2]
         full = acceptance[d] ** g
         seconds = g * costs[d](1) + full * (costs[d](2) - costs[d](1)) + costs[0](g + 1) + costs[1](g + 1)
-        return (accepted(d) + full) / seconds
+        return (_accepted(acceptance[d], g) + full) / seconds
     full_p = acceptance[p] ** gammas[p]
-    if method == "ensemble_sd":
-        tokens = accepted(p) + full_p
-        seconds = (gammas[p] + 1) * costs[p](1) + costs[v](gammas[p] + 1)
-    elif method == "se":
-        free = full_p * acceptance[v] ** gammas[v]
-        tokens = accepted(p) + full_p * accepted(v)
-        seconds = ((gammas[p] - free) * costs[p](1) + costs[v](gammas[p] + 1)
-                   + full_p * ((gammas[v] - 1) * costs[v](1) + costs[p](gammas[v] + 1)))
-    else:
-        raise ValueError(f"unknown method {method!r}")
+    tokens = _accepted(acceptance[p], gammas[p]) + full_p
+    return tokens / ((gammas[p] + 1) * costs[p](1) + costs[v](gammas[p] + 1))
+
+
+def _se_rate(costs: list[ForwardCost], gammas: list[float], acceptance: list[float], p: int, v: int) -> float:
+    """cycle_rate of se."""
+    full_p = acceptance[p] ** gammas[p]
+    free = full_p * acceptance[v] ** gammas[v]
+    tokens = _accepted(acceptance[p], gammas[p]) + full_p * _accepted(acceptance[v], gammas[v])
+    seconds = ((gammas[p] - free) * costs[p](1) + costs[v](gammas[p] + 1)
+               + full_p * ((gammas[v] - 1) * costs[v](1) + costs[p](gammas[v] + 1)))
     return tokens / seconds
+
+
+def _accepted(a: float, g: float) -> float:
+    """S(a, g) = sum_{j<g} a^j: the expected accepted drafts, or the recovered token at a rejection."""
+    return g if a == 1 else (1 - a ** g) / (1 - a)
+
+
+class _Cycle(NamedTuple):
+    """A method's cycle model: its rate(costs, gammas, acceptance, p, v), whether it also covers a
+    drafter outside the two models, and whether it drafts (and so needs gammas and acceptance)."""
+    rate: Callable[[list[ForwardCost], list[float] | None, list[float] | None, int, int], float]
+    drafter: bool
+    drafts: bool
+
+
+_CYCLES = {"ensemble": _Cycle(_ensemble_rate, drafter=False, drafts=False),
+           "ensemble_sd": _Cycle(_ensemble_sd_rate, drafter=True, drafts=True),
+           "se": _Cycle(_se_rate, drafter=False, drafts=True)}

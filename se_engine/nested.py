@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from . import kv_ops
-from .model import PackedBatch, Transformer, check_forward
+from .model import Transformer
+from .packing import PackedBatch, check_forward
 
 
 class NestedDrafter:

@@ -1,12 +1,25 @@
 import os
 
+import pytest
 import torch
+
+from se_engine import LoadedModel, load_model
 
 if not torch.cuda.is_available():  # Triton kernels run on the CPU through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: uses the real GGUF models (fetched and converted once into the cache)")
-    # The interpreter evaluates both sides of tl.where with NumPy, which warns on log(0) lanes it discards.
-    config.addinivalue_line("filterwarnings", "ignore::RuntimeWarning:triton.runtime.interpreter")
+@pytest.fixture(scope="module")
+def tiny_models():
+    """A loader of the built-in tiny models: tiny_models(names, **load_kwargs) -> one LoadedModel per
+    name, loaded with ``load_model(name, **load_kwargs)`` once per test module and arguments (the
+    tests of a module share them, as they share a module fixture)."""
+    loaded: dict[tuple, list[LoadedModel]] = {}
+
+    def load(names: list[str], **load_kwargs) -> list[LoadedModel]:
+        key = (tuple(names), tuple(sorted(load_kwargs.items())))
+        if key not in loaded:
+            loaded[key] = [load_model(name, **load_kwargs) for name in names]
+        return loaded[key]
+
+    return load

@@ -5,16 +5,15 @@ import math
 import pytest
 import torch
 
-from se_engine import load_model
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.sampling import SamplingParams, process_logits, sample
-from triton_kernels.verify import verify_reference
+from se_engine.verify import verify_reference
 
 
 @pytest.fixture(scope="module")
-def pair():
-    return [load_model(n, dtype=torch.float32, max_len=96) for n in ("tiny-random-llama", "tiny-random-qwen2")]
+def pair(tiny_models):
+    return tiny_models(["tiny-random-llama", "tiny-random-qwen2"], dtype=torch.float32, max_len=96)
 
 
 def test_weighted_mixes_processed_probabilities():

@@ -6,7 +6,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from se_engine import load_model
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.gamma import AutoGammas, ForwardCost
@@ -17,8 +16,8 @@ SLOTS = 16
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return [load_model(n, max_batch=SLOTS, max_len=128) for n in NAMES]
+def tiny(tiny_models):
+    return tiny_models(NAMES, max_batch=SLOTS, max_len=128)
 
 
 def mixed_requests(count: int, seed: int, temperature: float) -> tuple[list[list[int]], list[SamplingParams]]:

@@ -6,8 +6,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-import triton_kernels.verify as verify_module
-from se_engine import load_model
+import se_engine.verify as verify_module
 from se_engine.decode import Scheduler
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
@@ -22,9 +21,9 @@ NAMES = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep"]
 
 
 @pytest.fixture(scope="module", params=[torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def tiny(request):
+def tiny(request, tiny_models):
     """The default dtype (bf16: the batch-invariant kernels on the CPU), and fp32 beside it."""
-    return [load_model(n, dtype=request.param, max_len=160, device=DEVICE) for n in NAMES]
+    return tiny_models(NAMES, dtype=request.param, max_len=160, device=DEVICE)
 
 
 GREEDY = [
@@ -234,7 +233,7 @@ def test_distribution_test_catches_an_unverified_bonus(small, monkeypatch):
     def emit_bonus(self, s, rejected):
         real_after_score(self, s, rejected)
         if not rejected and not s.pending:
-            (m,) = s.action[1]
+            (m,) = s.action.models
             tokens, _ = self._draw([m], EnsembleSpec.weighted([1.0]), STREAM_DRAFT + m, [s])
             self._commit(s, tokens)
             if not s.finished:

@@ -3,20 +3,21 @@
 import pytest
 import torch
 
-from se_engine import load_model
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.gamma import AutoGammas, ForwardCost, measure_costs
+from se_engine.methods import POLICIES
 from se_engine.sampling import SamplingParams
 
 NAMES = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep"]
 CHEAP, DEAR = ForwardCost(0.010, 0.001), ForwardCost(0.100, 0.004)
+SE, SD = POLICIES["se"], POLICIES["ensemble_sd"]
 THRESHOLD = 0.5  # near the median of the tiny models' top probabilities (quartiles about 0.3 and 0.7)
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return [load_model(n, max_batch=4, max_len=160) for n in NAMES]
+def tiny(tiny_models):
+    return tiny_models(NAMES, max_batch=4, max_len=160)
 
 
 def acceptance(accepted: int, tested: int) -> list[float]:
@@ -27,13 +28,13 @@ def acceptance(accepted: int, tested: int) -> list[float]:
 
 def test_auto_gamma_follows_costs_and_acceptance():
     auto = AutoGammas([CHEAP, DEAR])
-    cheap_proposer = [auto.choose(0, acceptance(a, 20), False, {1: 1}, "se") for a in (20, 16, 10, 2)]
+    cheap_proposer = [auto.choose(0, acceptance(a, 20), False, {1: 1}, SE) for a in (20, 16, 10, 2)]
     assert cheap_proposer == sorted(cheap_proposer, reverse=True), "more acceptance, longer drafts"
     assert cheap_proposer[0] >= 6 and cheap_proposer[-1] <= 2, cheap_proposer
     # The dear model drafts once, where its first draft is free, and never pays for a second.
-    assert auto.choose(1, acceptance(20, 20), True, {0: 1}, "se") == 1
+    assert auto.choose(1, acceptance(20, 20), True, {0: 1}, SE) == 1
     # Equal costs and poor acceptance: a scoring forward per token is the best there is.
-    assert AutoGammas([DEAR, DEAR]).choose(0, acceptance(2, 20), False, {1: 1}, "se") == 1
+    assert AutoGammas([DEAR, DEAR]).choose(0, acceptance(2, 20), False, {1: 1}, SE) == 1
     with pytest.raises(ValueError, match="max_gamma"):
         AutoGammas([CHEAP, DEAR], max_gamma=0)
     for prior, decay in (((1.5, 2.0), 0.8), ((0.8, 0.0), 0.8), ((0.8, 2.0), 1.5)):
@@ -58,9 +59,9 @@ def test_auto_gamma_prices_who_scores_in_ensemble_sd():
             return max(rate, key=rate.get)
 
         scorers = {0: 1, 1: 1}
-        assert auto.choose(0, counts, False, scorers, "ensemble_sd") == best(lambda g: (g + 1) * CHEAP(1) + DEAR(1 + g))
+        assert auto.choose(0, counts, False, scorers, SD) == best(lambda g: (g + 1) * CHEAP(1) + DEAR(1 + g))
         outside = best(lambda g: g * drafter(1) + CHEAP(1 + g) + DEAR(1 + g))
-        assert auto.choose(2, counts, False, scorers, "ensemble_sd") == outside
+        assert auto.choose(2, counts, False, scorers, SD) == outside
         differs += outside != best(lambda g: (g + 1) * drafter(1) + CHEAP(1 + g) + DEAR(1 + g))
     assert differs
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import se_engine.ensemble as ensemble_module
 import se_engine.model as model_module
 import se_engine.sampling as sampling
-import triton_kernels.verify as verify_module
+import se_engine.verify as verify_module
 from se_engine import invariant_ops
 from se_engine.ensemble import EnsembleSpec
 from se_engine.model import ModelConfig, Transformer

@@ -15,8 +15,8 @@ import torch
 
 from se_engine.ensemble import EnsembleSpec
 from se_engine.sampling import STREAM_DRAFT, STREAM_ENSEMBLE, SamplingParams, process_logits, sample
-from triton_kernels.verify import (sample_ensemble, sample_ensemble_reference, sample_ensemble_triton, verify,
-                                   verify_reference, verify_triton)
+from se_engine.verify import (sample_ensemble, sample_ensemble_reference, sample_ensemble_triton, verify,
+                              verify_reference, verify_triton)
 
 WEIGHTED = {2: EnsembleSpec.weighted([0.6, 0.4]), 3: EnsembleSpec.weighted([0.2, 0.3, 0.5])}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -152,9 +152,9 @@ def test_backend_choice_and_clear_errors():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile the kernels for real")
 def test_kernels_compile_for_hopper():
     """The interpreter skips Triton's compiler: every kernel variant is compiled for sm_90 here too
-    (tests/kernel_compile.py, with the Triton wheel's ptxas; no GPU needed)."""
+    (tools/kernel_compile.py, with the Triton wheel's ptxas; no GPU needed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("kernel_compile.py")
+    script = Path(__file__).resolve().parent.parent / "tools" / "kernel_compile.py"
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-1000:]
     assert "kernel variants compiled for sm_90" in proc.stdout

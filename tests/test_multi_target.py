@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from bench import multi_target
-from se_engine import load_model
 from se_engine.decode import Scheduler
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
@@ -23,8 +22,8 @@ NAMES = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep", "ti
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return [load_model(n, max_batch=12, max_len=96) for n in NAMES]
+def tiny(tiny_models):
+    return tiny_models(NAMES, max_batch=12, max_len=96)
 
 
 def nested(tiny) -> NestedDrafter:

@@ -8,12 +8,13 @@ import pytest
 import torch
 from test_exactness import ALPHA, SAMPLING, chi_square_pvalue, draw, exact_joint, small  # noqa: F401 (fixture)
 
-from se_engine import VocabularyMismatchError, load_model
+from se_engine import VocabularyMismatchError
 from se_engine.decode import Scheduler
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
-from se_engine.model import PackedBatch, Transformer
+from se_engine.model import Transformer
 from se_engine.nested import NestedDrafter
+from se_engine.packing import PackedBatch
 from se_engine.sampling import SamplingParams
 
 NAMES = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep"]
@@ -21,8 +22,8 @@ SLOTS = 3  # drafter slots; the model's slot SLOTS is the reference's scratch sl
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return [load_model(n, max_batch=SLOTS + 1, max_len=160) for n in NAMES]
+def tiny(tiny_models):
+    return tiny_models(NAMES, max_batch=SLOTS + 1, max_len=160)
 
 
 @torch.inference_mode()

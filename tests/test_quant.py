@@ -61,15 +61,14 @@ def test_int4_needs_whole_groups():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return [load_model(n, max_batch=3, max_len=160) for n in NAMES]
+def tiny(tiny_models):
+    return tiny_models(NAMES, max_batch=3, max_len=160)
 
 
 @pytest.fixture(scope="module")
-def drafters():
+def drafters(tiny_models):
     """Quantized copies of the qwen2 model (the expert of the contrastive ensemble below)."""
-    return {s: load_model(NAMES[1], max_batch=3, max_len=160, quantize=s).runner
-            for s in SCHEMES}
+    return {s: tiny_models(NAMES[1:2], max_batch=3, max_len=160, quantize=s)[0].runner for s in SCHEMES}
 
 
 @pytest.mark.parametrize("scheme,max_tv", [("int8", 0.03), ("int4", 0.25)])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import se_engine.engine as engine_module
-from se_engine import UnknownModelError, load_model
+from se_engine import UnknownModelError
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.gamma import AutoGammas, ForwardCost
@@ -19,8 +19,8 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def pair():
-    return [load_model(n, dtype=torch.float32, max_len=96) for n in NAMES]
+def pair(tiny_models):
+    return tiny_models(NAMES, dtype=torch.float32, max_len=96)
 
 
 @pytest.fixture(scope="module")

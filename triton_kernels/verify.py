@@ -1,157 +1,46 @@
-"""Speculative verification and ensemble sampling against an ensemble target r.
+"""Fused Triton kernels for speculative verification and ensemble sampling.
 
-Math, for each sequence b and its draft positions j = 0 .. n_b - 1 (flattened over the batch
-with offsets ``seq_offsets``; row t = seq_offsets[b] + j):
+The math, and its PyTorch specification, is ``se_engine.verify`` (whose ``verify_triton`` and
+``sample_ensemble_triton`` call ``verify`` and ``sample`` here). Plain-tensor signatures: an ensemble
+comes as its coefficients (weights, or linear c_k) and whether it is linear, each sequence's sampling
+settings as its temperature; nothing here imports the engine.
 
-    r_t = Ensemble(logits_1[t], ..., logits_n[t])          (EnsembleSpec.target)
-    q_t = process(logits_{proposer[t]}[t])                  (the distribution the draft was drawn from)
-    accept x_t  iff  u_t * q_t(x_t) <= r_t(x_t),   u_t = uniform(seed_b, position_t, ACCEPT)
-    a_b = number of leading accepted positions of b
-    if a_b < n_b:  y_b ~ norm(max(0, r - q)) at the first rejected row (RESIDUAL stream)
+Three launches, no host synchronisation. Each row's vocabulary is cut into S chunks of a fixed size
+(``_tiling``: per device and V, not per batch, so every row's result is the same alone or batched);
+every chunk program streams its slice of all n models' logits.
 
-Emitted tokens of b: x_0 .. x_{a_b - 1}, then y_b if a_b < n_b. With one-hot q and r (greedy)
-this is "accept iff the draft is the ensemble argmax, else emit the argmax" (a greedy q is the
-point mass on the draft). Precondition: every sampled draft was drawn from its q (q_t(x_t) > 0).
+1. _stats_kernel  grid (T, S): per row and chunk, the online max m and sum exp(x - m) of each
+   distribution the step needs, reading every logit once (kept per lane across the chunk's tiles
+   and reduced once at its end: no block-wide reduction inside the loop):
+       weighted:  slot k = l_k / tau  (k < n)        linear:  slot 0 = z / tau, z = sum_k c_k l_k;
+                                                              slot 1 = l_proposer / tau
+   (tau = 1 on greedy rows), and for linear ensembles the chunk's argmax of z.
+   Combining the chunks gives lse = log sum_v exp(x_v) per slot, so p_v = exp(x_v - lse).
+2. _pick_kernel   grid (B, S): per sequence, the acceptance test in log space on the gathered
+   draft logits,
+       accept x  iff  log u + log q(x) <= log r(x),
+       log r(x) = logsumexp_k(log lambda_k + l_k(x) / tau - lse_k)    (weighted)
+                = z(x) / tau - lse_z                                   (linear),
+   then, at the first rejected row only, the chunk's exponential race on the residual and on r
+       argmax_v log max(0, r_v - q_v) - log E_v,   E_v = -log u_v        (no residual tensor,
+   no normalisation, no sort); greedy weighted rows instead take the chunk argmax of the T = 1
+   mixture at every row. Sampling mode (no drafts) races on r at the sequence's single row.
+3. _finish_kernel grid (B): combines the chunk winners (ties -> lowest token id) and writes the
+   accepted counts, tokens and logprobs.
 
-Ensemble sampling (no drafts, one row per sequence) is the same race on r itself:
-    y_b ~ r_b  (stream given by the caller: ENSEMBLE for the ensemble, DRAFT + m for model m's draft).
-
-Two implementations with one signature each: ``*_reference`` (PyTorch, any ensemble and any
-top-k / top-p; the specification) and ``*_triton`` (the fused kernels below; weighted and linear
-ensembles, per-sequence temperature). ``verify`` and ``sample_ensemble`` pick one.
+The uniforms are the counter-based hash of se_engine.sampling bit for bit (the acceptance test's
+stream is its STREAM_ACCEPT, 1), so the kernels pick the reference's tokens except where
+floating-point rounding splits a near-tie.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from se_engine.ensemble import EnsembleSpec
-from se_engine.sampling import STREAM_ACCEPT, STREAM_RESIDUAL, SamplingParams, process_logits, sample, uniform
-
-Backend = Literal["auto", "torch", "triton"]
-
-
-@dataclass
-class VerifyResult:
-    num_accepted: Tensor  # [B] int64
-    tokens: Tensor        # [B, max_n] int64: accepted drafts, then the residual token; -1 past the end
-    num_emitted: Tensor   # [B] int64: num_accepted + (1 if a draft was rejected)
-    logprobs: Tensor | None  # [B, max_n] fp32 log r of each emitted token (nan past the end)
-
-
-def verify_reference(logits: list[Tensor], spec: EnsembleSpec, draft_ids: Tensor, proposer: Tensor,
-                     positions: Tensor, seq_offsets: Tensor, params: list[SamplingParams], seeds: Tensor,
-                     want_logprobs: bool = False, max_n: int | None = None) -> VerifyResult:
-    """logits: n x [T, V]; draft_ids, proposer, positions: [T] int64 (absolute token positions);
-    seq_offsets: [B + 1] int64; params: B per-sequence sampling settings; seeds: [B] int64;
-    max_n: the longest segment (computed when None)."""
-    T = draft_ids.shape[0]
-    B = seq_offsets.shape[0] - 1
-    device = draft_ids.device
-    counts = seq_offsets[1:] - seq_offsets[:-1]
-    seq_of_row = torch.repeat_interleave(torch.arange(B, device=device), counts, output_size=T)
-    local = torch.arange(T, device=device) - seq_offsets[:-1][seq_of_row]
-
-    r = torch.empty(T, logits[0].shape[-1], device=device)
-    q = torch.empty_like(r)
-    log_r = torch.empty_like(r) if want_logprobs else None
-    for b, p in enumerate(params):  # per-sequence settings: one slice each, no per-position loop
-        rows = slice(int(seq_offsets[b]), int(seq_offsets[b + 1]))
-        seq_logits = [x[rows] for x in logits]
-        r[rows] = spec.target(seq_logits, p.temperature, p.top_k, p.top_p)
-        if p.greedy:  # a greedy proposer's law is the point mass on the token it chose
-            q[rows] = torch.zeros_like(q[rows]).scatter_(1, draft_ids[rows, None], 1.0)
-        else:
-            own = torch.stack(seq_logits)[proposer[rows], torch.arange(rows.stop - rows.start, device=device)]
-            q[rows] = process_logits(own, p.temperature, p.top_k, p.top_p)
-        if log_r is not None:
-            log_r[rows] = spec.log_target(seq_logits, p.temperature, p.top_k, p.top_p)
-
-    row_seeds = seeds[seq_of_row]
-    u = uniform(row_seeds, positions, STREAM_ACCEPT)
-    idx = torch.arange(T, device=device)
-    accept = u * q[idx, draft_ids] <= r[idx, draft_ids]
-
-    # First rejected local index per sequence (n_b if none): a segmented min.
-    first_reject = counts.clone()
-    rejected_local = torch.where(accept, torch.full_like(local, T), local)
-    first_reject.scatter_reduce_(0, seq_of_row, rejected_local, reduce="amin")
-    num_accepted = first_reject
-    has_residual = num_accepted < counts
-    num_emitted = num_accepted + has_residual.long()
-
-    max_n = max_n if max_n is not None else (int(counts.max()) if B else 0)
-    tokens = torch.full((B, max_n), -1, dtype=torch.long, device=device)
-    keep = local < num_accepted[seq_of_row]
-    tokens[seq_of_row[keep], local[keep]] = draft_ids[keep]
-    rej_rows = (seq_offsets[:-1] + num_accepted)[has_residual]
-    if rej_rows.numel():
-        residual = (r[rej_rows] - q[rej_rows]).clamp_min(0)
-        # r == q up to rounding leaves no residual mass; then r itself is the right law.
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, r[rej_rows])
-        y = sample(residual, row_seeds[rej_rows], positions[rej_rows], STREAM_RESIDUAL)
-        tokens[has_residual.nonzero()[:, 0], num_accepted[has_residual]] = y
-
-    logprobs = None
-    if log_r is not None:
-        logprobs = torch.full((B, max_n), float("nan"), device=device)
-        emitted = local < num_emitted[seq_of_row]
-        rows_e = idx[emitted]
-        tok_e = tokens[seq_of_row[emitted], local[emitted]]
-        logprobs[seq_of_row[emitted], local[emitted]] = log_r[rows_e, tok_e]
-    return VerifyResult(num_accepted, tokens, num_emitted, logprobs)
-
-
-def sample_ensemble_reference(logits: list[Tensor], spec: EnsembleSpec, positions: Tensor,
-                              params: list[SamplingParams], seeds: Tensor, stream: int,
-                              want_logprobs: bool = False) -> tuple[Tensor, Tensor | None]:
-    """logits: n x [B, V], one row per sequence; positions, seeds: [B] int64.
-    Returns tokens [B] int64 drawn from r, and log r(token) [B] fp32 when asked."""
-    r = torch.cat([spec.target([x[b:b + 1] for x in logits], p.temperature, p.top_k, p.top_p)
-                   for b, p in enumerate(params)])
-    tokens = sample(r, seeds, positions, stream)
-    if not want_logprobs:
-        return tokens, None
-    log_r = torch.cat([spec.log_target([x[b:b + 1] for x in logits], p.temperature, p.top_k, p.top_p)
-                       for b, p in enumerate(params)])
-    return tokens, log_r.gather(1, tokens[:, None])[:, 0]
-
-
-# ----------------------------------------------------------------------------- fused kernels
-#
-# Three launches, no host synchronisation. Each row's vocabulary is cut into S chunks of a fixed size
-# (``_tiling``: per device and V, not per batch, so every row's result is the same alone or batched);
-# every chunk program streams its slice of all n models' logits.
-#
-# 1. _stats_kernel  grid (T, S): per row and chunk, the online max m and sum exp(x - m) of each
-#    distribution the step needs, reading every logit once (kept per lane across the chunk's tiles
-#    and reduced once at its end: no block-wide reduction inside the loop):
-#        weighted:  slot k = l_k / tau  (k < n)        linear:  slot 0 = z / tau, z = sum_k c_k l_k;
-#                                                               slot 1 = l_proposer / tau
-#    (tau = 1 on greedy rows), and for linear ensembles the chunk's argmax of z.
-#    Combining the chunks gives lse = log sum_v exp(x_v) per slot, so p_v = exp(x_v - lse).
-# 2. _pick_kernel   grid (B, S): per sequence, the acceptance test in log space on the gathered
-#    draft logits,
-#        accept x  iff  log u + log q(x) <= log r(x),
-#        log r(x) = logsumexp_k(log lambda_k + l_k(x) / tau - lse_k)    (weighted)
-#                 = z(x) / tau - lse_z                                   (linear),
-#    then, at the first rejected row only, the chunk's exponential race on the residual and on r
-#        argmax_v log max(0, r_v - q_v) - log E_v,   E_v = -log u_v        (no residual tensor,
-#    no normalisation, no sort); greedy weighted rows instead take the chunk argmax of the T = 1
-#    mixture at every row. Sampling mode (no drafts) races on r at the sequence's single row.
-# 3. _finish_kernel grid (B): combines the chunk winners (ties -> lowest token id) and writes the
-#    accepted counts, tokens and logprobs.
-#
-# The uniforms are the counter-based hash of se_engine.sampling bit for bit, so the kernels pick
-# the reference's tokens except where floating-point rounding splits a near-tie.
-
-MAX_MODELS = 4
+from . import MAX_MODELS
 
 
 @triton.jit
@@ -522,10 +411,16 @@ def _tiling(device: torch.device, V: int) -> tuple[int, int]:
     return min(4096, max(128, triton.next_power_of_2(triton.cdiv(V, 8)))), 2
 
 
-def _launch(logits: list[Tensor], spec: EnsembleSpec, seq_offsets: Tensor, seq_temp: Tensor, row_temp: Tensor,
-            seeds: Tensor, draft_ids: Tensor, proposer: Tensor, positions: Tensor, stream: int, sample_mode: bool,
-            max_n: int, want_logprobs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The three launches; returns (num_accepted [B] int32, tokens [B, max_n] int64, logprobs | None)."""
+def _launch(logits: list[Tensor], coefficients: tuple[float, ...], linear: bool, seq_offsets: Tensor,
+            seq_temp: Tensor, row_temp: Tensor, seeds: Tensor, draft_ids: Tensor, proposer: Tensor,
+            positions: Tensor, stream: int, sample_mode: bool, max_n: int,
+            want_logprobs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The three launches; returns (num_accepted [B] int32, tokens [B, max_n] int64, logprobs | None).
+    seq_temp [B] and row_temp [T]: the temperature of each sequence and of each row's sequence."""
+    if len(logits) > MAX_MODELS:
+        raise ValueError(f"the fused kernels take at most {MAX_MODELS} models, got {len(logits)}")
+    if any(x.shape != logits[0].shape or x.stride(-1) != 1 for x in logits):
+        raise ValueError("every model's logits must have the same shape [T, V] with unit stride over V")
     T, V = logits[0].shape
     B = seq_temp.shape[0]
     n = len(logits)
@@ -533,14 +428,13 @@ def _launch(logits: list[Tensor], spec: EnsembleSpec, seq_offsets: Tensor, seq_t
     seq_offsets, seeds, draft_ids, proposer, positions = (
         x.contiguous() for x in (seq_offsets, seeds, draft_ids, proposer, positions))
     device = logits[0].device
-    linear = spec.kind == "linear"
     block, tiles = _tiling(device, V)
     chunk = block * tiles
     splits = triton.cdiv(V, chunk)
     block_s = triton.next_power_of_2(splits)
     ptrs = list(logits) + [logits[0]] * (MAX_MODELS - n)
     strides = [x.stride(0) for x in ptrs]
-    coef = list(spec.coefficients) + [0.0] * (MAX_MODELS - n)
+    coef = list(coefficients) + [0.0] * (MAX_MODELS - n)
     models = (*ptrs, *strides, *coef)
     nslot = 2 if linear else n
     stats = torch.empty(T, splits, nslot, 2, dtype=torch.float32, device=device)
@@ -565,79 +459,47 @@ def _launch(logits: list[Tensor], spec: EnsembleSpec, seq_offsets: Tensor, seq_t
     return num_accepted, tokens, logprobs
 
 
-def _check_fused(logits: list[Tensor], spec: EnsembleSpec, params: list[SamplingParams]) -> None:
-    why = fused_unsupported(spec, params, len(logits))
-    if why:
-        raise ValueError(f"the fused kernels cannot serve this call: {why}")
-    if any(x.shape != logits[0].shape or x.stride(-1) != 1 for x in logits):
-        raise ValueError("every model's logits must have the same shape [T, V] with unit stride over V")
+def verify(logits: list[Tensor], coefficients: tuple[float, ...], linear: bool, draft_ids: Tensor,
+           proposer: Tensor, positions: Tensor, seq_offsets: Tensor, temperatures: Tensor, seeds: Tensor,
+           stream: int, want_logprobs: bool, max_n: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Verifies T draft rows of B sequences against r (``se_engine.verify.verify_reference``).
 
-
-def verify_triton(logits: list[Tensor], spec: EnsembleSpec, draft_ids: Tensor, proposer: Tensor,
-                  positions: Tensor, seq_offsets: Tensor, params: list[SamplingParams], seeds: Tensor,
-                  want_logprobs: bool = False, max_n: int | None = None) -> VerifyResult:
-    """The fused twin of verify_reference (same arguments, same result)."""
-    _check_fused(logits, spec, params)
+    logits: n <= MAX_MODELS tensors [T, V] of one shape, unit stride over V.
+    coefficients: n floats: the weights (weighted) or the c_k (linear) of r.
+    linear: r = process(sum_k c_k l_k) instead of the mixture sum_k w_k process(l_k).
+    draft_ids, proposer, positions: [T] int64: each row's draft, its proposer's index in logits,
+        its absolute token position.
+    seq_offsets: [B + 1] int64: sequence b's rows are seq_offsets[b] .. seq_offsets[b + 1] - 1.
+    temperatures: [B] fp32: each sequence's temperature (0: greedy).
+    seeds: [B] int64: each sequence's seed.
+    stream: the random stream of the residual sample.
+    want_logprobs: also return log r of each emitted token.
+    max_n: the longest segment (columns of the results).
+    Returns num_accepted [B] int64, tokens [B, max_n] int64 (-1 past the emitted ones), num_emitted [B]
+    int64, and logprobs [B, max_n] fp32 (nan past the emitted ones) or None."""
     T = draft_ids.shape[0]
-    B = len(params)
-    device = draft_ids.device
+    B = temperatures.shape[0]
     counts = seq_offsets[1:] - seq_offsets[:-1]
-    max_n = max_n if max_n is not None else (int(counts.max()) if B else 0)
-    seq_temp = torch.tensor([float(p.temperature) for p in params], dtype=torch.float32, device=device)
-    seq_of_row = torch.repeat_interleave(torch.arange(B, device=device), counts, output_size=T)
+    seq_of_row = torch.repeat_interleave(torch.arange(B, device=draft_ids.device), counts, output_size=T)
     num_accepted, tokens, logprobs = _launch(
-        logits, spec, seq_offsets, seq_temp, seq_temp[seq_of_row], seeds, draft_ids, proposer, positions,
-        STREAM_RESIDUAL, False, max_n, want_logprobs)
+        logits, coefficients, linear, seq_offsets, temperatures, temperatures[seq_of_row], seeds, draft_ids,
+        proposer, positions, stream, False, max_n, want_logprobs)
     num_accepted = num_accepted.long()
-    return VerifyResult(num_accepted, tokens, num_accepted + (num_accepted < counts).long(), logprobs)
+    return num_accepted, tokens, num_accepted + (num_accepted < counts).long(), logprobs
 
 
-def sample_ensemble_triton(logits: list[Tensor], spec: EnsembleSpec, positions: Tensor,
-                           params: list[SamplingParams], seeds: Tensor, stream: int,
-                           want_logprobs: bool = False) -> tuple[Tensor, Tensor | None]:
-    """The fused twin of sample_ensemble_reference."""
-    _check_fused(logits, spec, params)
-    B = len(params)
-    device = positions.device
-    seq_temp = torch.tensor([float(p.temperature) for p in params], dtype=torch.float32, device=device)
-    rows = torch.arange(B + 1, device=device)
-    _, tokens, logprobs = _launch(logits, spec, rows, seq_temp, seq_temp, seeds, positions, positions,
-                                  positions, stream, True, 1, want_logprobs)
+def sample(logits: list[Tensor], coefficients: tuple[float, ...], linear: bool, positions: Tensor,
+           temperatures: Tensor, seeds: Tensor, stream: int, want_logprobs: bool) -> tuple[Tensor, Tensor | None]:
+    """One token from r per sequence (``se_engine.verify.sample_ensemble_reference``).
+
+    logits: n <= MAX_MODELS tensors [B, V] of one shape, unit stride over V, one row per sequence.
+    coefficients, linear: r, as for ``verify``.
+    positions, seeds: [B] int64: each sequence's position and seed.
+    temperatures: [B] fp32: each sequence's temperature (0: greedy).
+    stream: the random stream of the draw.
+    want_logprobs: also return log r of each token.
+    Returns tokens [B] int64 and log r(token) [B] fp32 or None."""
+    rows = torch.arange(temperatures.shape[0] + 1, device=positions.device)
+    _, tokens, logprobs = _launch(logits, coefficients, linear, rows, temperatures, temperatures, seeds, positions,
+                                  positions, positions, stream, True, 1, want_logprobs)
     return tokens[:, 0], None if logprobs is None else logprobs[:, 0]
-
-
-def fused_unsupported(spec: EnsembleSpec, params: list[SamplingParams], num_models: int) -> str | None:
-    """Why the fused kernels cannot serve this call (None if they can)."""
-    if spec.kind == "custom":
-        return "custom ensembles run in PyTorch"
-    if num_models > MAX_MODELS:
-        return f"the fused kernels take at most {MAX_MODELS} models, got {num_models}"
-    if filtered := [p for p in params if p.top_k or p.top_p < 1.0]:
-        return f"top_k / top_p run in PyTorch, got top_k={filtered[0].top_k}, top_p={filtered[0].top_p}"
-    return None
-
-
-def _use_triton(backend: Backend, spec: EnsembleSpec, params: list[SamplingParams], logits: list[Tensor]) -> bool:
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "torch":
-        return False
-    why = fused_unsupported(spec, params, len(logits))
-    if backend == "triton" and why:
-        raise ValueError(f"backend='triton' cannot serve this request: {why}")
-    return why is None and (backend == "triton" or logits[0].is_cuda)
-
-
-def verify(logits: list[Tensor], spec: EnsembleSpec, draft_ids: Tensor, proposer: Tensor, positions: Tensor,
-           seq_offsets: Tensor, params: list[SamplingParams], seeds: Tensor, want_logprobs: bool = False,
-           max_n: int | None = None, backend: Backend = "auto") -> VerifyResult:
-    """backend "auto": the fused kernels on CUDA when they support the call, else PyTorch."""
-    impl = verify_triton if _use_triton(backend, spec, params, logits) else verify_reference
-    return impl(logits, spec, draft_ids, proposer, positions, seq_offsets, params, seeds, want_logprobs, max_n)
-
-
-def sample_ensemble(logits: list[Tensor], spec: EnsembleSpec, positions: Tensor, params: list[SamplingParams],
-                    seeds: Tensor, stream: int, want_logprobs: bool = False,
-                    backend: Backend = "auto") -> tuple[Tensor, Tensor | None]:
-    impl = sample_ensemble_triton if _use_triton(backend, spec, params, logits) else sample_ensemble_reference
-    return impl(logits, spec, positions, params, seeds, stream, want_logprobs)

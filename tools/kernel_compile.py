@@ -1,7 +1,7 @@
 """Compiles every variant of the fused kernels (triton_kernels.verify) and the batch-invariant ones
 (triton_kernels.invariant) for a Hopper GPU (sm_90) on a machine without one.
 
-    python tests/kernel_compile.py        (run by tests/test_kernels.py; TRITON_INTERPRET must be unset)
+    python tools/kernel_compile.py        (run by tests/test_kernels.py; TRITON_INTERPRET must be unset)
 
 The interpreter that runs the kernels in CPU tests skips Triton's compiler, whose type rules are
 stricter (a variable set in both branches of a runtime ``if`` must have one type, loop-carried
@@ -63,8 +63,8 @@ def recorded_launches(n: int, linear: bool, sample: bool, logprobs: bool, dtype:
         for k in KERNELS:
             setattr(vm, k, Recorder(originals[k]))
         vm._tiling = lambda device, V: tiling(torch.device("cuda"), V)  # the GPU's tiling
-        vm._launch(logits, spec, torch.tensor([0, 4, T]), torch.ones(B), torch.ones(T), torch.arange(B), ids, ids,
-                   torch.arange(T), 1, sample, 4, logprobs)
+        vm._launch(logits, spec.coefficients, linear, torch.tensor([0, 4, T]), torch.ones(B), torch.ones(T),
+                   torch.arange(B), ids, ids, torch.arange(T), 1, sample, 4, logprobs)
     finally:
         vm._tiling = tiling
         for k, fn in originals.items():

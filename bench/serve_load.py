@@ -127,7 +127,8 @@ def check(records: list[dict], solo: list[dict], sent: int, before: dict, after:
         twins.setdefault(r["i"] // 2, []).append(r["text"])
     tokens = sum(r.get("tokens", 0) for r in ok)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-    finished = sum(v for k, v in delta.items() if k.startswith("se_engine_requests_finished_total"))
+    finished, generated = (sum(v for k, v in delta.items() if k.startswith(f"se_engine_{name}"))
+                           for name in ("requests_finished_total", "generation_tokens_total"))
     return {
         "every request answered exactly once": by_index == list(range(sent)),
         "no error responses": len(ok) == sent,
@@ -140,7 +141,7 @@ def check(records: list[dict], solo: list[dict], sent: int, before: dict, after:
             r["tokens"] <= r["max_tokens"] and (r["finish"] != "length" or r["tokens"] == r["max_tokens"])
             for r in ok),
         "server counted each request once": finished == sent and delta["se_engine_requests_aborted_total"] == 0,
-        "server's generated tokens = clients' usage": delta["se_engine_generation_tokens_total"] == tokens,
+        "server's generated tokens = clients' usage": generated == tokens,
     }
 
 

@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -44,13 +45,14 @@ class EngineStepError(RuntimeError):
 
 @dataclass
 class ServingStats:
-    """Counters since start, written by the engine thread only (readers may see a tick's update half done)."""
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0})
+    """Counters since start, written by the engine thread only (readers may see a tick's update half
+    done). Request and token counts are per target (the engine's target names)."""
+    prompt_tokens: Counter[str] = field(default_factory=Counter)
+    generated_tokens: Counter[str] = field(default_factory=Counter)
+    finished: Counter[tuple[str, str]] = field(default_factory=Counter)  # (target, finish_reason)
+    latency_s: Counter[str] = field(default_factory=Counter)  # summed over finished requests, submission to end
     aborted: int = 0
     failed: int = 0  # ended by a tick that raised
-    latency_s: float = 0.0  # summed over finished requests, submission to last token
     busy_s: float = 0.0     # wall time inside Engine.step
     drafts_tested: list[int] = field(default_factory=list)    # per model, over finished requests
     drafts_accepted: list[int] = field(default_factory=list)
@@ -58,9 +60,10 @@ class ServingStats:
 
 @dataclass(eq=False)  # hashed by identity
 class _Batch:
-    """Requests submitted together by one caller; outputs go to its queue as (index, output)."""
+    """Requests submitted together by one caller, for one target; outputs go to its queue as (index, output)."""
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    target: str | None
     ids: list[int] = field(default_factory=list)  # engine request ids, set on the engine thread
 
 
@@ -71,7 +74,8 @@ class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
         n = len(engine.runner_names)
-        self.stats = ServingStats(drafts_tested=[0] * n, drafts_accepted=[0] * n)
+        self.stats = ServingStats(drafts_tested=[0] * n, drafts_accepted=[0] * n,
+                                  finished=Counter({(t, r): 0 for t in engine.targets for r in ("stop", "length")}))
         # (batch, requests): submit them; (batch, None): abort what is left of the batch; None: close.
         self._commands: queue.SimpleQueue[tuple[_Batch, _Requests | None] | None] = queue.SimpleQueue()
         self._live: dict[int, tuple[_Batch, int]] = {}  # engine request id -> (batch, index); engine thread writes
@@ -90,19 +94,24 @@ class AsyncEngine:
         """Requests submitted and not yet finished or aborted."""
         return len(self._live)
 
-    async def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       target: str | None = None) -> AsyncIterator[RequestOutput]:
         """One request's outputs, tick by tick; the last one has ``finish_reason`` and ``result`` set.
         Raises ValueError if the engine rejects the request."""
-        async with aclosing(self.generate_batch([(prompt, params or SamplingParams())])) as outputs:
+        async with aclosing(self.generate_batch([(prompt, params or SamplingParams())], target)) as outputs:
             async for _, out in outputs:
                 yield out
 
-    async def generate_batch(self, requests: _Requests) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Submits requests together and yields (index into requests, output) as the engine commits
-        tokens, until every one has finished. All or none: if the engine rejects one (ValueError),
-        none runs. Leaving early aborts the unfinished ones. EngineDeadError if the engine stops;
-        EngineStepError if a tick fails while decoding one of them (the others are aborted too)."""
-        batch = _Batch(asyncio.get_running_loop(), asyncio.Queue())
+    async def generate_batch(self, requests: _Requests, target: str | None = None
+                             ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Submits requests together (for one of the engine's targets, as in ``Engine.submit``) and
+        yields (index into requests, output) as the engine commits tokens, until every one has
+        finished. All or none: if the engine rejects one (ValueError), none runs. Leaving early aborts
+        the unfinished ones. EngineDeadError if the engine stops; EngineStepError if a tick fails
+        while decoding one of them (the others are aborted too)."""
+        if target is None and len(self.engine.targets) == 1:
+            (target,) = self.engine.targets
+        batch = _Batch(asyncio.get_running_loop(), asyncio.Queue(), target)
         if not self._post((batch, requests)):
             raise EngineDeadError(f"the engine is not running ({self._error})") from self._error
         unfinished = len(requests)
@@ -177,8 +186,8 @@ class AsyncEngine:
         try:
             for prompt, params in requests:
                 ids = self.engine.encode(prompt)
-                batch.ids.append(self.engine.submit(ids, params))
-                self.stats.prompt_tokens += len(ids)
+                batch.ids.append(self.engine.submit(ids, params, batch.target))
+                self.stats.prompt_tokens[batch.target] += len(ids)
         except Exception as e:  # bad input: nothing of this batch runs
             for request_id in batch.ids:
                 self.engine.abort(request_id)
@@ -207,16 +216,16 @@ class AsyncEngine:
         finally:
             stats.busy_s += time.perf_counter() - start
         for out in outputs:
-            stats.generated_tokens += len(out.token_ids)
-            if out.result is not None:
-                m = out.result.metrics
-                stats.finished[out.finish_reason] += 1
-                stats.latency_s += m.wall_s
-                stats.drafts_tested = [a + b for a, b in zip(stats.drafts_tested, m.drafts_tested)]
-                stats.drafts_accepted = [a + b for a, b in zip(stats.drafts_accepted, m.drafts_accepted)]
             if (live := self._live.get(out.request_id)) is None:
                 continue  # its batch was dropped earlier in this tick
             batch, index = live
+            stats.generated_tokens[batch.target] += len(out.token_ids)
+            if out.result is not None:
+                m = out.result.metrics
+                stats.finished[batch.target, out.finish_reason] += 1
+                stats.latency_s[batch.target] += m.wall_s
+                stats.drafts_tested = [a + b for a, b in zip(stats.drafts_tested, m.drafts_tested)]
+                stats.drafts_accepted = [a + b for a, b in zip(stats.drafts_accepted, m.drafts_accepted)]
             if out.finish_reason is not None:
                 del self._live[out.request_id]
             if not _send(batch, (index, out)):

@@ -67,11 +67,35 @@ def _gammas(args) -> list[int] | str | None:
     return "auto" if args.gammas == ["auto"] else args.gammas
 
 
+def _target(value: str) -> tuple[str, tuple[list[int], EnsembleSpec | None]]:
+    """NAME=I,J[:weights:W1,W2 | :contrastive:ALPHA] -> (name, (model indices, spec or None))."""
+    name, eq, rest = value.partition("=")
+    members, _, spec = rest.partition(":")
+    kind, _, numbers = spec.partition(":")
+    try:
+        indices = [int(i) for i in members.split(",")]
+        if kind == "weights":
+            return name, (indices, EnsembleSpec.weighted([float(w) for w in numbers.split(",")]))
+        if kind == "contrastive":
+            return name, (indices, EnsembleSpec.contrastive(float(numbers)))
+    except ValueError:
+        pass
+    else:
+        if eq and name and not spec:
+            return name, (indices, None)
+    raise argparse.ArgumentTypeError(f"a target is NAME=I,J[:weights:W1,W2 | :contrastive:ALPHA] (model indices "
+                                     f"into --models), got {value!r}")
+
+
+def _method(args) -> str:
+    return args.method or ("ensemble_sd" if getattr(args, "target", None) else "se")
+
+
 def cmd_generate(args) -> None:
-    engine = Engine(args.models, _ensemble(args), args.method, _gammas(args),
+    engine = Engine(args.models, _ensemble(args), _method(args), _gammas(args),
                     confidence_threshold=args.confidence_threshold, max_len=args.max_len)
     prompt = _prompt(engine, args.prompt, args.chat)
-    _report(args.method, _print_stream(engine, prompt, _params(args)))
+    _report(engine.method, _print_stream(engine, prompt, _params(args)))
 
 
 def cmd_serve(args) -> None:
@@ -80,9 +104,10 @@ def cmd_serve(args) -> None:
     except ImportError as e:  # the engine itself does not need the HTTP stack
         raise SEEngineError(f"se-engine serve needs {e.name}: pip install 'se_engine[server]'") from e
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    engine = Engine(args.models, _ensemble(args), args.method, _gammas(args),
+    engine = Engine(args.models, _ensemble(args), _method(args), _gammas(args),
                     confidence_threshold=args.confidence_threshold, max_batch=args.max_batch,
-                    max_len=args.max_len, dtype=dtype, device=args.device)
+                    max_len=args.max_len, dtype=dtype, device=args.device,
+                    targets=dict(args.target) if args.target else None)
     given = {name: getattr(args, name) for name in SERVE_DEFAULTS if getattr(args, name) is not None}
     serve(engine, args.host, args.port, args.served_model_name, args.log_level, api_key=args.api_key, docs=args.docs,
           **given)
@@ -120,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def engine_args(p):
         p.add_argument("--models", nargs="+", required=True, help="names, .gguf files or transformers directories")
-        p.add_argument("--method", choices=METHODS, default="se")
+        p.add_argument("--method", choices=METHODS, help="default: se (ensemble_sd with --target)")
         p.add_argument("--gammas", nargs="+", type=_gamma, help="draft length per model, in model order, or 'auto'")
         p.add_argument("--confidence-threshold", type=float, default=0.0,
                        help="end a proposal after a draft whose proposer's top probability is below this (0: never)")
@@ -143,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", help="the model id clients send (default: the model names joined by +)")
+    s.add_argument("--target", action="append", type=_target, metavar="NAME=I,J[:SPEC]",
+                   help="serve several ensembles of --models (repeatable), each the model id NAME: the models at "
+                        "indices I,J, with SPEC weights:W1,W2 or contrastive:ALPHA (default: equal weights); "
+                        "one proposer drafts for all (method ensemble_sd)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's; info logs every request")
     # The defaults below are the server's (se_engine.server: imported only to serve).

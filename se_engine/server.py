@@ -3,7 +3,8 @@
     se-engine serve --models A B --method se --gammas 4 1 --max-batch 8 --port 8000
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (streaming by server-sent events),
-GET /v1/models, GET /health, GET /metrics (Prometheus text format). Every request joins the engine's
+GET /v1/models (one model id per engine target; a request's ``model`` picks its target), POST
+/tokenize, POST /detokenize, GET /health, GET /metrics (Prometheus text format). Every request joins the engine's
 queue and is decoded in the running batch (continuous batching). Bad requests get OpenAI's error
 body ``{"error": {"message", "type", "param", "code"}}`` with status 400 (404 for an unknown model,
 401 without the API key where one is set, 413 for a body beyond the limit, 429 with Retry-After
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -45,6 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from .engine import Engine, GenerationResult
 from .sampling import SamplingParams
+from .token_text import token_bytes, token_shares
 
 MAX_N = 16  # choices per prompt
 # Defaults of the limits (OpenAIServer's arguments, serve's options).
@@ -111,7 +114,7 @@ class StreamOptions(_Strict):
 
 
 class _SamplingRequest(_Strict):
-    """Fields common to both endpoints. top_k and ignore_eos are extensions (as in vLLM)."""
+    """Fields common to both endpoints. top_k, ignore_eos and stop_token_ids are extensions (as in vLLM)."""
     model: _Text | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: _Scale | None = Field(None, ge=0)
@@ -123,6 +126,7 @@ class _SamplingRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # also end on these (kept in the output)
     user: _Text | None = None  # accepted for compatibility, unused
     frequency_penalty: _only(0, None) = None
     presence_penalty: _only(0, None) = None
@@ -158,6 +162,18 @@ class ChatRequest(_SamplingRequest):
     tools: _only(None, []) = None
     tool_choice: _only(None, "none") = None
     response_format: _only(None, {"type": "text"}) = None
+
+
+class TokenizeRequest(_Strict):
+    """/tokenize: a prompt's token ids as a completion sees them, or the messages' as a chat does."""
+    model: _Text | None = None
+    prompt: _Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+
+
+class DetokenizeRequest(_Strict):
+    model: _Text | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
 
 
 # ---------------------------------------------------------------- errors
@@ -237,8 +253,10 @@ class _Format:
 def _completion_choice(index: int, result: GenerationResult, tokenizer: Any) -> dict:
     logprobs = None
     if result.logprobs is not None:
-        tokens = [tokenizer.decode([t]) for t in result.token_ids]
-        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        tokens = token_shares(tokenizer, result.token_ids)
+        # a stop string cuts the text: the tokens past it start at its end
+        offsets = [min(offset, len(result.text)) for offset in itertools.accumulate((len(t) for t in tokens[:-1]),
+                                                                                    initial=0)]
         logprobs = {"tokens": tokens, "token_logprobs": _finite(result.logprobs), "top_logprobs": None,
                     "text_offset": offsets}
     return {"index": index, "text": result.text, "logprobs": logprobs, "finish_reason": result.finish_reason}
@@ -247,9 +265,9 @@ def _completion_choice(index: int, result: GenerationResult, tokenizer: Any) -> 
 def _chat_choice(index: int, result: GenerationResult, tokenizer: Any) -> dict:
     logprobs = None
     if result.logprobs is not None:
-        tokens = [tokenizer.decode([t]) for t in result.token_ids]
-        logprobs = {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                                for t, lp in zip(tokens, _finite(result.logprobs))]}
+        tokens = token_shares(tokenizer, result.token_ids)
+        logprobs = {"content": [{"token": t, "logprob": lp, "bytes": b, "top_logprobs": []} for t, lp, b in
+                                zip(tokens, _finite(result.logprobs), token_bytes(tokenizer, result.token_ids, tokens))]}
     return {"index": index, "message": {"role": "assistant", "content": result.text}, "logprobs": logprobs,
             "finish_reason": result.finish_reason}
 
@@ -341,6 +359,9 @@ class OpenAIServer:
     """The request handlers over one AsyncEngine; ``app`` is the ASGI application (FastAPI's, behind
     the gate of request ids, API key and body limit).
 
+    model_name: the model id of an engine with one target (default: its model names joined by +); a
+    multi-target engine's model ids are its target names.
+
     max_body_bytes: larger request bodies get a 413. max_request_sequences: a request asking for
     more sequences (prompts x n) gets a 400. max_queued_sequences: the sequences of all accepted
     requests, running or waiting; a request that would pass it gets a 429 with Retry-After.
@@ -360,7 +381,12 @@ class OpenAIServer:
             raise ValueError("api_key must be a non-empty string (None: no key)")
         self.async_engine = engine
         self.engine = engine.engine  # read here only for what never changes: tokenizer, context, vocabulary
-        self.model_name = model_name or "+".join(m.name for m in self.engine.models)
+        targets = list(self.engine.targets)
+        if len(targets) > 1 and model_name is not None:
+            raise ValueError(f"model_name: a multi-target engine's model ids are its target names {targets}")
+        # model id -> the engine's target it serves
+        self.served = ({model_name or "+".join(m.name for m in self.engine.models): targets[0]}
+                       if len(targets) == 1 else {t: t for t in targets})
         self.created = int(time.time())
         self.max_request_sequences, self.max_queued_sequences = max_request_sequences, max_queued_sequences
         self.queued_sequences = 0  # of the requests accepted and not yet answered; the event loop's alone
@@ -372,6 +398,8 @@ class OpenAIServer:
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
         app.get("/v1/models")(self.models)
+        app.post("/tokenize")(self.tokenize)
+        app.post("/detokenize")(self.detokenize)
         app.get("/health")(self.health)
         app.get("/metrics")(self.metrics)
         for exc in (APIError, RequestValidationError, HTTPException, ValueError, EngineDeadError, EngineStepError,
@@ -388,15 +416,18 @@ class OpenAIServer:
                                  body.max_tokens, body.logprobs is not None, COMPLETION)
 
     async def chat_completions(self, body: ChatRequest, request: Request) -> Response:
-        tokenizer = self.engine.tokenizer
-        if tokenizer.chat_template is None:
-            raise APIError(f"model {self.model_name!r} has no chat template: use /v1/completions",
-                           param="messages", code="no_chat_template")
-        messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
-                     "\n".join(part.text for part in m.content), **({"name": m.name} if m.name else {})}
-                    for m in body.messages]
+        messages = self._chat_messages(body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens  # None: up to the context's end
         return await self._serve(request, body, 1, lambda: [self._chat_ids(messages)], max_tokens, body.logprobs, CHAT)
+
+    def _chat_messages(self, messages: list[ChatMessage]) -> list[dict]:
+        """The messages as chat templates take them (refused if the models have no template)."""
+        if self.engine.tokenizer.chat_template is None:
+            raise APIError("this server's models have no chat template: use /v1/completions", param="messages",
+                           code="no_chat_template")
+        return [{"role": m.role, "content": m.content if isinstance(m.content, str) else
+                 "\n".join(part.text for part in m.content), **({"name": m.name} if m.name else {})}
+                for m in messages]
 
     def _chat_ids(self, messages: list[dict]) -> list[int]:
         try:
@@ -407,10 +438,40 @@ class OpenAIServer:
 
     async def models(self) -> dict:
         e = self.engine
+        names = e.runner_names
         return {"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": self.created, "owned_by": "se_engine",
+            "id": model_id, "object": "model", "created": self.created, "owned_by": "se_engine",
             "max_model_len": e.max_len,
-            "ensemble": {"models": [m.name for m in e.models], "method": e.method, "gammas": e.gammas}}]}
+            "ensemble": {"models": [names[i] for i in e.targets[target].members], "method": e.method,
+                         "gammas": e.gammas}} for model_id, target in self.served.items()]}
+
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        self._target(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError("send one of prompt and messages", param="prompt")
+        if body.prompt is not None:
+            ids = await asyncio.to_thread(self.engine.encode, body.prompt)
+        else:
+            ids = await asyncio.to_thread(self._chat_ids, self._chat_messages(body.messages))
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_len}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
+        self._target(body.model)
+        vocab = self.engine.models[0].runner.vocab_size
+        if any(t >= vocab for t in body.tokens):
+            raise APIError(f"tokens: token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": await asyncio.to_thread(self.engine.tokenizer.decode, body.tokens)}
+
+    def _target(self, model: str | None) -> tuple[str, str]:
+        """(model id, engine target) of a request's ``model`` (which may be left out if there is one)."""
+        if model is None:
+            if len(self.served) > 1:
+                raise APIError(f"model: required; this server serves {list(self.served)}", param="model")
+            (model,) = self.served
+        if model not in self.served:
+            raise APIError(f"model {model!r} does not exist; this server serves {list(self.served)}",
+                           status=404, param="model", code="model_not_found")
+        return model, self.served[model]
 
     async def health(self) -> Response:
         if not self.async_engine.alive:
@@ -418,7 +479,7 @@ class OpenAIServer:
         return JSONResponse({"status": "ok"})
 
     async def metrics(self) -> Response:
-        return Response(_prometheus(self.async_engine), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(_prometheus(self.async_engine, self.served), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # ------------------------------------------------------------ serving one request
 
@@ -427,9 +488,7 @@ class OpenAIServer:
                      fmt: _Format) -> Response:
         """Checks a request, holds queue places for its sequences (num_prompts x n), and answers it.
         encode: the prompts' token ids (it runs in a worker thread)."""
-        if body.model is not None and body.model != self.model_name:
-            raise APIError(f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
-                           status=404, param="model", code="model_not_found")
+        model, target = self._target(body.model)
         if body.stream_options is not None and not body.stream:
             raise APIError("stream_options: only allowed with stream=true", param="stream_options")
         if logprobs and body.stream:
@@ -451,7 +510,7 @@ class OpenAIServer:
             for ids in prompts:
                 params = self._params(body, ids, max_tokens, logprobs, fmt)
                 requests += [(ids, p) for p in params]
-            outputs = self.async_engine.generate_batch(requests)
+            outputs = self.async_engine.generate_batch(requests, target)
             prompt_tokens = sum(len(ids) for ids in prompts)
             response_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
             request_id = request.state.request_id
@@ -460,7 +519,7 @@ class OpenAIServer:
             if body.stream:
                 include_usage = body.stream_options is not None and body.stream_options.include_usage
                 streaming = True  # the stream lets go of the places when it ends
-                return _EventStream(self._stream(outputs, count, request_id, response_id, fmt,
+                return _EventStream(self._stream(outputs, count, request_id, response_id, model, fmt,
                                                  prompt_tokens if include_usage else None),
                                     on_close=partial(self._release, count))
             results = await _unless_disconnected(request, _collect(outputs, count))
@@ -469,7 +528,7 @@ class OpenAIServer:
             tokenizer = self.engine.tokenizer
             choices = await asyncio.to_thread(lambda: [fmt.choice(i, r, tokenizer) for i, r in enumerate(results)])
             return JSONResponse({
-                "id": response_id, "object": fmt.object, "created": int(time.time()), "model": self.model_name,
+                "id": response_id, "object": fmt.object, "created": int(time.time()), "model": model,
                 "choices": choices, "usage": _usage(prompt_tokens, sum(len(r.token_ids) for r in results))})
         finally:
             if not streaming:
@@ -502,15 +561,16 @@ class OpenAIServer:
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
                 seed=None if body.seed is None else body.seed + i, max_new_tokens=max_tokens or room,
-                stop=body.stop or (), ignore_eos=body.ignore_eos, logprobs=logprobs) for i in range(body.n)]
+                stop=body.stop or (), stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+                logprobs=logprobs) for i in range(body.n)]
         except ValueError as e:
             raise APIError(str(e)) from e
 
-    async def _stream(self, outputs: AsyncIterator, count: int, request_id: str, response_id: str, fmt: _Format,
-                      prompt_tokens: int | None) -> AsyncIterator[str]:
+    async def _stream(self, outputs: AsyncIterator, count: int, request_id: str, response_id: str, model: str,
+                      fmt: _Format, prompt_tokens: int | None) -> AsyncIterator[str]:
         """Server-sent events: one chunk per choice and tick that produced text, a chunk with each
         choice's finish_reason, the usage chunk if asked for, then [DONE]."""
-        head = {"id": response_id, "object": fmt.chunk_object, "created": int(time.time()), "model": self.model_name}
+        head = {"id": response_id, "object": fmt.chunk_object, "created": int(time.time()), "model": model}
         if fmt is CHAT:  # OpenAI opens every choice with the role
             for i in range(count):
                 yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -567,27 +627,32 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None
 
 # ---------------------------------------------------------------- metrics
 
-def _prometheus(engine: AsyncEngine) -> str:
-    """The serving counters in the Prometheus text format (version 0.0.4)."""
+def _prometheus(engine: AsyncEngine, served: dict[str, str]) -> str:
+    """The serving counters in the Prometheus text format (version 0.0.4); served: model id -> target
+    (request and token counts are labelled by model id)."""
     s, sched = engine.stats, engine.engine.scheduler
     names = engine.engine.runner_names
     rates = [a / t if t else math.nan for a, t in zip(s.drafts_accepted, s.drafts_tested)]
-    finished = sum(s.finished.values())
+    generated = sum(s.generated_tokens.values())
     families = [
         ("requests_running", "gauge", "Requests holding a cache slot", [({}, len(sched.running))]),
         ("requests_waiting", "gauge", "Requests queued for a cache slot", [({}, len(sched.waiting))]),
         ("requests_finished_total", "counter", "Requests that finished, by finish_reason",
-         [({"finish_reason": r}, c) for r, c in s.finished.items()]),
+         [({"target": m, "finish_reason": r}, s.finished[t, r]) for m, t in served.items() for r in ("stop", "length")]),
         ("requests_aborted_total", "counter", "Requests cancelled before finishing (client gone)",
          [({}, s.aborted)]),
         ("requests_failed_total", "counter", "Requests ended by an engine tick that raised", [({}, s.failed)]),
         ("request_latency_seconds", "summary", "Submission to last token, finished requests",
-         [({}, s.latency_s, "_sum"), ({}, finished, "_count")]),
-        ("prompt_tokens_total", "counter", "Prompt tokens submitted", [({}, s.prompt_tokens)]),
-        ("generation_tokens_total", "counter", "Tokens generated", [({}, s.generated_tokens)]),
+         [x for m, t in served.items() for x in (({"target": m}, s.latency_s[t], "_sum"),
+                                                  ({"target": m}, s.finished[t, "stop"] + s.finished[t, "length"],
+                                                   "_count"))]),
+        ("prompt_tokens_total", "counter", "Prompt tokens submitted",
+         [({"target": m}, s.prompt_tokens[t]) for m, t in served.items()]),
+        ("generation_tokens_total", "counter", "Tokens generated",
+         [({"target": m}, s.generated_tokens[t]) for m, t in served.items()]),
         ("busy_seconds_total", "counter", "Wall time spent in engine ticks", [({}, s.busy_s)]),
         ("tokens_per_second", "gauge", "Generated tokens per second of busy time",
-         [({}, s.generated_tokens / s.busy_s if s.busy_s else 0.0)]),
+         [({}, generated / s.busy_s if s.busy_s else 0.0)]),
         ("ticks_total", "counter", "Scheduler ticks", [({}, sched.stats.ticks)]),
         ("forwards_total", "counter", "Batched forwards per model",
          [({"model": n}, f) for n, f in zip(names, sched.stats.forwards)]),

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ModelSourceError, UnknownModelError
+from .token_text import bytes_to_unicode
 
 CONVERTED_FORMAT = 1  # bump when the converted layout changes: older copies are rebuilt
 TINY_FORMAT = 2
@@ -365,7 +366,7 @@ def tiny_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    byte_to_char = {b: c for b, c in zip(range(256), _bytes_to_unicode())}
+    byte_to_char = {b: c for b, c in zip(range(256), bytes_to_unicode())}
     assert set(byte_to_char.values()) == set(alphabet)
     vocab = {byte_to_char[b]: b for b in range(256)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -376,17 +377,3 @@ def tiny_tokenizer():
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                    chat_template=chat)
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2's reversible byte -> printable character map, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]

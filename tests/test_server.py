@@ -31,6 +31,7 @@ from se_engine.engine import Engine  # noqa: E402
 from se_engine.ensemble import EnsembleSpec  # noqa: E402
 from se_engine.sampling import SamplingParams  # noqa: E402
 from se_engine import server as server_module  # noqa: E402
+from se_engine import cli as cli_module  # noqa: E402
 from se_engine.cli import main as cli_main  # noqa: E402
 from se_engine.server import OpenAIServer  # noqa: E402
 
@@ -219,6 +220,43 @@ def test_logprobs(server):
     assert none.json()["choices"][0]["logprobs"] is None  # false (sent by some clients) asks for none
 
 
+def test_logprobs_tokens_are_the_texts_parts(server):
+    """Byte-level tokens that end inside a UTF-8 character: the tokens join to the text, the offsets
+    index it, and chat's bytes are each token's own (joined, they decode to the text)."""
+    kw = dict(max_tokens=24, temperature=1.0, seed=3, extra_body={"ignore_eos": True})
+    out = server.client.completions.create(model=MODEL, prompt="utf", logprobs=0, **kw).choices[0]
+    lp = out.logprobs
+    assert "".join(lp.tokens) == out.text
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    chat = server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "utf"}],
+                                                 logprobs=True, **kw).choices[0]
+    content = chat.logprobs.content
+    assert "".join(c.token for c in content) == chat.message.content
+    raw = b"".join(bytes(c.bytes) for c in content)
+    assert raw.decode(errors="replace") == chat.message.content and len(raw) >= len(content)
+
+
+def test_stop_token_ids(server, reference):
+    ids = reference.generate("stop", SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True))[0].token_ids
+    out = server.http.post("/v1/completions", json={"prompt": "stop", "max_tokens": 8, "temperature": 0,
+                                                    "ignore_eos": True, "stop_token_ids": [ids[3]]}).json()
+    stop_at = ids.index(ids[3]) + 1
+    assert out["usage"]["completion_tokens"] == stop_at and out["choices"][0]["finish_reason"] == "stop"
+    assert out["choices"][0]["text"] == reference.tokenizer.decode(ids[:stop_at], skip_special_tokens=True)
+
+
+def test_tokenize_and_detokenize(server, reference):
+    ids = server.http.post("/tokenize", json={"model": MODEL, "prompt": "héllo 🙂"}).json()
+    assert ids == {"tokens": reference.encode("héllo 🙂"), "count": len(ids["tokens"]), "max_model_len": MAX_LEN}
+    assert server.http.post("/detokenize", json={"tokens": ids["tokens"]}).json() == {"prompt": "héllo 🙂"}
+    messages = [{"role": "user", "content": "hi"}]
+    chat = server.http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    text = reference.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat == reference.encode(text)
+    usage = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1).usage
+    assert usage.prompt_tokens == len(chat)
+
+
 def test_no_nan_reaches_json(server, monkeypatch):
     """Logprobs that are not finite (a model's NaN logits) arrive as null: JSON has no NaN or infinity."""
     engine = server.engine.engine
@@ -249,8 +287,8 @@ def test_models_health_metrics(server):
     assert metrics.headers["content-type"].startswith("text/plain")
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                for line in metrics.text.splitlines() if not line.startswith("#")}
-    assert samples["se_engine_generation_tokens_total"] > 0
-    assert samples['se_engine_requests_finished_total{finish_reason="length"}'] > 0
+    assert samples[f'se_engine_generation_tokens_total{{target="{MODEL}"}}'] > 0
+    assert samples[f'se_engine_requests_finished_total{{target="{MODEL}",finish_reason="length"}}'] > 0
     assert samples["se_engine_requests_running"] == 0
     for name in NAMES:
         rate = samples[f'se_engine_acceptance_rate{{model="{name}"}}']
@@ -318,6 +356,18 @@ BAD = {
                                                   "prompt", "33 sequences (3 prompts x n=11); this server takes "
                                                   "at most 32 per request"),
     "body beyond the limit": ("/v1/completions", {"prompt": "x" * 2**20}, 413, None, "limit of 1048576 bytes"),
+    "stop token id as a string": ("/v1/completions", {"prompt": "a", "stop_token_ids": ["1"]}, 400, "stop_token_ids",
+                                  "valid integer"),
+    "negative stop token id": ("/v1/completions", {"prompt": "a", "stop_token_ids": [-1]}, 400, "stop_token_ids",
+                               "greater than or equal to 0"),
+    "stop token id out of range": ("/v1/completions", {"prompt": "a", "stop_token_ids": [10**6]}, 400, None,
+                                   "stop_token_ids must be in [0, "),
+    "tokenize prompt and messages": ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]},
+                                     400, "prompt", "one of prompt and messages"),
+    "tokenize nothing": ("/tokenize", {}, 400, "prompt", "one of prompt and messages"),
+    "tokenize for an unknown model": ("/tokenize", {"model": "gpt-9", "prompt": "a"}, 404, "model", "does not exist"),
+    "detokenize out of range": ("/detokenize", {"tokens": [1, 10**6]}, 400, "tokens", "token ids must be in"),
+    "detokenize a string": ("/detokenize", {"tokens": "abc"}, 400, "tokens", "valid list"),
 }
 
 
@@ -392,6 +442,36 @@ def test_health_answers_while_a_huge_prompt_is_tokenized(server, monkeypatch):
     assert result["health_answered_first"]
     assert result["response"].json()["error"]["code"] == "context_length_exceeded", result["response"].text[:300]
     assert_serving(server)
+
+
+TARGETS = {"pair": ([0, 1], EnsembleSpec.weighted([0.3, 0.7])), "qwen": ([1], None)}
+
+
+def multi_target_engine() -> Engine:
+    models = [load_model(n, dtype=torch.float32, max_batch=4, max_len=MAX_LEN) for n in NAMES]
+    return Engine(models, None, "ensemble_sd", [3, 1], max_batch=4, targets=TARGETS)
+
+
+def test_every_target_behind_one_endpoint():
+    """A multi-target engine's targets are the server's models; a request's model picks its target."""
+    engine, reference = AsyncEngine(multi_target_engine()), multi_target_engine()
+    try:
+        with running(OpenAIServer(engine).app) as up:
+            client = openai.OpenAI(base_url=up.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+            models = {m.id: m for m in client.models.list().data}
+            assert list(models) == list(TARGETS)
+            assert models["qwen"].model_extra["ensemble"]["models"] == [NAMES[1]]
+            for target in TARGETS:
+                out = client.completions.create(model=target, prompt="multi", max_tokens=6, temperature=0)
+                want = reference.generate("multi", SamplingParams(temperature=0, max_new_tokens=6), target=target)
+                assert out.model == target and out.choices[0].text == want[0].text
+            with pytest.raises(openai.BadRequestError, match="model: required"):
+                client.completions.create(model=None, prompt="a", max_tokens=1)
+            metrics = httpx.get(up.url + "/metrics").text
+            for target in TARGETS:
+                assert f'se_engine_generation_tokens_total{{target="{target}"}} 6' in metrics
+    finally:
+        engine.close()
 
 
 def test_docs_are_off_unless_asked_for(server):
@@ -648,6 +728,20 @@ def test_serve_command():
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("value, parsed", [
+    ("pair=0,1", ("pair", ([0, 1], None))),
+    ("w=1,0:weights:0.25,0.75", ("w", ([1, 0], EnsembleSpec.weighted([0.25, 0.75])))),
+    ("c=1,0:contrastive:0.1", ("c", ([1, 0], EnsembleSpec.contrastive(0.1)))),
+    ("=0,1", None), ("pair", None), ("pair=0,x", None), ("pair=0,1:weights", None), ("pair=0:mean", None)])
+def test_serve_target_argument(value, parsed, capsys):
+    if parsed is not None:
+        assert cli_module._target(value) == parsed
+        return
+    with pytest.raises(SystemExit):
+        cli_main(["serve", "--models", *NAMES, "--target", value])
+    assert "a target is NAME=I,J" in capsys.readouterr().err
 
 
 def test_serve_help_states_the_servers_defaults(capsys):

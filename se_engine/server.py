@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import ctypes
+import ctypes.util
 import hmac
 import itertools
 import json
@@ -29,7 +31,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Annotated, Any, Literal, TypeVar
 
 import torch
@@ -57,6 +59,7 @@ MAX_QUEUED_SEQUENCES = 1024  # over all requests, running or waiting
 RETRY_AFTER_S = 1  # a full queue's hint: decoding frees places quickly
 SHUTDOWN_TIMEOUT_S = 20.0  # under the 30 s that e.g. Kubernetes waits before a SIGKILL
 SHUTDOWN_GRACE_S = 5.0  # after it, for the ended requests' last events; then uvicorn cuts the connections
+TRIM_AFTER_BYTES = 2**20  # a request body this large leaves enough freed heap behind to hand back
 # Sampling divides logits by the temperature and cuts at top_p in float32: a positive value below its
 # smallest normal number underflows (every token then scores the same, and token 0 wins).
 FLOAT32_TINY = torch.finfo(torch.float32).tiny
@@ -127,6 +130,7 @@ class _SamplingRequest(_Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # also end on these (kept in the output)
+    min_tokens: _only(None, 0) = None
     user: _Text | None = None  # accepted for compatibility, unused
     frequency_penalty: _only(0, None) = None
     presence_penalty: _only(0, None) = None
@@ -310,7 +314,7 @@ class _Gate:
     handlers' ``request.state.request_id``, and every response's X-Request-Id header), the API key
     where one is set (a 401 before the body is read; /health stays open, for load balancers), then the
     body size limit (413, refused on its Content-Length before a byte is read, or once the bytes read
-    pass it)."""
+    pass it). After a large body, the memory its handling freed goes back to the system."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None):
         self.app, self.max_body_bytes = app, max_body_bytes
@@ -352,7 +356,24 @@ class _Gate:
                 raise HTTPException(413, f"the request body exceeds this server's limit of {self.max_body_bytes} bytes")
             return message
 
-        await self.app(scope, receive_limited, send_with_id)
+        try:
+            await self.app(scope, receive_limited, send_with_id)
+        finally:
+            if size >= TRIM_AFTER_BYTES:
+                await asyncio.to_thread(_return_freed_memory)
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed heap pages: a 4 MiB prompt's body, token lists and tokenizer buffers would stay
+    in the RSS (some 700 MB of it). malloc_trim hands them back; a no-op without glibc."""
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    libc = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
 
 
 class OpenAIServer:

@@ -362,6 +362,7 @@ BAD = {
                                "greater than or equal to 0"),
     "stop token id out of range": ("/v1/completions", {"prompt": "a", "stop_token_ids": [10**6]}, 400, None,
                                    "stop_token_ids must be in [0, "),
+    "min_tokens": ("/v1/completions", {"prompt": "a", "min_tokens": 4}, 400, "min_tokens", "only null or 0"),
     "tokenize prompt and messages": ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]},
                                      400, "prompt", "one of prompt and messages"),
     "tokenize nothing": ("/tokenize", {}, 400, "prompt", "one of prompt and messages"),

@@ -55,6 +55,7 @@ setup(
     extras_require={
         "server": SERVER,
         "bench": ["matplotlib"],  # bench.e2e's plots
+        "ray": [*SERVER, "ray[serve]>=2.50"],  # se-engine serve --ray: replicas behind Ray Serve
         "dev": ["pytest>=8", "scipy", *SERVER, "openai>=1.0", "httpx", "matplotlib"],
     },
     entry_points={"console_scripts": ["se-engine=se_engine.cli:main"]},

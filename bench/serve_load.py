@@ -94,6 +94,7 @@ async def send_once(client: httpx.AsyncClient, i: int, start: float) -> dict:
     if not body["stream"]:
         r = await client.post(path, json=body)
         rec["status"], rec["retry_after"], out = r.status_code, r.headers.get("retry-after"), r.json()
+        rec["replica"] = r.headers.get("x-replica")  # behind Ray Serve (se_engine.serve_ray)
         if r.status_code == 200:
             choice = out["choices"][0]
             rec.update(id=out["id"], text=choice["message"]["content"] if chat else choice["text"],
@@ -103,7 +104,8 @@ async def send_once(client: httpx.AsyncClient, i: int, start: float) -> dict:
     else:
         text, rec["ids"] = [], set()
         async with client.stream("POST", path, json=body) as r:
-            rec["status"], rec["retry_after"] = r.status_code, r.headers.get("retry-after")
+            rec["status"], rec["retry_after"], rec["replica"] = (r.status_code, r.headers.get("retry-after"),
+                                                                 r.headers.get("x-replica"))
             if r.status_code == 429:
                 return rec
             async for line in r.aiter_lines():

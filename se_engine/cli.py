@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -103,14 +104,31 @@ def cmd_serve(args) -> None:
         from .server import serve
     except ImportError as e:  # the engine itself does not need the HTTP stack
         raise SEEngineError(f"se-engine serve needs {e.name}: pip install 'se_engine[server]'") from e
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    engine = Engine(args.models, _ensemble(args), _method(args), _gammas(args),
-                    confidence_threshold=args.confidence_threshold, max_batch=args.max_batch,
-                    max_len=args.max_len, dtype=dtype, device=args.device,
-                    targets=dict(args.target) if args.target else None)
+    engine = dict(models=args.models, ensemble=_ensemble(args), method=_method(args), gammas=_gammas(args),
+                  confidence_threshold=args.confidence_threshold, max_batch=args.max_batch, max_len=args.max_len,
+                  dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
+                  targets=dict(args.target) if args.target else None)
     given = {name: getattr(args, name) for name in SERVE_DEFAULTS if getattr(args, name) is not None}
-    serve(engine, args.host, args.port, args.served_model_name, args.log_level, api_key=args.api_key, docs=args.docs,
-          **given)
+    server = {"model_name": args.served_model_name, "api_key": args.api_key, "docs": args.docs, **given}
+    if args.ray:
+        _serve_on_ray(args, engine, server)
+    else:
+        serve(Engine(**engine), args.host, args.port, log_level=args.log_level, **server)
+
+
+def _serve_on_ray(args, engine: dict, server: dict) -> None:
+    try:
+        from .serve_ray import ReplicaConfig, run
+    except ImportError as e:
+        raise SEEngineError(f"se-engine serve --ray needs {e.name}: pip install 'se_engine[ray]'") from e
+    try:
+        autoscaling = json.loads(args.autoscaling) if args.autoscaling else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--autoscaling must be a JSON object, got {args.autoscaling!r}: {e}") from None
+    shutdown_timeout = server.pop("shutdown_timeout", None)
+    gpus = args.replica_gpus if args.replica_gpus is not None else float(args.device.startswith("cuda"))
+    run(ReplicaConfig(engine, server, args.replicas, args.replica_cpus, gpus, autoscaling, shutdown_timeout),
+        args.host, args.port)
 
 
 def cmd_demo(args) -> None:
@@ -189,6 +207,14 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
                    help="on SIGINT / SIGTERM, how long requests in flight may take to finish before they are ended "
                         "(a stream with an error event and [DONE]); a second signal exits at once (default: 20.0)")
+    r = s.add_argument_group("replicas on Ray Serve (the ray extra; se_engine.serve_ray)")
+    r.add_argument("--ray", action="store_true", help="serve replicas of the engine behind Ray Serve's proxy at "
+                                                       "--host:--port (the Ray cluster of RAY_ADDRESS, else a local one)")
+    r.add_argument("--replicas", type=int, default=1, help="replicas, each one engine with these settings (default: 1)")
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs per replica (default: 1)")
+    r.add_argument("--replica-gpus", type=float, help="Ray GPUs per replica (default: 1 with --device cuda, else 0)")
+    r.add_argument("--autoscaling", metavar="JSON", help="Ray Serve's autoscaling_config, e.g. "
+                                                          "'{\"min_replicas\": 1, \"max_replicas\": 4}'")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="real Qwen2.5-Coder 0.5B + 1.5B: SE vs the standard ensemble")

@@ -1,4 +1,4 @@
-"""Native decoder for the Llama / Qwen2 family with a static, per-sequence KV cache.
+"""Native decoder for the Llama family of architectures (``FAMILIES``) with a static KV cache.
 
 Written in plain PyTorch in the manner of gpt-fast: one module per block, weights
 fused where that saves a matmul (q|k|v and gate|up), the KV cache preallocated once.
@@ -11,7 +11,8 @@ Shapes used throughout:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,59 @@ from .errors import UnsupportedModelError
 from .packing import PackedBatch, check_forward
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """transformers' ``rope_parameters`` beyond rope_theta, under transformers' names."""
+    rope_type: str = "default"  # one of ROPE_TYPES
+    factor: float = 1.0
+    # llama3, yarn: the pretraining context; dynamic: max_position_embeddings, past which it rescales.
+    original_max_position_embeddings: int = 0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    truncate: bool = True  # yarn
+    attention_factor: float = 1.0  # yarn: scales cos and sin
+
+    @classmethod
+    def from_hf(cls, name: str, config, rope: dict) -> "RopeScaling":
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"{name}: rope_type {rope_type!r} is not one of {ROPE_TYPES}; use runner='hf'")
+        partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+        if partial != 1.0:
+            raise UnsupportedModelError(f"{name}: partial_rotary_factor {partial} is not implemented (only 1.0)")
+        if rope_type == "default":
+            return cls()
+        max_pos = config.max_position_embeddings
+        original = max_pos if rope_type == "dynamic" else rope.get("original_max_position_embeddings") or max_pos
+        factor = rope.get("factor") or max_pos / original
+        scaling = cls(rope_type=rope_type, factor=float(factor), original_max_position_embeddings=int(original))
+        if rope_type == "llama3":
+            return replace(scaling, low_freq_factor=float(rope["low_freq_factor"]),
+                           high_freq_factor=float(rope["high_freq_factor"]))
+        if rope_type == "yarn":
+            return replace(scaling, beta_fast=float(rope.get("beta_fast") or 32),
+                           beta_slow=float(rope.get("beta_slow") or 1), truncate=bool(rope.get("truncate", True)),
+                           attention_factor=float(_yarn_attention_factor(rope, factor)))
+        return scaling
+
+
+def _yarn_attention_factor(rope: dict, factor: float) -> float:
+    """YaRN's cos / sin scale: given, or 0.1 ln(factor) + 1 (over the same with mscale_all_dim)."""
+    if rope.get("attention_factor") is not None:
+        return rope["attention_factor"]
+
+    def mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if rope.get("mscale") and rope.get("mscale_all_dim"):
+        return mscale(rope["mscale"]) / mscale(rope["mscale_all_dim"])
+    return mscale(1.0)
 
 
 @dataclass(frozen=True)
@@ -38,6 +92,7 @@ class ModelConfig:
     rms_norm_eps: float
     qkv_bias: bool
     tie_word_embeddings: bool
+    rope_scaling: RopeScaling = RopeScaling()
 
     @classmethod
     def from_hf(cls, config) -> "ModelConfig":
@@ -51,11 +106,6 @@ class ModelConfig:
         if getattr(config, "hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"{name}: hidden_act {config.hidden_act!r} is not silu")
         rope = getattr(config, "rope_parameters", None) or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise UnsupportedModelError(
-                f"{name}: rope_type {rope_type!r} is not implemented by the native runner; use runner='hf'"
-            )
         if getattr(config, "use_sliding_window", False):
             raise UnsupportedModelError(f"{name}: sliding-window attention is not implemented; use runner='hf'")
         if getattr(config, "mlp_bias", False) or getattr(config, "o_proj_bias", False):
@@ -75,6 +125,7 @@ class ModelConfig:
             rms_norm_eps=float(config.rms_norm_eps),
             qkv_bias=config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
             tie_word_embeddings=bool(config.tie_word_embeddings),
+            rope_scaling=RopeScaling.from_hf(name, config, rope),
         )
 
 
@@ -91,12 +142,49 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def inv_frequencies(theta: float, dim: int, rope: RopeScaling) -> Tensor:
+    """[D / 2] float64: the rotary frequencies of ``rope_type`` (dynamic: those below its threshold)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        # Wavelengths beyond the pretraining context / low_freq_factor are stretched by factor, those
+        # below it / high_freq_factor kept, the band between blended linearly in context / wavelength.
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / \
+            (rope.high_freq_factor - rope.low_freq_factor)
+        return ((1 - smooth.clamp(0, 1)) / rope.factor + smooth.clamp(0, 1)) * inv_freq
+    if rope.rope_type == "yarn":
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / \
+                (2 * math.log(theta))
+
+        low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+        if rope.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / ((high - low) or 1e-3)).clamp(0, 1)
+        # Dimensions that turn fewer than beta_slow times over the context interpolate, more than beta_fast extrapolate.
+        return inv_freq / rope.factor * ramp + inv_freq * (1 - ramp)
+    return inv_freq
+
+
 def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[Tensor, Tensor]:
-    """cos, sin: [S, D] in fp32, laid out for the rotate-half convention of Llama / Qwen2."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    """cos, sin: [S, D] in fp32, laid out for the rotate-half convention of Llama / Qwen2.
+
+    dynamic NTK: position p rotates with the base of a sequence of max(p + 1, threshold) tokens,
+    the frequencies transformers uses for a token decoded at p: a key is rotated once, when written."""
+    rope, dim = cfg.rope_scaling, cfg.head_dim
+    positions = torch.arange(max_len, dtype=torch.float64)
+    if rope.rope_type == "dynamic":
+        seq_len = (positions + 1).clamp(min=rope.original_max_position_embeddings)
+        scale = rope.factor * seq_len / rope.original_max_position_embeddings - (rope.factor - 1)
+        base = cfg.rope_theta * scale ** (dim / (dim - 2))  # [S]
+        angles = positions[:, None] / base[:, None] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    else:
+        angles = torch.outer(positions, inv_frequencies(cfg.rope_theta, dim, rope))
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * rope.attention_factor).float(), (angles.sin() * rope.attention_factor).float()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -121,6 +121,12 @@ TINY_MODELS: dict[str, tuple[str, dict, int]] = {
     "tiny-random-qwen2-deep": ("qwen2", dict(hidden_size=128, intermediate_size=320, num_hidden_layers=4,
                                              num_attention_heads=8, num_key_value_heads=4,
                                              tie_word_embeddings=False), 3),
+    # Llama-3.2-1B's fields at small dims: GQA 4:1, tied head, its llama3 rope_scaling.
+    "tiny-random-llama3": ("llama", dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+                                         max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=dict(
+                                             rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                             high_freq_factor=4.0, original_max_position_embeddings=8192)), 4),
 }
 
 
@@ -344,9 +350,9 @@ def tiny_random_model(name: str, vocab_size: int = TINY_VOCAB):
 
     model_type, overrides, seed = TINY_MODELS[name]
     eos = min(256, vocab_size - 1)  # <|endoftext|> in the tiny tokenizer
-    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, max_position_embeddings=4096,
-                                  rms_norm_eps=1e-6, initializer_range=0.15,
-                                  bos_token_id=0, eos_token_id=eos, pad_token_id=eos, **overrides)
+    config = AutoConfig.for_model(model_type, **{
+        **dict(vocab_size=vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-6, initializer_range=0.15,
+               bos_token_id=0, eos_token_id=eos, pad_token_id=eos), **overrides})
     gen = torch.Generator().manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

@@ -23,7 +23,23 @@ from .cuda_graphs import GraphedForward
 from .errors import UnsupportedModelError
 from .packing import PackedBatch, check_forward
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a ``model_type`` fixes in the decoder; the rest is read from its config."""
+    qkv_bias: bool = False  # q/k/v projections always carry biases (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over each query and key head before RoPE (Qwen3)
+    sliding_window: bool = False  # every layer attends within config.sliding_window, where set (Mistral)
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(),
+    "qwen2": Family(qkv_bias=True),
+    "qwen3": Family(qk_norm=True),
+    "mistral": Family(sliding_window=True),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -93,6 +109,8 @@ class ModelConfig:
     qkv_bias: bool
     tie_word_embeddings: bool
     rope_scaling: RopeScaling = RopeScaling()
+    qk_norm: bool = False
+    sliding_window: int | None = None  # a query at p attends to keys p - sliding_window + 1 .. p
 
     @classmethod
     def from_hf(cls, config) -> "ModelConfig":
@@ -105,11 +123,15 @@ class ModelConfig:
             )
         if getattr(config, "hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"{name}: hidden_act {config.hidden_act!r} is not silu")
+        family = FAMILIES[config.model_type]
         rope = getattr(config, "rope_parameters", None) or {}
         if getattr(config, "use_sliding_window", False):
-            raise UnsupportedModelError(f"{name}: sliding-window attention is not implemented; use runner='hf'")
-        if getattr(config, "mlp_bias", False) or getattr(config, "o_proj_bias", False):
-            raise UnsupportedModelError(f"{name}: MLP / output-projection biases are not implemented")
+            raise UnsupportedModelError(f"{name}: use_sliding_window=True ({config.model_type}'s per-layer windows) "
+                                        "is not implemented; use runner='hf'")
+        if getattr(config, "mlp_bias", False):
+            raise UnsupportedModelError(f"{name}: mlp_bias=True is not implemented")
+        if not family.qkv_bias and getattr(config, "attention_bias", False):
+            raise UnsupportedModelError(f"{name}: attention_bias=True (q/k/v/o biases) is not implemented")
         num_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -123,9 +145,11 @@ class ModelConfig:
             head_dim=head_dim,
             rope_theta=float(rope_theta),
             rms_norm_eps=float(config.rms_norm_eps),
-            qkv_bias=config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+            qkv_bias=family.qkv_bias,
             tie_word_embeddings=bool(config.tie_word_embeddings),
             rope_scaling=RopeScaling.from_hf(name, config, rope),
+            qk_norm=family.qk_norm,
+            sliding_window=getattr(config, "sliding_window", None) if family.sliding_window else None,
         )
 
 
@@ -210,6 +234,8 @@ class Attention(nn.Module):
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.wqkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, batch: PackedBatch,
                 mask: Tensor | None) -> Tensor:
@@ -218,8 +244,10 @@ class Attention(nn.Module):
         N = x.shape[0]
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         q, k, v = project(self.wqkv, x, batch.invariant).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = apply_rope(q.view(N, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.view(N, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        q, k = q.view(N, cfg.num_heads, cfg.head_dim), k.view(N, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # Advanced indices [N] around a full slice put N first: the value is [N, Hkv, D].
         k_cache[batch.slots, :, batch.positions] = k
         v_cache[batch.slots, :, batch.positions] = v.view(N, cfg.num_kv_heads, cfg.head_dim)
@@ -286,6 +314,11 @@ class Transformer(nn.Module):
         if max_batch < 1 or max_len < 1:
             raise ValueError(f"max_batch and max_len must be >= 1, got {max_batch} and {max_len}")
         self.cfg, self.max_batch, self.max_len = cfg, max_batch, max_len
+        self.invariant = batch_invariant and dtype == torch.bfloat16 and torch.device(device).type in ("cpu", "cuda")
+        if self.invariant and cfg.sliding_window is not None and max_len > cfg.sliding_window:
+            raise UnsupportedModelError(
+                f"sliding_window={cfg.sliding_window} < max_len={max_len}: the batch-invariant attention has no "
+                f"window; load with max_len <= {cfg.sliding_window}, or with batch_invariant=False or fp32")
         # Weights are left uninitialised (no random init of billions of values): every
         # constructor path ends in load_hf_state_dict.
         with torch.device("meta"):
@@ -299,7 +332,6 @@ class Transformer(nn.Module):
         self.register_buffer("k_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
         self.lengths = [0] * max_batch
-        self.invariant = batch_invariant and dtype == torch.bfloat16 and self.device.type in ("cpu", "cuda")
         if self.invariant and self.device.type == "cpu":
             invariant_ops.has_fast_path()  # fails here, not mid-forward, if the extension is missing
         self.graphs: GraphedForward | None = None
@@ -328,10 +360,12 @@ class Transformer(nn.Module):
     def load_hf_state_dict(self, sd: dict[str, Tensor]) -> None:
         """Copies transformers-named weights (``model.layers.0.self_attn.q_proj.weight`` ...) in place."""
         cfg = self.cfg
+        taken = {"lm_head.weight"}  # a tied head may still be listed
 
         def take(name: str) -> Tensor:
             if name not in sd:
                 raise UnsupportedModelError(f"weight {name!r} missing from the checkpoint")
+            taken.add(name)
             return sd[name]
 
         own: dict[str, Tensor] = {"tok_embeddings.weight": take("model.embed_tokens.weight"),
@@ -344,11 +378,17 @@ class Transformer(nn.Module):
             if cfg.qkv_bias:
                 own[a + "attention.wqkv.bias"] = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
             own[a + "attention.wo.weight"] = take(p + "self_attn.o_proj.weight")
+            if cfg.qk_norm:
+                own[a + "attention.q_norm.weight"] = take(p + "self_attn.q_norm.weight")
+                own[a + "attention.k_norm.weight"] = take(p + "self_attn.k_norm.weight")
             own[a + "feed_forward.w13.weight"] = torch.cat(
                 [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
             own[a + "feed_forward.w2.weight"] = take(p + "mlp.down_proj.weight")
             own[a + "attention_norm.weight"] = take(p + "input_layernorm.weight")
             own[a + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
+        # A weight left over is a layer this decoder would silently skip (a bias, a norm of another family).
+        if unused := sorted(set(sd) - taken):
+            raise UnsupportedModelError(f"checkpoint weights the native decoder does not implement: {unused[:4]}")
         params = dict(self.named_parameters())
         missing = set(params) - set(own)
         if missing:
@@ -394,13 +434,20 @@ class Transformer(nn.Module):
     def run_layers(self, x: Tensor, batch: PackedBatch, layers: range, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         """Runs the packed hidden states x [N, hidden] through ``layers``, layer l writing K, V into
         ``k_cache[l]``, ``v_cache[l]`` (caches [>= layers.stop, B, Hkv, S, D]); returns [N, hidden]."""
-        # A padded query at position p sees its slot's entries 0 .. p (the invariant kernel needs no mask).
-        mask = None if batch.invariant else \
-            (torch.arange(batch.kv_len, device=x.device) <= batch.query_pos[..., None])[:, None]
+        mask = None if batch.invariant else self.attention_mask(batch)
         cos, sin = self.rope_cos[batch.positions][:, None], self.rope_sin[batch.positions][:, None]
         for l in layers:
             x = self.layers[l](x, cos, sin, k_cache[l], v_cache[l], batch, mask)
         return x
+
+    def attention_mask(self, batch: PackedBatch) -> Tensor:
+        """[span, 1, width, kv_len] bool: a padded query at position p sees its slot's entries 0 .. p,
+        within the sliding window where the model has one (the invariant kernel needs no mask)."""
+        keys = torch.arange(batch.kv_len, device=batch.query_pos.device)
+        mask = keys <= batch.query_pos[..., None]
+        if self.cfg.sliding_window is not None:
+            mask &= keys > batch.query_pos[..., None] - self.cfg.sliding_window
+        return mask[:, None]
 
     def head(self, x: Tensor) -> Tensor:
         """Final norm and LM head: hidden states [M, hidden] -> fp32 logits [M, V]."""

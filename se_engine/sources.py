@@ -127,6 +127,14 @@ TINY_MODELS: dict[str, tuple[str, dict, int]] = {
                                          max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=dict(
                                              rope_type="llama3", factor=32.0, low_freq_factor=1.0,
                                              high_freq_factor=4.0, original_max_position_embeddings=8192)), 4),
+    # Qwen3-0.6B's: head_dim twice hidden / heads, q/k norms, no biases, tied head.
+    "tiny-random-qwen3": ("qwen3", dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                        tie_word_embeddings=True, rope_theta=1000000.0), 5),
+    # Mistral-7B-v0.3's: GQA 4:1, no sliding window, untied head.
+    "tiny-random-mistral": ("mistral", dict(hidden_size=64, intermediate_size=224, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=1, sliding_window=None,
+                                            tie_word_embeddings=False, rope_theta=1000000.0), 6),
 }
 
 
@@ -343,16 +351,17 @@ def _tiny_dir(name: str) -> Path:
     return _build_atomically(cache_dir() / "tiny" / name, {"format": TINY_FORMAT, "name": name}, build)
 
 
-def tiny_random_model(name: str, vocab_size: int = TINY_VOCAB):
-    """A deterministic random transformers model (fp32). Weights use a wide init so that the
-    next-token distributions are peaked enough for acceptance tests to mean something."""
+def tiny_random_model(name: str, vocab_size: int = TINY_VOCAB, **fields):
+    """A deterministic random transformers model (fp32); ``fields`` override its config's. Weights
+    use a wide init so that the next-token distributions are peaked enough for acceptance tests to
+    mean something."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, overrides, seed = TINY_MODELS[name]
     eos = min(256, vocab_size - 1)  # <|endoftext|> in the tiny tokenizer
     config = AutoConfig.for_model(model_type, **{
         **dict(vocab_size=vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-6, initializer_range=0.15,
-               bos_token_id=0, eos_token_id=eos, pad_token_id=eos), **overrides})
+               bos_token_id=0, eos_token_id=eos, pad_token_id=eos), **overrides, **fields})
     gen = torch.Generator().manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

@@ -2,13 +2,19 @@
 layers against transformers' models (the tiny models of every family also run through
 tests/test_runner.py), refusals of what the runner does not implement."""
 
+from dataclasses import replace
+
 import pytest
 import torch
-from transformers import LlamaConfig
+from test_exactness import check_greedy_identity
+from test_runner import TOLERANCE, check_ragged_schedule, full_logits
+from transformers import AutoConfig, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from se_engine.ensemble import EnsembleSpec
 from se_engine.errors import UnsupportedModelError
-from se_engine.model import ModelConfig, rope_tables
+from se_engine.model import ModelConfig, Transformer, rope_tables
+from se_engine.sources import tiny_random_model
 
 # rope_parameters of real configs; dims shrunk (head_dim 32). dynamic's threshold is
 # max_position_embeddings, shrunk from Llama-2's 4096 to 24 so that the table passes it.
@@ -59,3 +65,64 @@ def test_unimplemented_rope_is_refused_by_name(rope_parameters, message):
     config.rope_parameters = rope_parameters
     with pytest.raises(UnsupportedModelError, match=message):
         ModelConfig.from_hf(config)
+
+
+# Mistral-7B-v0.1 attends within sliding_window=4096 on every layer; shrunk to 8 so that the
+# schedules' 5 .. 20-token sequences cross it.
+WINDOW = 8
+
+
+@pytest.fixture(scope="module")
+def windowed():
+    return tiny_random_model("tiny-random-mistral", sliding_window=WINDOW)
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE, ids=str)
+def test_sliding_window_matches_transformers(windowed, dtype):
+    """The mask path (fp32, and bf16 with batch_invariant=False) against transformers' Mistral."""
+    seq = list(range(3, 3 + 2 * WINDOW))
+    unwindowed = tiny_random_model("tiny-random-mistral")
+    assert (full_logits(windowed, seq) - full_logits(unwindowed, seq)).abs().max() > 0.1  # the window matters
+    runner = Transformer.from_hf(windowed, max_batch=5, max_len=64, dtype=dtype, batch_invariant=False)
+    assert runner.cfg.sliding_window == WINDOW
+    check_ragged_schedule(windowed, runner, atol=TOLERANCE[dtype])
+
+
+def test_invariant_attention_refuses_contexts_past_the_window(windowed):
+    with pytest.raises(UnsupportedModelError, match=f"sliding_window={WINDOW} < max_len=64.*batch_invariant=False"):
+        Transformer.from_hf(windowed, max_batch=2, max_len=64)
+    runner = Transformer.from_hf(windowed, max_batch=1, max_len=WINDOW)  # within the window: plain causal
+    assert runner.invariant
+    seq = [5, 9, 2, 7, 1, 3, 8, 4]
+    out = torch.cat([runner.forward([0], [seq[:5]], [5]), runner.forward([0], [seq[5:]], [3])])
+    torch.testing.assert_close(out, full_logits(windowed, seq), atol=TOLERANCE[torch.bfloat16], rtol=0)
+
+
+@pytest.mark.parametrize("model_type,fields,message", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=16), "use_sliding_window=True"),
+    ("llama", dict(attention_bias=True), "attention_bias=True"),
+    ("llama", dict(mlp_bias=True), "mlp_bias=True"),
+    ("llama", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+    ("gemma2", {}, "model_type 'gemma2' is not one of"),
+])
+def test_unimplemented_configs_are_refused_by_name(model_type, fields, message):
+    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=259, **fields)
+    with pytest.raises(UnsupportedModelError, match=message):
+        ModelConfig.from_hf(config)
+
+
+def test_checkpoint_weights_left_over_are_refused():
+    """A layer the decoder would skip fails the load: Qwen3's q/k norms in a decoder without them."""
+    hf = tiny_random_model("tiny-random-qwen3")
+    cfg = replace(ModelConfig.from_hf(hf.config), qk_norm=False)
+    with pytest.raises(UnsupportedModelError, match="does not implement.*q_norm"):
+        Transformer(cfg, max_batch=1, max_len=8, dtype=torch.float32).load_hf_state_dict(hf.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_two_families_ensemble_exactly(tiny_models, dtype):
+    """Qwen3 and Llama 3 (scaled RoPE) on one tokenizer: se and ensemble_sd emit the plain
+    ensemble's greedy tokens, bf16 through the invariant kernels and fp32."""
+    models = tiny_models(["tiny-random-qwen3", "tiny-random-llama3"], dtype=dtype, max_len=96)
+    check_greedy_identity(models, EnsembleSpec.weighted([0.5, 0.5]), seed=0, max_new_tokens=32)

@@ -9,7 +9,8 @@ from se_engine.hf_runner import HFRunner
 from se_engine.model import Transformer
 from se_engine.sources import TINY_VOCAB
 
-TINY = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep", "tiny-random-llama3"]
+TINY = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep", "tiny-random-llama3",
+        "tiny-random-qwen3", "tiny-random-mistral"]
 
 
 def hf_model(name, dtype):

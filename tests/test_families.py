@@ -12,9 +12,12 @@ from transformers import AutoConfig, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from se_engine.ensemble import EnsembleSpec
-from se_engine.errors import UnsupportedModelError
+from se_engine.engine import Engine
+from se_engine.errors import UnsupportedModelError, VocabularyMismatchError
 from se_engine.model import ModelConfig, Transformer, rope_tables
-from se_engine.sources import tiny_random_model
+from se_engine.runner import LoadedModel
+from se_engine.sampling import SamplingParams
+from se_engine.sources import TINY_VOCAB, tiny_random_model, tiny_tokenizer
 
 # rope_parameters of real configs; dims shrunk (head_dim 32). dynamic's threshold is
 # max_position_embeddings, shrunk from Llama-2's 4096 to 24 so that the table passes it.
@@ -126,3 +129,46 @@ def test_two_families_ensemble_exactly(tiny_models, dtype):
     ensemble's greedy tokens, bf16 through the invariant kernels and fp32."""
     models = tiny_models(["tiny-random-qwen3", "tiny-random-llama3"], dtype=dtype, max_len=96)
     check_greedy_identity(models, EnsembleSpec.weighted([0.5, 0.5]), seed=0, max_new_tokens=32)
+
+
+def padded_llama3(dtype: torch.dtype) -> tuple[LoadedModel, LoadedModel]:
+    """tiny-random-llama3 with its (tied) output layer padded from 259 to 320 rows that outscore the
+    real ones, and the same model cut to the tokenizer's 259 rows."""
+    hf = tiny_random_model("tiny-random-llama3", vocab_size=320)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight[TINY_VOCAB:] = 4 * hf.model.embed_tokens.weight[:320 - TINY_VOCAB]
+    padded = Transformer.from_hf(hf, max_len=96, dtype=dtype)
+    cut = Transformer(replace(padded.cfg, vocab_size=TINY_VOCAB), max_batch=1, max_len=96, dtype=dtype)
+    cut.load_hf_state_dict({k: v[:TINY_VOCAB] if k in ("model.embed_tokens.weight", "lm_head.weight") else v
+                            for k, v in hf.state_dict().items()})
+    size = sum(p.numel() for p in hf.parameters())
+    return (LoadedModel("llama3-padded", padded, tiny_tokenizer(), size),
+            LoadedModel("llama3-cut", cut, tiny_tokenizer(), size))
+
+
+def test_padded_vocabularies_ensemble_over_the_shared_rows(tiny_models):
+    """Qwen2 (259 rows) with a Llama 3 padded to 320: the padding rows, which would win every argmax,
+    are never sampled and take no part in r; the ensemble is the one with the padding cut off, token
+    for token and logprob for logprob, and se keeps greedy identity."""
+    (qwen2,) = tiny_models(["tiny-random-qwen2"], max_len=96)
+    padded, cut = padded_llama3(torch.bfloat16)
+    logits = padded.runner.forward([0], [[5, 17, 99]], [1])
+    padded.runner.truncate([0], [0])
+    assert logits[0, TINY_VOCAB:].max() > logits[0, :TINY_VOCAB].max()
+    spec = EnsembleSpec.weighted([0.5, 0.5])
+    assert Engine([qwen2, padded], spec, "se").vocab_size == TINY_VOCAB
+    check_greedy_identity([qwen2, padded], spec, seed=1, max_new_tokens=24)
+    for seed in range(3):
+        params = SamplingParams(temperature=1.0, seed=seed, max_new_tokens=24, ignore_eos=True, logprobs=True)
+        got = Engine([qwen2, padded], spec, "se", [3, 1]).generate([seed, 8, 1], params)[0]
+        ref = Engine([qwen2, cut], spec, "se", [3, 1]).generate([seed, 8, 1], params)[0]
+        assert got.token_ids == ref.token_ids and max(got.token_ids) < TINY_VOCAB
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref.logprobs), atol=1e-5, rtol=0)
+
+
+def test_different_tokenizers_are_refused_by_the_engine(tiny_models):
+    (qwen2,) = tiny_models(["tiny-random-qwen2"], max_len=96)
+    other, _ = padded_llama3(torch.bfloat16)
+    other.tokenizer.add_special_tokens({"additional_special_tokens": ["<|fim_prefix|>"]})
+    with pytest.raises(VocabularyMismatchError, match=r"token id 259 is '<\|fim_prefix\|>' in llama3-padded"):
+        Engine([qwen2, other], EnsembleSpec.weighted([0.5, 0.5]), "se")

@@ -2,7 +2,8 @@
 layers against transformers' models (the tiny models of every family also run through
 tests/test_runner.py), refusals of what the runner does not implement."""
 
-from dataclasses import replace
+from dataclasses import fields, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from se_engine.ensemble import EnsembleSpec
 from se_engine.engine import Engine
 from se_engine.errors import UnsupportedModelError, VocabularyMismatchError
-from se_engine.model import ModelConfig, Transformer, rope_tables
+from se_engine.model import FAMILIES, ROPE_TYPES, Family, ModelConfig, Transformer, rope_tables
 from se_engine.runner import LoadedModel
 from se_engine.sampling import SamplingParams
 from se_engine.sources import TINY_VOCAB, tiny_random_model, tiny_tokenizer
@@ -172,3 +173,22 @@ def test_different_tokenizers_are_refused_by_the_engine(tiny_models):
     other.tokenizer.add_special_tokens({"additional_special_tokens": ["<|fim_prefix|>"]})
     with pytest.raises(VocabularyMismatchError, match=r"token id 259 is '<\|fim_prefix\|>' in llama3-padded"):
         Engine([qwen2, other], EnsembleSpec.weighted([0.5, 0.5]), "se")
+
+
+# The README's words for each Family switch.
+FAMILY_WORDS = {"qkv_bias": "q/k/v biases", "qk_norm": "per-head q/k RMSNorm", "sliding_window": "sliding-window mask"}
+
+
+def test_readme_families_table_matches_the_family_data():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    lines = readme.splitlines()
+    at = lines.index("| model_type | models | beyond the Llama decoder |") + 2  # past the rule
+    rows = []
+    while lines[at].startswith("|"):
+        rows.append([c.strip() for c in lines[at].strip("|").split("|")])
+        at += 1
+    assert [r[0].strip("`") for r in rows] == list(FAMILIES)
+    assert set(FAMILY_WORDS) == {f.name for f in fields(Family)}
+    for (model_type, _, beyond), family in zip(rows, FAMILIES.values()):
+        assert beyond == ", ".join(w for name, w in FAMILY_WORDS.items() if getattr(family, name)), model_type
+    assert "RoPE scaling (`rope_type`): " + ", ".join(f"`{t}`" for t in ROPE_TYPES) + "." in readme

@@ -94,7 +94,7 @@ def test_corrupt_gguf_is_a_clear_error(cache, tmp_path):
 
 
 def test_mismatched_vocabularies_are_refused(cache, tmp_path):
-    """Padded output layers share the tokenizer's rows; other tokenizers, or too few rows, are refused."""
+    """Output layers of different sizes share their common rows; other tokenizers are refused."""
     def saved(name: str, vocab_size: int, extra_tokens: list[str]) -> str:
         tokenizer = sources.tiny_tokenizer()
         tokenizer.add_tokens(extra_tokens)
@@ -109,9 +109,6 @@ def test_mismatched_vocabularies_are_refused(cache, tmp_path):
     with pytest.raises(VocabularyMismatchError, match=r"different tokenizers: token id 259 is '<\|extra\|>' in "
                                                       r".*other, None in tiny-random-qwen2"):
         check_same_vocabulary([a, other])
-    short = load_model(saved("short", 200, []), dtype=torch.float32)
-    with pytest.raises(VocabularyMismatchError, match="short has 200 output logits, fewer than its tokenizer's 259"):
-        check_same_vocabulary([a, short])
 
 
 def test_converted_copy_is_keyed_by_source_and_rebuilt_when_stale(cache, monkeypatch):

@@ -10,8 +10,8 @@ Shapes used throughout:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -24,13 +24,13 @@ from .errors import UnsupportedModelError
 from .packing import PackedBatch, check_forward
 
 
-
 @dataclass(frozen=True)
 class Family:
     """What a ``model_type`` fixes in the decoder; the rest is read from its config."""
     qkv_bias: bool = False  # q/k/v projections always carry biases (Qwen2)
     qk_norm: bool = False  # an RMSNorm over each query and key head before RoPE (Qwen3)
     sliding_window: bool = False  # every layer attends within config.sliding_window, where set (Mistral)
+    fused_projections: bool = False  # checkpoints store qkv_proj and gate_up_proj fused (Phi-3)
 
 
 FAMILIES: dict[str, Family] = {
@@ -38,6 +38,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family(qkv_bias=True),
     "qwen3": Family(qk_norm=True),
     "mistral": Family(sliding_window=True),
+    "phi3": Family(sliding_window=True, fused_projections=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -111,6 +112,7 @@ class ModelConfig:
     rope_scaling: RopeScaling = RopeScaling()
     qk_norm: bool = False
     sliding_window: int | None = None  # a query at p attends to keys p - sliding_window + 1 .. p
+    fused_projections: bool = False
 
     @classmethod
     def from_hf(cls, config) -> "ModelConfig":
@@ -150,6 +152,7 @@ class ModelConfig:
             rope_scaling=RopeScaling.from_hf(name, config, rope),
             qk_norm=family.qk_norm,
             sliding_window=getattr(config, "sliding_window", None) if family.sliding_window else None,
+            fused_projections=family.fused_projections,
         )
 
 
@@ -166,8 +169,9 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def inv_frequencies(theta: float, dim: int, rope: RopeScaling) -> Tensor:
-    """[D / 2] float64: the rotary frequencies of ``rope_type`` (dynamic: those below its threshold)."""
+def inv_frequencies(theta: float | Tensor, dim: int, rope: RopeScaling) -> Tensor:
+    """[..., D / 2] float64: the rotary frequencies of ``rope_type`` for the base theta (a float, or
+    dynamic's bases per position [S, 1])."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
@@ -200,13 +204,12 @@ def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[Tensor, Tensor]:
     the frequencies transformers uses for a token decoded at p: a key is rotated once, when written."""
     rope, dim = cfg.rope_scaling, cfg.head_dim
     positions = torch.arange(max_len, dtype=torch.float64)
+    theta: float | Tensor = cfg.rope_theta
     if rope.rope_type == "dynamic":
         seq_len = (positions + 1).clamp(min=rope.original_max_position_embeddings)
         scale = rope.factor * seq_len / rope.original_max_position_embeddings - (rope.factor - 1)
-        base = cfg.rope_theta * scale ** (dim / (dim - 2))  # [S]
-        angles = positions[:, None] / base[:, None] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    else:
-        angles = torch.outer(positions, inv_frequencies(cfg.rope_theta, dim, rope))
+        theta = cfg.rope_theta * (scale ** (dim / (dim - 2)))[:, None]
+    angles = positions[:, None] * inv_frequencies(theta, dim, rope)  # [S, D / 2]
     angles = torch.cat([angles, angles], dim=-1)
     return (angles.cos() * rope.attention_factor).float(), (angles.sin() * rope.attention_factor).float()
 
@@ -373,16 +376,16 @@ class Transformer(nn.Module):
         own["output.weight"] = own["tok_embeddings.weight"] if cfg.tie_word_embeddings else take("lm_head.weight")
         for i in range(cfg.num_layers):
             p, a = f"model.layers.{i}.", f"layers.{i}."
-            own[a + "attention.wqkv.weight"] = torch.cat(
-                [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            own[a + "attention.wqkv.weight"] = take(p + "self_attn.qkv_proj.weight") if cfg.fused_projections else \
+                torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
             if cfg.qkv_bias:
                 own[a + "attention.wqkv.bias"] = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
             own[a + "attention.wo.weight"] = take(p + "self_attn.o_proj.weight")
             if cfg.qk_norm:
                 own[a + "attention.q_norm.weight"] = take(p + "self_attn.q_norm.weight")
                 own[a + "attention.k_norm.weight"] = take(p + "self_attn.k_norm.weight")
-            own[a + "feed_forward.w13.weight"] = torch.cat(
-                [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+            own[a + "feed_forward.w13.weight"] = take(p + "mlp.gate_up_proj.weight") if cfg.fused_projections else \
+                torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
             own[a + "feed_forward.w2.weight"] = take(p + "mlp.down_proj.weight")
             own[a + "attention_norm.weight"] = take(p + "input_layernorm.weight")
             own[a + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")

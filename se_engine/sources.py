@@ -135,6 +135,10 @@ TINY_MODELS: dict[str, tuple[str, dict, int]] = {
     "tiny-random-mistral": ("mistral", dict(hidden_size=64, intermediate_size=224, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=1, sliding_window=None,
                                             tie_word_embeddings=False, rope_theta=1000000.0), 6),
+    # Phi-3-mini-4k's: fused qkv / gate_up, no GQA, sliding_window 2047, untied head.
+    "tiny-random-phi3": ("phi3", dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, sliding_window=2047,
+                                      tie_word_embeddings=False, rope_theta=10000.0), 7),
 }
 
 

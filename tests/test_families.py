@@ -176,7 +176,8 @@ def test_different_tokenizers_are_refused_by_the_engine(tiny_models):
 
 
 # The README's words for each Family switch.
-FAMILY_WORDS = {"qkv_bias": "q/k/v biases", "qk_norm": "per-head q/k RMSNorm", "sliding_window": "sliding-window mask"}
+FAMILY_WORDS = {"qkv_bias": "q/k/v biases", "qk_norm": "per-head q/k RMSNorm", "sliding_window": "sliding-window mask",
+                "fused_projections": "fused qkv / gate_up weights"}
 
 
 def test_readme_families_table_matches_the_family_data():

@@ -16,7 +16,7 @@ from se_engine.ensemble import EnsembleSpec
 from se_engine.engine import Engine
 from se_engine.errors import UnsupportedModelError, VocabularyMismatchError
 from se_engine.model import FAMILIES, ROPE_TYPES, Family, ModelConfig, Transformer, rope_tables
-from se_engine.runner import LoadedModel
+from se_engine.runner import LoadedModel, load_model
 from se_engine.sampling import SamplingParams
 from se_engine.sources import TINY_VOCAB, tiny_random_model, tiny_tokenizer
 
@@ -193,3 +193,14 @@ def test_readme_families_table_matches_the_family_data():
     for (model_type, _, beyond), family in zip(rows, FAMILIES.values()):
         assert beyond == ", ".join(w for name, w in FAMILY_WORDS.items() if getattr(family, name)), model_type
     assert "RoPE scaling (`rope_type`): " + ", ".join(f"`{t}`" for t in ROPE_TYPES) + "." in readme
+
+
+def test_sharded_safetensors_directory_loads(tmp_path):
+    """A local directory of safetensors shards with model.safetensors.index.json (how large models ship)."""
+    hf = tiny_random_model("tiny-random-qwen3")
+    hf.save_pretrained(tmp_path, max_shard_size="50KB")
+    tiny_tokenizer().save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 2
+    loaded = load_model(str(tmp_path), dtype=torch.float32)
+    seq = [1, 2, 3, 200]
+    torch.testing.assert_close(loaded.runner.forward([0], [seq], [4]), full_logits(hf, seq), atol=1e-4, rtol=0)

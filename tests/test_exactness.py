@@ -104,9 +104,9 @@ PROMPT = [1, 4, 2]
 BATCH = 32     # sequences decoded together
 
 
-def enumerable(vocab):
+def enumerable(vocab, names=NAMES[:2]):
     out = []
-    for name in NAMES[:2]:
+    for name in names:
         hf = tiny_random_model(name, vocab_size=vocab)
         runner = Transformer.from_hf(hf, max_batch=BATCH, max_len=32, device=DEVICE)  # bf16, the default
         out.append(LoadedModel(name, runner, tiny_tokenizer(), sum(p.numel() for p in hf.parameters())))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_exactness import check_greedy_identity
+from test_exactness import (ALPHA, SAMPLING, V, check_greedy_identity, chi_square_pvalue, draw, enumerable,
+                             exact_joint)
 from test_runner import TOLERANCE, check_ragged_schedule, full_logits
 from transformers import AutoConfig, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -35,9 +36,9 @@ ROPE_CONFIGS = {
 ROPE_LEN = 64
 
 
-def small_llama_config(**fields) -> LlamaConfig:
+def small_llama_config(**config) -> LlamaConfig:
     return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=32, vocab_size=259, **fields)
+                       num_key_value_heads=2, head_dim=32, vocab_size=259, **config)
 
 
 @pytest.mark.parametrize("rope_type", ROPE_CONFIGS)
@@ -102,18 +103,18 @@ def test_invariant_attention_refuses_contexts_past_the_window(windowed):
     torch.testing.assert_close(out, full_logits(windowed, seq), atol=TOLERANCE[torch.bfloat16], rtol=0)
 
 
-@pytest.mark.parametrize("model_type,fields,message", [
+@pytest.mark.parametrize("model_type,config,message", [
     ("qwen2", dict(use_sliding_window=True, sliding_window=16), "use_sliding_window=True"),
     ("llama", dict(attention_bias=True), "attention_bias=True"),
     ("llama", dict(mlp_bias=True), "mlp_bias=True"),
     ("llama", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
     ("gemma2", {}, "model_type 'gemma2' is not one of"),
 ])
-def test_unimplemented_configs_are_refused_by_name(model_type, fields, message):
-    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=259, **fields)
+def test_unimplemented_configs_are_refused_by_name(model_type, config, message):
+    hf_config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=259, **config)
     with pytest.raises(UnsupportedModelError, match=message):
-        ModelConfig.from_hf(config)
+        ModelConfig.from_hf(hf_config)
 
 
 def test_checkpoint_weights_left_over_are_refused():
@@ -130,6 +131,14 @@ def test_two_families_ensemble_exactly(tiny_models, dtype):
     ensemble's greedy tokens, bf16 through the invariant kernels and fp32."""
     models = tiny_models(["tiny-random-qwen3", "tiny-random-llama3"], dtype=dtype, max_len=96)
     check_greedy_identity(models, EnsembleSpec.weighted([0.5, 0.5]), seed=0, max_new_tokens=32)
+
+
+def test_two_families_sample_the_ensemble():
+    """The same pair over an enumerable vocabulary: se's sampled tokens follow the ensemble's law."""
+    models = enumerable(V, ["tiny-random-qwen3", "tiny-random-llama3"])
+    spec, params = SAMPLING[0]
+    pvalue, stat, df = chi_square_pvalue(draw(models, spec, "se", [2, 1], params), exact_joint(models, spec, params))
+    assert pvalue > ALPHA, f"chi2={stat:.1f} df={df} p={pvalue:.2e}"
 
 
 def padded_llama3(dtype: torch.dtype) -> tuple[LoadedModel, LoadedModel]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_exactness import (ALPHA, SAMPLING, V, check_greedy_identity, chi_square_pvalue, draw, enumerable,
                              exact_joint)
+from test_quant import check_quantized_drafter
 from test_runner import TOLERANCE, check_ragged_schedule, full_logits
 from transformers import AutoConfig, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -17,6 +18,7 @@ from se_engine.ensemble import EnsembleSpec
 from se_engine.engine import Engine
 from se_engine.errors import UnsupportedModelError, VocabularyMismatchError
 from se_engine.model import FAMILIES, ROPE_TYPES, Family, ModelConfig, Transformer, rope_tables
+from se_engine.quant import LAYERS
 from se_engine.runner import LoadedModel, load_model
 from se_engine.sampling import SamplingParams
 from se_engine.sources import TINY_VOCAB, tiny_random_model, tiny_tokenizer
@@ -139,6 +141,13 @@ def test_two_families_sample_the_ensemble():
     spec, params = SAMPLING[0]
     pvalue, stat, df = chi_square_pvalue(draw(models, spec, "se", [2, 1], params), exact_joint(models, spec, params))
     assert pvalue > ALPHA, f"chi2={stat:.1f} df={df} p={pvalue:.2e}"
+
+
+@pytest.mark.parametrize("scheme", list(LAYERS))
+def test_a_quantized_qwen3_drafts_for_the_pair(tiny_models, scheme):
+    models = tiny_models(["tiny-random-qwen3", "tiny-random-llama3"], max_batch=3, max_len=160)
+    (drafter,) = tiny_models(["tiny-random-qwen3"], max_batch=3, max_len=160, quantize=scheme)
+    check_quantized_drafter(models, EnsembleSpec.weighted([0.5, 0.5]), drafter.runner)
 
 
 def padded_llama3(dtype: torch.dtype) -> tuple[LoadedModel, LoadedModel]:

@@ -29,8 +29,13 @@ class Family:
     """What a ``model_type`` fixes in the decoder; the rest is read from its config."""
     qkv_bias: bool = False  # q/k/v projections always carry biases (Qwen2)
     qk_norm: bool = False  # an RMSNorm over each query and key head before RoPE (Qwen3)
-    sliding_window: bool = False  # every layer attends within config.sliding_window, where set (Mistral)
+    # Layers attend within config.sliding_window where set: all, or those config.layer_types names
+    # sliding_attention (Mistral, Phi-3; Gemma 2 alternates).
+    sliding_window: bool = False
     fused_projections: bool = False  # checkpoints store qkv_proj and gate_up_proj fused (Phi-3)
+    # Gemma: RMSNorm scales by 1 + w (in fp32), embeddings by sqrt(hidden), and the attention and MLP
+    # outputs are normed too before their residual adds; soft-capping, windows per layer from the config.
+    gemma: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -39,7 +44,9 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family(qk_norm=True),
     "mistral": Family(sliding_window=True),
     "phi3": Family(sliding_window=True, fused_projections=True),
+    "gemma2": Family(sliding_window=True, gemma=True),
 }
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -112,7 +119,13 @@ class ModelConfig:
     rope_scaling: RopeScaling = RopeScaling()
     qk_norm: bool = False
     sliding_window: int | None = None  # a query at p attends to keys p - sliding_window + 1 .. p
+    sliding_layers: tuple[int, ...] | None = None  # the layers the window applies to; None: all
     fused_projections: bool = False
+    gemma: bool = False
+    activation: str = "silu"  # a key of ACTIVATIONS
+    attention_scale: float | None = None  # of q k^T; None: head_dim ** -0.5
+    attn_softcap: float | None = None  # attention scores s -> cap tanh(s / cap)
+    final_softcap: float | None = None  # logits likewise
 
     @classmethod
     def from_hf(cls, config) -> "ModelConfig":
@@ -123,9 +136,10 @@ class ModelConfig:
                 f"{name}: model_type {config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}; "
                 "use runner='hf' for other architectures"
             )
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"{name}: hidden_act {config.hidden_act!r} is not silu")
         family = FAMILIES[config.model_type]
+        activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+        if activation not in ACTIVATIONS:
+            raise UnsupportedModelError(f"{name}: hidden_act {activation!r} is not one of {tuple(ACTIVATIONS)}")
         rope = getattr(config, "rope_parameters", None) or {}
         if getattr(config, "use_sliding_window", False):
             raise UnsupportedModelError(f"{name}: use_sliding_window=True ({config.model_type}'s per-layer windows) "
@@ -136,6 +150,8 @@ class ModelConfig:
             raise UnsupportedModelError(f"{name}: attention_bias=True (q/k/v/o biases) is not implemented")
         num_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        window = getattr(config, "sliding_window", None) if family.sliding_window else None
+        layer_types = getattr(config, "layer_types", None) if window is not None else None
         rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         return cls(
             vocab_size=config.vocab_size,
@@ -151,21 +167,31 @@ class ModelConfig:
             tie_word_embeddings=bool(config.tie_word_embeddings),
             rope_scaling=RopeScaling.from_hf(name, config, rope),
             qk_norm=family.qk_norm,
-            sliding_window=getattr(config, "sliding_window", None) if family.sliding_window else None,
+            sliding_window=window,
+            sliding_layers=None if layer_types is None else
+            tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention"),
             fused_projections=family.fused_projections,
+            gemma=family.gemma,
+            activation=activation,
+            attention_scale=config.query_pre_attn_scalar ** -0.5 if family.gemma else None,
+            attn_softcap=getattr(config, "attn_logit_softcapping", None),
+            final_softcap=getattr(config, "final_logit_softcapping", None),
         )
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, gemma: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.gemma = eps, gemma
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 like the reference implementations, then cast back before the scale.
+        """x: [..., dim]. Normalised in fp32 like the reference implementations, then cast back
+        before the scale w (Llama) or after the scale 1 + w (Gemma)."""
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
@@ -237,8 +263,8 @@ class Attention(nn.Module):
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.wqkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.gemma) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.gemma) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, batch: PackedBatch,
                 mask: Tensor | None) -> Tensor:
@@ -255,6 +281,8 @@ class Attention(nn.Module):
         k_cache[batch.slots, :, batch.positions] = k
         v_cache[batch.slots, :, batch.positions] = v.view(N, cfg.num_kv_heads, cfg.head_dim)
         if batch.invariant:
+            if cfg.attention_scale is not None:  # the kernel scales by head_dim ** -0.5
+                q = q * (cfg.attention_scale * cfg.head_dim ** 0.5)
             out = invariant_ops.attention(q, k_cache, v_cache, batch.slots, batch.positions)
             return project(self.wo, out.view(N, q_dim), True)
         span, width = batch.span, batch.width
@@ -262,12 +290,25 @@ class Attention(nn.Module):
             q = q.new_zeros(span * width, cfg.num_heads, cfg.head_dim).index_copy_(0, batch.pad_index, q)
         q = q.view(span, width, cfg.num_heads, cfg.head_dim).transpose(1, 2)
         window = slice(batch.lo, batch.lo + span)
-        out = F.scaled_dot_product_attention(q, k_cache[window, :, :batch.kv_len], v_cache[window, :, :batch.kv_len],
-                                             attn_mask=mask, enable_gqa=True)
+        k, v = k_cache[window, :, :batch.kv_len], v_cache[window, :, :batch.kv_len]
+        if cfg.attn_softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=cfg.attention_scale)
+        else:
+            out = softcapped_attention(q, k, v, mask, cfg.attention_scale or cfg.head_dim ** -0.5, cfg.attn_softcap)
         out = out.transpose(1, 2).reshape(span * width, q_dim)
         if batch.pad_index is not None:
             out = out.index_select(0, batch.pad_index)
         return self.wo(out)
+
+
+def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, cap: float) -> Tensor:
+    """SDPA with scores s -> cap tanh(s / cap) (Gemma 2), which torch's SDPA has no option for.
+    q: [B, Hq, W, D]; k, v: [B, Hkv, S, D]; mask: [B, 1, W, S] bool. Returns [B, Hq, W, D]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = cap * torch.tanh((q @ k.transpose(-1, -2)) * scale / cap)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32)
+    return probs.to(v.dtype) @ v
 
 
 class FeedForward(nn.Module):
@@ -275,25 +316,30 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.activation = ACTIVATIONS[cfg.activation]
 
     def forward(self, x: Tensor, invariant: bool) -> Tensor:
         gate, up = project(self.w13, x, invariant).chunk(2, dim=-1)
-        return project(self.w2, F.silu(gate) * up, invariant)
+        return project(self.w2, self.activation(gate) * up, invariant)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
         self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
         self.feed_forward = FeedForward(cfg)
+        # Gemma's sandwich: the attention and MLP outputs are normed before their residual adds.
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, True) if cfg.gemma else nn.Identity()
+        self.post_ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, True) if cfg.gemma else nn.Identity()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, batch: PackedBatch,
                 mask: Tensor | None) -> Tensor:
         """x: [N, hidden] -> [N, hidden]; writes the N tokens' K, V into this layer's cache."""
-        x = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, batch, mask)
-        return x + self.feed_forward(self.ffn_norm(x), batch.invariant)
+        x = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, batch,
+                                                        mask))
+        return x + self.post_ffn_norm(self.feed_forward(self.ffn_norm(x), batch.invariant))
 
 
 class Transformer(nn.Module):
@@ -322,12 +368,15 @@ class Transformer(nn.Module):
             raise UnsupportedModelError(
                 f"sliding_window={cfg.sliding_window} < max_len={max_len}: the batch-invariant attention has no "
                 f"window; load with max_len <= {cfg.sliding_window}, or with batch_invariant=False or fp32")
+        if self.invariant and cfg.attn_softcap is not None:
+            raise UnsupportedModelError(f"attn_logit_softcapping={cfg.attn_softcap}: the batch-invariant attention "
+                                        "has no soft-capping; load with batch_invariant=False or fp32")
         # Weights are left uninitialised (no random init of billions of values): every
         # constructor path ends in load_hf_state_dict.
         with torch.device("meta"):
             self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
             self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
             self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.to_empty(device=device)
         self.to(dtype=dtype)
@@ -388,7 +437,12 @@ class Transformer(nn.Module):
                 torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
             own[a + "feed_forward.w2.weight"] = take(p + "mlp.down_proj.weight")
             own[a + "attention_norm.weight"] = take(p + "input_layernorm.weight")
-            own[a + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
+            if cfg.gemma:  # post_attention_layernorm norms the attention output, not the MLP input
+                own[a + "ffn_norm.weight"] = take(p + "pre_feedforward_layernorm.weight")
+                own[a + "post_attention_norm.weight"] = take(p + "post_attention_layernorm.weight")
+                own[a + "post_ffn_norm.weight"] = take(p + "post_feedforward_layernorm.weight")
+            else:
+                own[a + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
         # A weight left over is a layer this decoder would silently skip (a bias, a norm of another family).
         if unused := sorted(set(sd) - taken):
             raise UnsupportedModelError(f"checkpoint weights the native decoder does not implement: {unused[:4]}")
@@ -430,31 +484,40 @@ class Transformer(nn.Module):
     def hidden_at_logits(self, batch: PackedBatch) -> Tensor:
         """Embeds batch's tokens and runs them through every layer (writing their K, V into the
         caches); returns the last hidden states at ``batch.logit_index``, [M, hidden]."""
-        x = self.run_layers(self.tok_embeddings(batch.tokens), batch, range(self.cfg.num_layers),
-                            self.k_cache, self.v_cache)
+        x = self.run_layers(self.embed(batch.tokens), batch, range(self.cfg.num_layers), self.k_cache, self.v_cache)
         return x[batch.logit_index]
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """tokens [N] -> [N, hidden]; Gemma scales by sqrt(hidden), rounded to the model's dtype as transformers does."""
+        x = self.tok_embeddings(tokens)
+        return x * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=x.dtype) if self.cfg.gemma else x
 
     def run_layers(self, x: Tensor, batch: PackedBatch, layers: range, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         """Runs the packed hidden states x [N, hidden] through ``layers``, layer l writing K, V into
         ``k_cache[l]``, ``v_cache[l]`` (caches [>= layers.stop, B, Hkv, S, D]); returns [N, hidden]."""
-        mask = None if batch.invariant else self.attention_mask(batch)
+        masks = None if batch.invariant else self.attention_masks(batch)
         cos, sin = self.rope_cos[batch.positions][:, None], self.rope_sin[batch.positions][:, None]
+        windowed = self.cfg.sliding_layers
         for l in layers:
+            mask = None if masks is None else masks[windowed is None or l in windowed]
             x = self.layers[l](x, cos, sin, k_cache[l], v_cache[l], batch, mask)
         return x
 
-    def attention_mask(self, batch: PackedBatch) -> Tensor:
-        """[span, 1, width, kv_len] bool: a padded query at position p sees its slot's entries 0 .. p,
-        within the sliding window where the model has one (the invariant kernel needs no mask)."""
+    def attention_masks(self, batch: PackedBatch) -> tuple[Tensor, Tensor]:
+        """[span, 1, width, kv_len] bool, for global and for windowed layers: a padded query at
+        position p sees its slot's entries 0 .. p, within the sliding window where the model has
+        one (the invariant kernel needs no mask)."""
         keys = torch.arange(batch.kv_len, device=batch.query_pos.device)
-        mask = keys <= batch.query_pos[..., None]
-        if self.cfg.sliding_window is not None:
-            mask &= keys > batch.query_pos[..., None] - self.cfg.sliding_window
-        return mask[:, None]
+        causal = keys <= batch.query_pos[..., None]
+        if self.cfg.sliding_window is None:
+            return causal[:, None], causal[:, None]
+        return causal[:, None], (causal & (keys > batch.query_pos[..., None] - self.cfg.sliding_window))[:, None]
 
     def head(self, x: Tensor) -> Tensor:
         """Final norm and LM head: hidden states [M, hidden] -> fp32 logits [M, V]."""
-        return project(self.output, self.norm(x), self.invariant).float()
+        logits = project(self.output, self.norm(x), self.invariant).float()
+        cap = self.cfg.final_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def fork(self, src: int, dst: Sequence[int]) -> None:
         """Copies slot ``src``'s cache entries to the slots ``dst`` (n samples of one prompt, one

@@ -139,6 +139,13 @@ TINY_MODELS: dict[str, tuple[str, dict, int]] = {
     "tiny-random-phi3": ("phi3", dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=4, sliding_window=2047,
                                       tie_word_embeddings=False, rope_theta=10000.0), 7),
+    # Gemma-2-2b's: head_dim 256 -> 32 under query_pre_attn_scalar 256, soft-capping 50 / 30,
+    # sliding_window 4096 on alternate layers, tied head.
+    "tiny-random-gemma2": ("gemma2", dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                          query_pre_attn_scalar=256, sliding_window=4096,
+                                          attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                          tie_word_embeddings=True, rope_theta=10000.0), 8),
 }
 
 

@@ -74,8 +74,8 @@ def test_unimplemented_rope_is_refused_by_name(rope_parameters, message):
         ModelConfig.from_hf(config)
 
 
-# Mistral-7B-v0.1 attends within sliding_window=4096 on every layer; shrunk to 8 so that the
-# schedules' 5 .. 20-token sequences cross it.
+# Mistral-7B-v0.1 attends within sliding_window=4096 on every layer, Gemma-2-2b on alternate
+# layers; shrunk to 8 so that the schedules' 5 .. 20-token sequences cross it.
 WINDOW = 8
 
 
@@ -85,14 +85,26 @@ def windowed():
 
 
 @pytest.mark.parametrize("dtype", TOLERANCE, ids=str)
-def test_sliding_window_matches_transformers(windowed, dtype):
-    """The mask path (fp32, and bf16 with batch_invariant=False) against transformers' Mistral."""
+@pytest.mark.parametrize("name", ["tiny-random-mistral", "tiny-random-gemma2"])
+def test_sliding_window_matches_transformers(name, dtype):
+    """The mask path (fp32, and bf16 with batch_invariant=False) against transformers' Mistral, and
+    Gemma 2 (alternate windowed layers, soft-capping, sandwich norms, query_pre_attn_scalar)."""
+    hf = tiny_random_model(name, sliding_window=WINDOW)
     seq = list(range(3, 3 + 2 * WINDOW))
-    unwindowed = tiny_random_model("tiny-random-mistral")
-    assert (full_logits(windowed, seq) - full_logits(unwindowed, seq)).abs().max() > 0.1  # the window matters
-    runner = Transformer.from_hf(windowed, max_batch=5, max_len=64, dtype=dtype, batch_invariant=False)
+    assert (full_logits(hf, seq) - full_logits(tiny_random_model(name), seq)).abs().max() > 0.1  # the window matters
+    runner = Transformer.from_hf(hf, max_batch=5, max_len=64, dtype=dtype, batch_invariant=False)
     assert runner.cfg.sliding_window == WINDOW
-    check_ragged_schedule(windowed, runner, atol=TOLERANCE[dtype])
+    check_ragged_schedule(hf, runner, atol=TOLERANCE[dtype])
+
+
+def test_gemma2_soft_capping_is_refused_by_the_invariant_attention():
+    with pytest.raises(UnsupportedModelError, match="attn_logit_softcapping=50.0: .*batch_invariant=False"):
+        Transformer.from_hf(tiny_random_model("tiny-random-gemma2"), max_batch=1, max_len=64)
+
+
+def test_gemma2_and_qwen3_ensemble_exactly_in_fp32(tiny_models):
+    models = tiny_models(["tiny-random-qwen3", "tiny-random-gemma2"], dtype=torch.float32, max_len=96)
+    check_greedy_identity(models, EnsembleSpec.weighted([0.5, 0.5]), seed=2, max_new_tokens=32)
 
 
 def test_invariant_attention_refuses_contexts_past_the_window(windowed):
@@ -110,7 +122,8 @@ def test_invariant_attention_refuses_contexts_past_the_window(windowed):
     ("llama", dict(attention_bias=True), "attention_bias=True"),
     ("llama", dict(mlp_bias=True), "mlp_bias=True"),
     ("llama", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
-    ("gemma2", {}, "model_type 'gemma2' is not one of"),
+    ("gemma3_text", {}, "model_type 'gemma3_text' is not one of"),
+    ("gemma2", dict(hidden_activation="gelu"), "hidden_act 'gelu' is not one of"),
 ])
 def test_unimplemented_configs_are_refused_by_name(model_type, config, message):
     hf_config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -195,7 +208,8 @@ def test_different_tokenizers_are_refused_by_the_engine(tiny_models):
 
 # The README's words for each Family switch.
 FAMILY_WORDS = {"qkv_bias": "q/k/v biases", "qk_norm": "per-head q/k RMSNorm", "sliding_window": "sliding-window mask",
-                "fused_projections": "fused qkv / gate_up weights"}
+                "fused_projections": "fused qkv / gate_up weights",
+                "gemma": "(1 + w) RMSNorm, sandwich norms, embedding scale, soft-capping"}
 
 
 def test_readme_families_table_matches_the_family_data():
@@ -222,3 +236,11 @@ def test_sharded_safetensors_directory_loads(tmp_path):
     loaded = load_model(str(tmp_path), dtype=torch.float32)
     seq = [1, 2, 3, 200]
     torch.testing.assert_close(loaded.runner.forward([0], [seq], [4]), full_logits(hf, seq), atol=1e-4, rtol=0)
+
+
+def test_gemma2_without_attention_soft_capping_runs_the_invariant_kernels():
+    """query_pre_attn_scalar through the invariant attention (its queries prescaled), in bf16."""
+    hf = tiny_random_model("tiny-random-gemma2", attn_logit_softcapping=None)
+    runner = Transformer.from_hf(hf, max_batch=5, max_len=64)
+    assert runner.invariant
+    check_ragged_schedule(hf, runner, atol=TOLERANCE[torch.bfloat16])

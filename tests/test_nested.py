@@ -31,7 +31,7 @@ def reference(model: Transformer, seq: list[int]) -> tuple[list[torch.Tensor], t
     """The full model over seq in its scratch slot: the head's logits after each layer (L x [len, V])
     and every layer's K and V ([L, Hkv, len, D] each)."""
     batch = PackedBatch.build([SLOTS], [0], [len(seq)], [len(seq)], seq, model.device, model.invariant)
-    x, logits = model.tok_embeddings(batch.tokens), []
+    x, logits = model.embed(batch.tokens), []
     for layer in range(model.cfg.num_layers):
         x = model.run_layers(x, batch, range(layer, layer + 1), model.k_cache, model.v_cache)
         logits.append(model.head(x))

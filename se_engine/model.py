@@ -45,6 +45,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(sliding_window=True),
     "phi3": Family(sliding_window=True, fused_projections=True),
     "gemma2": Family(sliding_window=True, gemma=True),
+    "gemma3_text": Family(sliding_window=True, gemma=True, qk_norm=True),
 }
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
@@ -126,6 +127,9 @@ class ModelConfig:
     attention_scale: float | None = None  # of q k^T; None: head_dim ** -0.5
     attn_softcap: float | None = None  # attention scores s -> cap tanh(s / cap)
     final_softcap: float | None = None  # logits likewise
+    # The windowed layers' own RoPE where the config gives one (Gemma 3: a local base).
+    sliding_rope_theta: float | None = None
+    sliding_rope_scaling: RopeScaling = RopeScaling()
 
     @classmethod
     def from_hf(cls, config) -> "ModelConfig":
@@ -141,6 +145,8 @@ class ModelConfig:
         if activation not in ACTIVATIONS:
             raise UnsupportedModelError(f"{name}: hidden_act {activation!r} is not one of {tuple(ACTIVATIONS)}")
         rope = getattr(config, "rope_parameters", None) or {}
+        # RoPE per layer type (Gemma 3): full_attention's is the model's, sliding_attention's the windowed layers'.
+        sliding_rope, rope = rope.get("sliding_attention"), rope.get("full_attention", rope)
         if getattr(config, "use_sliding_window", False):
             raise UnsupportedModelError(f"{name}: use_sliding_window=True ({config.model_type}'s per-layer windows) "
                                         "is not implemented; use runner='hf'")
@@ -176,6 +182,9 @@ class ModelConfig:
             attention_scale=config.query_pre_attn_scalar ** -0.5 if family.gemma else None,
             attn_softcap=getattr(config, "attn_logit_softcapping", None),
             final_softcap=getattr(config, "final_logit_softcapping", None),
+            sliding_rope_theta=None if sliding_rope is None else float(sliding_rope["rope_theta"]),
+            sliding_rope_scaling=RopeScaling() if sliding_rope is None else
+            RopeScaling.from_hf(name, config, sliding_rope),
         )
 
 
@@ -387,9 +396,14 @@ class Transformer(nn.Module):
         if self.invariant and self.device.type == "cpu":
             invariant_ops.has_fast_path()  # fails here, not mid-forward, if the extension is missing
         self.graphs: GraphedForward | None = None
-        cos, sin = rope_tables(cfg, max_len)
-        self.register_buffer("rope_cos", cos.to(device), persistent=False)
-        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        # Per layer: 1 where it attends within the window (its mask and RoPE table), else 0.
+        windowed = range(cfg.num_layers) if cfg.sliding_layers is None else cfg.sliding_layers
+        self.layer_kind = [int(cfg.sliding_window is not None and l in windowed) for l in range(cfg.num_layers)]
+        sliding = cfg if cfg.sliding_rope_theta is None else \
+            replace(cfg, rope_theta=cfg.sliding_rope_theta, rope_scaling=cfg.sliding_rope_scaling)
+        (cos, sin), (sliding_cos, sliding_sin) = rope_tables(cfg, max_len), rope_tables(sliding, max_len)
+        self.register_buffer("rope_cos", torch.stack([cos, sliding_cos]).to(device), persistent=False)  # [2, S, D]
+        self.register_buffer("rope_sin", torch.stack([sin, sliding_sin]).to(device), persistent=False)
 
     @property
     def vocab_size(self) -> int:
@@ -488,7 +502,8 @@ class Transformer(nn.Module):
         return x[batch.logit_index]
 
     def embed(self, tokens: Tensor) -> Tensor:
-        """tokens [N] -> [N, hidden]; Gemma scales by sqrt(hidden), rounded to the model's dtype as transformers does."""
+        """tokens [N] -> [N, hidden]; Gemma scales by sqrt(hidden), rounded to the model's dtype (as
+        transformers does)."""
         x = self.tok_embeddings(tokens)
         return x * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=x.dtype) if self.cfg.gemma else x
 
@@ -496,11 +511,11 @@ class Transformer(nn.Module):
         """Runs the packed hidden states x [N, hidden] through ``layers``, layer l writing K, V into
         ``k_cache[l]``, ``v_cache[l]`` (caches [>= layers.stop, B, Hkv, S, D]); returns [N, hidden]."""
         masks = None if batch.invariant else self.attention_masks(batch)
-        cos, sin = self.rope_cos[batch.positions][:, None], self.rope_sin[batch.positions][:, None]
-        windowed = self.cfg.sliding_layers
+        cos, sin = self.rope_cos[:, batch.positions, None], self.rope_sin[:, batch.positions, None]  # [2, N, 1, D]
         for l in layers:
-            mask = None if masks is None else masks[windowed is None or l in windowed]
-            x = self.layers[l](x, cos, sin, k_cache[l], v_cache[l], batch, mask)
+            kind = self.layer_kind[l]
+            mask = None if masks is None else masks[kind]
+            x = self.layers[l](x, cos[kind], sin[kind], k_cache[l], v_cache[l], batch, mask)
         return x
 
     def attention_masks(self, batch: PackedBatch) -> tuple[Tensor, Tensor]:

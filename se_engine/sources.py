@@ -146,6 +146,16 @@ TINY_MODELS: dict[str, tuple[str, dict, int]] = {
                                           query_pre_attn_scalar=256, sliding_window=4096,
                                           attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
                                           tie_word_embeddings=True, rope_theta=10000.0), 8),
+    # Gemma-3-4b's text model: q/k norms, sliding_window 1024 on 5 layers of 6, RoPE base 1e6 with
+    # linear scaling 8 on the global layers and 10000 on the local ones; head_dim 256 -> 32.
+    "tiny-random-gemma3": ("gemma3_text", dict(hidden_size=64, intermediate_size=256, num_hidden_layers=6,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                               query_pre_attn_scalar=256, sliding_window=1024,
+                                               tie_word_embeddings=True, rope_parameters=dict(
+                                                   full_attention=dict(rope_type="linear", factor=8.0,
+                                                                       rope_theta=1000000.0),
+                                                   sliding_attention=dict(rope_type="default", rope_theta=10000.0))),
+                           9),
 }
 
 

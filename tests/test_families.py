@@ -85,10 +85,11 @@ def windowed():
 
 
 @pytest.mark.parametrize("dtype", TOLERANCE, ids=str)
-@pytest.mark.parametrize("name", ["tiny-random-mistral", "tiny-random-gemma2"])
+@pytest.mark.parametrize("name", ["tiny-random-mistral", "tiny-random-gemma2", "tiny-random-gemma3"])
 def test_sliding_window_matches_transformers(name, dtype):
-    """The mask path (fp32, and bf16 with batch_invariant=False) against transformers' Mistral, and
-    Gemma 2 (alternate windowed layers, soft-capping, sandwich norms, query_pre_attn_scalar)."""
+    """The mask path (fp32, and bf16 with batch_invariant=False) against transformers' Mistral, Gemma 2
+    (alternate windowed layers, soft-capping, sandwich norms, query_pre_attn_scalar) and Gemma 3
+    (5 windowed layers of 6 with their own RoPE base)."""
     hf = tiny_random_model(name, sliding_window=WINDOW)
     seq = list(range(3, 3 + 2 * WINDOW))
     assert (full_logits(hf, seq) - full_logits(tiny_random_model(name), seq)).abs().max() > 0.1  # the window matters
@@ -102,8 +103,8 @@ def test_gemma2_soft_capping_is_refused_by_the_invariant_attention():
         Transformer.from_hf(tiny_random_model("tiny-random-gemma2"), max_batch=1, max_len=64)
 
 
-def test_gemma2_and_qwen3_ensemble_exactly_in_fp32(tiny_models):
-    models = tiny_models(["tiny-random-qwen3", "tiny-random-gemma2"], dtype=torch.float32, max_len=96)
+def test_gemma2_and_gemma3_ensemble_exactly_in_fp32(tiny_models):
+    models = tiny_models(["tiny-random-gemma3", "tiny-random-gemma2"], dtype=torch.float32, max_len=96)
     check_greedy_identity(models, EnsembleSpec.weighted([0.5, 0.5]), seed=2, max_new_tokens=32)
 
 
@@ -122,7 +123,7 @@ def test_invariant_attention_refuses_contexts_past_the_window(windowed):
     ("llama", dict(attention_bias=True), "attention_bias=True"),
     ("llama", dict(mlp_bias=True), "mlp_bias=True"),
     ("llama", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
-    ("gemma3_text", {}, "model_type 'gemma3_text' is not one of"),
+    ("gemma3", {}, "model_type 'gemma3' is not one of"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_act 'gelu' is not one of"),
 ])
 def test_unimplemented_configs_are_refused_by_name(model_type, config, message):
@@ -209,7 +210,7 @@ def test_different_tokenizers_are_refused_by_the_engine(tiny_models):
 # The README's words for each Family switch.
 FAMILY_WORDS = {"qkv_bias": "q/k/v biases", "qk_norm": "per-head q/k RMSNorm", "sliding_window": "sliding-window mask",
                 "fused_projections": "fused qkv / gate_up weights",
-                "gemma": "(1 + w) RMSNorm, sandwich norms, embedding scale, soft-capping"}
+                "gemma": "(1 + w) RMSNorm, sandwich norms, embedding scale"}
 
 
 def test_readme_families_table_matches_the_family_data():

@@ -222,14 +222,18 @@ def check_schedules(model: Transformer, seeds: range) -> None:
 # Qwen3's per-head q/k norms and Llama 3's scaled RoPE: the per-token ops of the other families.
 FAMILY_CFG = replace(CFG, qkv_bias=False, qk_norm=True, rope_scaling=RopeScaling(
     rope_type="llama3", factor=32.0, original_max_position_embeddings=8192))
+# Gemma's: (1 + w) norms, sandwich norms, embedding scale, gelu-tanh, prescaled queries, capped logits.
+GEMMA_CFG = replace(CFG, qkv_bias=False, qk_norm=True, gemma=True, activation="gelu_pytorch_tanh",
+                    attention_scale=256 ** -0.5, final_softcap=30.0)
 
 
 def test_runner_is_bitwise_invariant_under_any_schedule():
     check_schedules(random_model(), range(6))
 
 
-def test_other_families_are_bitwise_invariant():
-    check_schedules(random_model(cfg=FAMILY_CFG), range(6))
+@pytest.mark.parametrize("cfg", [FAMILY_CFG, GEMMA_CFG], ids=["qwen3-llama3", "gemma"])
+def test_other_families_are_bitwise_invariant(cfg):
+    check_schedules(random_model(cfg=cfg), range(6))
 
 
 def test_a_planted_torch_matmul_breaks_invariance(monkeypatch):

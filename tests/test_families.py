@@ -74,8 +74,9 @@ def test_unimplemented_rope_is_refused_by_name(rope_parameters, message):
         ModelConfig.from_hf(config)
 
 
-# Mistral-7B-v0.1 attends within sliding_window=4096 on every layer, Gemma-2-2b on alternate
-# layers; shrunk to 8 so that the schedules' 5 .. 20-token sequences cross it.
+# Mistral-7B-v0.1 attends within sliding_window=4096 on every layer, Gemma-2-2b on alternate layers,
+# Gemma-3-4b within 1024 on 5 layers of 6; shrunk to 8 so that the schedules' 5 .. 20-token
+# sequences cross it.
 WINDOW = 8
 
 

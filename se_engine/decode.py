@@ -160,19 +160,20 @@ class Scheduler:
     hold nothing there).
     """
 
-    def __init__(self, runners: list[Runner], method: Method, draft_lengths: DraftLengths, order: list[int], *,
-                 sampler: Backend, confidence_threshold: float, max_batch: int | None = None,
+    def __init__(self, runners: list[Runner], method: Method, draft_lengths: DraftLengths, order: list[int],
+                 vocab_size: int, *, sampler: Backend, confidence_threshold: float, max_batch: int | None = None,
                  max_stall: int | None = None):
         """runners: the engine's models, then the drafter where there is one; method: the policy that
         every sequence follows; order: runner indices, cheapest first (the shared proposer of
-        ensemble_sd first); each sequence brings its Target.
+        ensemble_sd first); each sequence brings its Target. vocab_size: the shared vocabulary, the
+        first vocab_size logits of every runner (the rest: padding rows of larger output layers).
         sampler, confidence_threshold: the Engine's (which checks them; the threshold ends a proposal
         early, module docstring). max_batch: at most, and by default, what every runner holds."""
         capacity = min(r.max_batch for r in runners)
         if max_batch is not None and max_batch > capacity:
             raise ValueError(f"max_batch={max_batch} but the loaded models hold {capacity} sequences")
         self.method, self.order = method, order
-        self.runners = runners
+        self.runners, self.vocab_size = runners, vocab_size
         self.draft_lengths = draft_lengths
         self.confidence_threshold = confidence_threshold
         # Ticks a sequence may wait for an expensive model while others draft: about one proposal
@@ -297,7 +298,7 @@ class Scheduler:
         feeds = [(s.tokens + [d.token for d in s.pending])[s.fed[m]:s.frontier] for s in seqs]
         # Feeding positions fed .. F-1 yields logits at fed + 1 .. F; those before c are spent.
         keep = [s.frontier - max(s.fed[m], len(s.tokens) - 1) for s in seqs]
-        out = self.runners[m].forward(rows, feeds, keep)
+        out = self.runners[m].forward(rows, feeds, keep)[:, :self.vocab_size]
         at = 0
         for s, fed, k in zip(seqs, feeds, keep):
             for i in range(k):

@@ -158,11 +158,11 @@ class Engine:
         self.models = [m if isinstance(m, LoadedModel) else
                        load_model(m, runner=runner, dtype=dtype, device=device, max_batch=load_batch,
                                   max_len=max_len, batch_invariant=batch_invariant) for m in models]
-        check_same_vocabulary(self.models)
+        self.vocab_size = check_same_vocabulary(self.models)  # the models' shared vocabulary
         runners = [m.runner for m in self.models]
-        if drafter is not None and drafter.vocab_size != runners[0].vocab_size:
-            raise VocabularyMismatchError(f"the drafter has {drafter.vocab_size} output logits, the models "
-                                          f"{runners[0].vocab_size}")
+        if drafter is not None and drafter.vocab_size < self.vocab_size:
+            raise VocabularyMismatchError(f"the drafter has {drafter.vocab_size} output logits, the models' "
+                                          f"shared vocabulary {self.vocab_size}")
         all_runners = runners + ([drafter] if drafter is not None else [])
         if proposer_order is None:
             proposer_order = sorted(range(n), key=lambda i: self.models[i].num_params)
@@ -181,8 +181,8 @@ class Engine:
         self.tokenizer = self.models[0].tokenizer
         self.eos_ids = _end_of_generation_ids(self.tokenizer)
         self.max_len = min(r.max_len for r in all_runners)
-        self.scheduler = Scheduler(all_runners, POLICIES[method], draft_lengths, self.order, sampler=sampler,
-                                   confidence_threshold=confidence_threshold, max_batch=max_batch)
+        self.scheduler = Scheduler(all_runners, POLICIES[method], draft_lengths, self.order, self.vocab_size,
+                                   sampler=sampler, confidence_threshold=confidence_threshold, max_batch=max_batch)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
 
@@ -216,7 +216,7 @@ class Engine:
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("prompt is empty")
-        vocab = self.models[0].runner.vocab_size
+        vocab = self.vocab_size
         if bad := [t for t in ids if not is_int(t) or not 0 <= t < vocab]:
             raise ValueError(f"prompt token ids must be ints in [0, {vocab}), got {bad[0]!r}")
         if bad := [t for t in params.stop_token_ids if t >= vocab]:

@@ -1,4 +1,4 @@
-"""Native decoder for the Llama / Qwen2 family with a static, per-sequence KV cache.
+"""Native decoder for the Llama family of architectures (``FAMILIES``) with a static KV cache.
 
 Written in plain PyTorch in the manner of gpt-fast: one module per block, weights
 fused where that saves a matmul (q|k|v and gate|up), the KV cache preallocated once.
@@ -10,8 +10,9 @@ Shapes used throughout:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,85 @@ from .cuda_graphs import GraphedForward
 from .errors import UnsupportedModelError
 from .packing import PackedBatch, check_forward
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+
+@dataclass(frozen=True)
+class Family:
+    """What a ``model_type`` fixes in the decoder; the rest is read from its config."""
+    qkv_bias: bool = False  # q/k/v projections always carry biases (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over each query and key head before RoPE (Qwen3)
+    # Layers attend within config.sliding_window where set: all, or those config.layer_types names
+    # sliding_attention (Mistral, Phi-3; Gemma 2 alternates).
+    sliding_window: bool = False
+    fused_projections: bool = False  # checkpoints store qkv_proj and gate_up_proj fused (Phi-3)
+    # Gemma: RMSNorm scales by 1 + w (in fp32), embeddings by sqrt(hidden), and the attention and MLP
+    # outputs are normed too before their residual adds; soft-capping, windows per layer from the config.
+    gemma: bool = False
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(),
+    "qwen2": Family(qkv_bias=True),
+    "qwen3": Family(qk_norm=True),
+    "mistral": Family(sliding_window=True),
+    "phi3": Family(sliding_window=True, fused_projections=True),
+    "gemma2": Family(sliding_window=True, gemma=True),
+    "gemma3_text": Family(sliding_window=True, gemma=True, qk_norm=True),
+}
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """transformers' ``rope_parameters`` beyond rope_theta, under transformers' names."""
+    rope_type: str = "default"  # one of ROPE_TYPES
+    factor: float = 1.0
+    # llama3, yarn: the pretraining context; dynamic: max_position_embeddings, past which it rescales.
+    original_max_position_embeddings: int = 0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    truncate: bool = True  # yarn
+    attention_factor: float = 1.0  # yarn: scales cos and sin
+
+    @classmethod
+    def from_hf(cls, name: str, config, rope: dict) -> "RopeScaling":
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"{name}: rope_type {rope_type!r} is not one of {ROPE_TYPES}; use runner='hf'")
+        partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+        if partial != 1.0:
+            raise UnsupportedModelError(f"{name}: partial_rotary_factor {partial} is not implemented (only 1.0)")
+        if rope_type == "default":
+            return cls()
+        max_pos = config.max_position_embeddings
+        original = max_pos if rope_type == "dynamic" else rope.get("original_max_position_embeddings") or max_pos
+        factor = rope.get("factor") or max_pos / original
+        scaling = cls(rope_type=rope_type, factor=float(factor), original_max_position_embeddings=int(original))
+        if rope_type == "llama3":
+            return replace(scaling, low_freq_factor=float(rope["low_freq_factor"]),
+                           high_freq_factor=float(rope["high_freq_factor"]))
+        if rope_type == "yarn":
+            return replace(scaling, beta_fast=float(rope.get("beta_fast") or 32),
+                           beta_slow=float(rope.get("beta_slow") or 1), truncate=bool(rope.get("truncate", True)),
+                           attention_factor=float(_yarn_attention_factor(rope, factor)))
+        return scaling
+
+
+def _yarn_attention_factor(rope: dict, factor: float) -> float:
+    """YaRN's cos / sin scale: given, or 0.1 ln(factor) + 1 (over the same with mscale_all_dim)."""
+    if rope.get("attention_factor") is not None:
+        return rope["attention_factor"]
+
+    def mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if rope.get("mscale") and rope.get("mscale_all_dim"):
+        return mscale(rope["mscale"]) / mscale(rope["mscale_all_dim"])
+    return mscale(1.0)
 
 
 @dataclass(frozen=True)
@@ -38,6 +117,19 @@ class ModelConfig:
     rms_norm_eps: float
     qkv_bias: bool
     tie_word_embeddings: bool
+    rope_scaling: RopeScaling = RopeScaling()
+    qk_norm: bool = False
+    sliding_window: int | None = None  # a query at p attends to keys p - sliding_window + 1 .. p
+    sliding_layers: tuple[int, ...] | None = None  # the layers the window applies to; None: all
+    fused_projections: bool = False
+    gemma: bool = False
+    activation: str = "silu"  # a key of ACTIVATIONS
+    attention_scale: float | None = None  # of q k^T; None: head_dim ** -0.5
+    attn_softcap: float | None = None  # attention scores s -> cap tanh(s / cap)
+    final_softcap: float | None = None  # logits likewise
+    # The windowed layers' own RoPE where the config gives one (Gemma 3: a local base).
+    sliding_rope_theta: float | None = None
+    sliding_rope_scaling: RopeScaling = RopeScaling()
 
     @classmethod
     def from_hf(cls, config) -> "ModelConfig":
@@ -48,20 +140,24 @@ class ModelConfig:
                 f"{name}: model_type {config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}; "
                 "use runner='hf' for other architectures"
             )
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"{name}: hidden_act {config.hidden_act!r} is not silu")
+        family = FAMILIES[config.model_type]
+        activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+        if activation not in ACTIVATIONS:
+            raise UnsupportedModelError(f"{name}: hidden_act {activation!r} is not one of {tuple(ACTIVATIONS)}")
         rope = getattr(config, "rope_parameters", None) or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise UnsupportedModelError(
-                f"{name}: rope_type {rope_type!r} is not implemented by the native runner; use runner='hf'"
-            )
+        # RoPE per layer type (Gemma 3): full_attention's is the model's, sliding_attention's the windowed layers'.
+        sliding_rope, rope = rope.get("sliding_attention"), rope.get("full_attention", rope)
         if getattr(config, "use_sliding_window", False):
-            raise UnsupportedModelError(f"{name}: sliding-window attention is not implemented; use runner='hf'")
-        if getattr(config, "mlp_bias", False) or getattr(config, "o_proj_bias", False):
-            raise UnsupportedModelError(f"{name}: MLP / output-projection biases are not implemented")
+            raise UnsupportedModelError(f"{name}: use_sliding_window=True ({config.model_type}'s per-layer windows) "
+                                        "is not implemented; use runner='hf'")
+        if getattr(config, "mlp_bias", False):
+            raise UnsupportedModelError(f"{name}: mlp_bias=True is not implemented")
+        if not family.qkv_bias and getattr(config, "attention_bias", False):
+            raise UnsupportedModelError(f"{name}: attention_bias=True (q/k/v/o biases) is not implemented")
         num_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        window = getattr(config, "sliding_window", None) if family.sliding_window else None
+        layer_types = getattr(config, "layer_types", None) if window is not None else None
         rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         return cls(
             vocab_size=config.vocab_size,
@@ -73,30 +169,84 @@ class ModelConfig:
             head_dim=head_dim,
             rope_theta=float(rope_theta),
             rms_norm_eps=float(config.rms_norm_eps),
-            qkv_bias=config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+            qkv_bias=family.qkv_bias,
             tie_word_embeddings=bool(config.tie_word_embeddings),
+            rope_scaling=RopeScaling.from_hf(name, config, rope),
+            qk_norm=family.qk_norm,
+            sliding_window=window,
+            sliding_layers=None if layer_types is None else
+            tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention"),
+            fused_projections=family.fused_projections,
+            gemma=family.gemma,
+            activation=activation,
+            attention_scale=config.query_pre_attn_scalar ** -0.5 if family.gemma else None,
+            attn_softcap=getattr(config, "attn_logit_softcapping", None),
+            final_softcap=getattr(config, "final_logit_softcapping", None),
+            sliding_rope_theta=None if sliding_rope is None else float(sliding_rope["rope_theta"]),
+            sliding_rope_scaling=RopeScaling() if sliding_rope is None else
+            RopeScaling.from_hf(name, config, sliding_rope),
         )
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, gemma: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.gemma = eps, gemma
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 like the reference implementations, then cast back before the scale.
+        """x: [..., dim]. Normalised in fp32 like the reference implementations, then cast back
+        before the scale w (Llama) or after the scale 1 + w (Gemma)."""
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
+def inv_frequencies(theta: float | Tensor, dim: int, rope: RopeScaling) -> Tensor:
+    """[..., D / 2] float64: the rotary frequencies of ``rope_type`` for the base theta (a float, or
+    dynamic's bases per position [S, 1])."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        # Wavelengths beyond the pretraining context / low_freq_factor are stretched by factor, those
+        # below it / high_freq_factor kept, the band between blended linearly in context / wavelength.
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / \
+            (rope.high_freq_factor - rope.low_freq_factor)
+        return ((1 - smooth.clamp(0, 1)) / rope.factor + smooth.clamp(0, 1)) * inv_freq
+    if rope.rope_type == "yarn":
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / \
+                (2 * math.log(theta))
+
+        low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+        if rope.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / ((high - low) or 1e-3)).clamp(0, 1)
+        # Dimensions that turn fewer than beta_slow times over the context interpolate, more than beta_fast extrapolate.
+        return inv_freq / rope.factor * ramp + inv_freq * (1 - ramp)
+    return inv_freq
+
+
 def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[Tensor, Tensor]:
-    """cos, sin: [S, D] in fp32, laid out for the rotate-half convention of Llama / Qwen2."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    """cos, sin: [S, D] in fp32, laid out for the rotate-half convention of Llama / Qwen2.
+
+    dynamic NTK: position p rotates with the base of a sequence of max(p + 1, threshold) tokens,
+    the frequencies transformers uses for a token decoded at p: a key is rotated once, when written."""
+    rope, dim = cfg.rope_scaling, cfg.head_dim
+    positions = torch.arange(max_len, dtype=torch.float64)
+    theta: float | Tensor = cfg.rope_theta
+    if rope.rope_type == "dynamic":
+        seq_len = (positions + 1).clamp(min=rope.original_max_position_embeddings)
+        scale = rope.factor * seq_len / rope.original_max_position_embeddings - (rope.factor - 1)
+        theta = cfg.rope_theta * (scale ** (dim / (dim - 2)))[:, None]
+    angles = positions[:, None] * inv_frequencies(theta, dim, rope)  # [S, D / 2]
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * rope.attention_factor).float(), (angles.sin() * rope.attention_factor).float()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -122,6 +272,8 @@ class Attention(nn.Module):
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.wqkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.gemma) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.gemma) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, batch: PackedBatch,
                 mask: Tensor | None) -> Tensor:
@@ -130,12 +282,16 @@ class Attention(nn.Module):
         N = x.shape[0]
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         q, k, v = project(self.wqkv, x, batch.invariant).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = apply_rope(q.view(N, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.view(N, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        q, k = q.view(N, cfg.num_heads, cfg.head_dim), k.view(N, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # Advanced indices [N] around a full slice put N first: the value is [N, Hkv, D].
         k_cache[batch.slots, :, batch.positions] = k
         v_cache[batch.slots, :, batch.positions] = v.view(N, cfg.num_kv_heads, cfg.head_dim)
         if batch.invariant:
+            if cfg.attention_scale is not None:  # the kernel scales by head_dim ** -0.5
+                q = q * (cfg.attention_scale * cfg.head_dim ** 0.5)
             out = invariant_ops.attention(q, k_cache, v_cache, batch.slots, batch.positions)
             return project(self.wo, out.view(N, q_dim), True)
         span, width = batch.span, batch.width
@@ -143,12 +299,25 @@ class Attention(nn.Module):
             q = q.new_zeros(span * width, cfg.num_heads, cfg.head_dim).index_copy_(0, batch.pad_index, q)
         q = q.view(span, width, cfg.num_heads, cfg.head_dim).transpose(1, 2)
         window = slice(batch.lo, batch.lo + span)
-        out = F.scaled_dot_product_attention(q, k_cache[window, :, :batch.kv_len], v_cache[window, :, :batch.kv_len],
-                                             attn_mask=mask, enable_gqa=True)
+        k, v = k_cache[window, :, :batch.kv_len], v_cache[window, :, :batch.kv_len]
+        if cfg.attn_softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=cfg.attention_scale)
+        else:
+            out = softcapped_attention(q, k, v, mask, cfg.attention_scale or cfg.head_dim ** -0.5, cfg.attn_softcap)
         out = out.transpose(1, 2).reshape(span * width, q_dim)
         if batch.pad_index is not None:
             out = out.index_select(0, batch.pad_index)
         return self.wo(out)
+
+
+def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, cap: float) -> Tensor:
+    """SDPA with scores s -> cap tanh(s / cap) (Gemma 2), which torch's SDPA has no option for.
+    q: [B, Hq, W, D]; k, v: [B, Hkv, S, D]; mask: [B, 1, W, S] bool. Returns [B, Hq, W, D]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = cap * torch.tanh((q @ k.transpose(-1, -2)) * scale / cap)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32)
+    return probs.to(v.dtype) @ v
 
 
 class FeedForward(nn.Module):
@@ -156,25 +325,30 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.activation = ACTIVATIONS[cfg.activation]
 
     def forward(self, x: Tensor, invariant: bool) -> Tensor:
         gate, up = project(self.w13, x, invariant).chunk(2, dim=-1)
-        return project(self.w2, F.silu(gate) * up, invariant)
+        return project(self.w2, self.activation(gate) * up, invariant)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
         self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
         self.feed_forward = FeedForward(cfg)
+        # Gemma's sandwich: the attention and MLP outputs are normed before their residual adds.
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, True) if cfg.gemma else nn.Identity()
+        self.post_ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, True) if cfg.gemma else nn.Identity()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, batch: PackedBatch,
                 mask: Tensor | None) -> Tensor:
         """x: [N, hidden] -> [N, hidden]; writes the N tokens' K, V into this layer's cache."""
-        x = x + self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, batch, mask)
-        return x + self.feed_forward(self.ffn_norm(x), batch.invariant)
+        x = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, batch,
+                                                        mask))
+        return x + self.post_ffn_norm(self.feed_forward(self.ffn_norm(x), batch.invariant))
 
 
 class Transformer(nn.Module):
@@ -198,12 +372,20 @@ class Transformer(nn.Module):
         if max_batch < 1 or max_len < 1:
             raise ValueError(f"max_batch and max_len must be >= 1, got {max_batch} and {max_len}")
         self.cfg, self.max_batch, self.max_len = cfg, max_batch, max_len
+        self.invariant = batch_invariant and dtype == torch.bfloat16 and torch.device(device).type in ("cpu", "cuda")
+        if self.invariant and cfg.sliding_window is not None and max_len > cfg.sliding_window:
+            raise UnsupportedModelError(
+                f"sliding_window={cfg.sliding_window} < max_len={max_len}: the batch-invariant attention has no "
+                f"window; load with max_len <= {cfg.sliding_window}, or with batch_invariant=False or fp32")
+        if self.invariant and cfg.attn_softcap is not None:
+            raise UnsupportedModelError(f"attn_logit_softcapping={cfg.attn_softcap}: the batch-invariant attention "
+                                        "has no soft-capping; load with batch_invariant=False or fp32")
         # Weights are left uninitialised (no random init of billions of values): every
         # constructor path ends in load_hf_state_dict.
         with torch.device("meta"):
             self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
             self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
             self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.to_empty(device=device)
         self.to(dtype=dtype)
@@ -211,13 +393,17 @@ class Transformer(nn.Module):
         self.register_buffer("k_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
         self.lengths = [0] * max_batch
-        self.invariant = batch_invariant and dtype == torch.bfloat16 and self.device.type in ("cpu", "cuda")
         if self.invariant and self.device.type == "cpu":
             invariant_ops.has_fast_path()  # fails here, not mid-forward, if the extension is missing
         self.graphs: GraphedForward | None = None
-        cos, sin = rope_tables(cfg, max_len)
-        self.register_buffer("rope_cos", cos.to(device), persistent=False)
-        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        # Per layer: 1 where it attends within the window (its mask and RoPE table), else 0.
+        windowed = range(cfg.num_layers) if cfg.sliding_layers is None else cfg.sliding_layers
+        self.layer_kind = [int(cfg.sliding_window is not None and l in windowed) for l in range(cfg.num_layers)]
+        sliding = cfg if cfg.sliding_rope_theta is None else \
+            replace(cfg, rope_theta=cfg.sliding_rope_theta, rope_scaling=cfg.sliding_rope_scaling)
+        (cos, sin), (sliding_cos, sliding_sin) = rope_tables(cfg, max_len), rope_tables(sliding, max_len)
+        self.register_buffer("rope_cos", torch.stack([cos, sliding_cos]).to(device), persistent=False)  # [2, S, D]
+        self.register_buffer("rope_sin", torch.stack([sin, sliding_sin]).to(device), persistent=False)
 
     @property
     def vocab_size(self) -> int:
@@ -240,10 +426,12 @@ class Transformer(nn.Module):
     def load_hf_state_dict(self, sd: dict[str, Tensor]) -> None:
         """Copies transformers-named weights (``model.layers.0.self_attn.q_proj.weight`` ...) in place."""
         cfg = self.cfg
+        taken = {"lm_head.weight"}  # a tied head may still be listed
 
         def take(name: str) -> Tensor:
             if name not in sd:
                 raise UnsupportedModelError(f"weight {name!r} missing from the checkpoint")
+            taken.add(name)
             return sd[name]
 
         own: dict[str, Tensor] = {"tok_embeddings.weight": take("model.embed_tokens.weight"),
@@ -251,16 +439,27 @@ class Transformer(nn.Module):
         own["output.weight"] = own["tok_embeddings.weight"] if cfg.tie_word_embeddings else take("lm_head.weight")
         for i in range(cfg.num_layers):
             p, a = f"model.layers.{i}.", f"layers.{i}."
-            own[a + "attention.wqkv.weight"] = torch.cat(
-                [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            own[a + "attention.wqkv.weight"] = take(p + "self_attn.qkv_proj.weight") if cfg.fused_projections else \
+                torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
             if cfg.qkv_bias:
                 own[a + "attention.wqkv.bias"] = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
             own[a + "attention.wo.weight"] = take(p + "self_attn.o_proj.weight")
-            own[a + "feed_forward.w13.weight"] = torch.cat(
-                [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+            if cfg.qk_norm:
+                own[a + "attention.q_norm.weight"] = take(p + "self_attn.q_norm.weight")
+                own[a + "attention.k_norm.weight"] = take(p + "self_attn.k_norm.weight")
+            own[a + "feed_forward.w13.weight"] = take(p + "mlp.gate_up_proj.weight") if cfg.fused_projections else \
+                torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
             own[a + "feed_forward.w2.weight"] = take(p + "mlp.down_proj.weight")
             own[a + "attention_norm.weight"] = take(p + "input_layernorm.weight")
-            own[a + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
+            if cfg.gemma:  # post_attention_layernorm norms the attention output, not the MLP input
+                own[a + "ffn_norm.weight"] = take(p + "pre_feedforward_layernorm.weight")
+                own[a + "post_attention_norm.weight"] = take(p + "post_attention_layernorm.weight")
+                own[a + "post_ffn_norm.weight"] = take(p + "post_feedforward_layernorm.weight")
+            else:
+                own[a + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
+        # A weight left over is a layer this decoder would silently skip (a bias, a norm of another family).
+        if unused := sorted(set(sd) - taken):
+            raise UnsupportedModelError(f"checkpoint weights the native decoder does not implement: {unused[:4]}")
         params = dict(self.named_parameters())
         missing = set(params) - set(own)
         if missing:
@@ -299,24 +498,41 @@ class Transformer(nn.Module):
     def hidden_at_logits(self, batch: PackedBatch) -> Tensor:
         """Embeds batch's tokens and runs them through every layer (writing their K, V into the
         caches); returns the last hidden states at ``batch.logit_index``, [M, hidden]."""
-        x = self.run_layers(self.tok_embeddings(batch.tokens), batch, range(self.cfg.num_layers),
-                            self.k_cache, self.v_cache)
+        x = self.run_layers(self.embed(batch.tokens), batch, range(self.cfg.num_layers), self.k_cache, self.v_cache)
         return x[batch.logit_index]
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """tokens [N] -> [N, hidden]; Gemma scales by sqrt(hidden), rounded to the model's dtype (as
+        transformers does)."""
+        x = self.tok_embeddings(tokens)
+        return x * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=x.dtype) if self.cfg.gemma else x
 
     def run_layers(self, x: Tensor, batch: PackedBatch, layers: range, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         """Runs the packed hidden states x [N, hidden] through ``layers``, layer l writing K, V into
         ``k_cache[l]``, ``v_cache[l]`` (caches [>= layers.stop, B, Hkv, S, D]); returns [N, hidden]."""
-        # A padded query at position p sees its slot's entries 0 .. p (the invariant kernel needs no mask).
-        mask = None if batch.invariant else \
-            (torch.arange(batch.kv_len, device=x.device) <= batch.query_pos[..., None])[:, None]
-        cos, sin = self.rope_cos[batch.positions][:, None], self.rope_sin[batch.positions][:, None]
+        masks = None if batch.invariant else self.attention_masks(batch)
+        cos, sin = self.rope_cos[:, batch.positions, None], self.rope_sin[:, batch.positions, None]  # [2, N, 1, D]
         for l in layers:
-            x = self.layers[l](x, cos, sin, k_cache[l], v_cache[l], batch, mask)
+            kind = self.layer_kind[l]
+            mask = None if masks is None else masks[kind]
+            x = self.layers[l](x, cos[kind], sin[kind], k_cache[l], v_cache[l], batch, mask)
         return x
+
+    def attention_masks(self, batch: PackedBatch) -> tuple[Tensor, Tensor]:
+        """[span, 1, width, kv_len] bool, for global and for windowed layers: a padded query at
+        position p sees its slot's entries 0 .. p, within the sliding window where the model has
+        one (the invariant kernel needs no mask)."""
+        keys = torch.arange(batch.kv_len, device=batch.query_pos.device)
+        causal = keys <= batch.query_pos[..., None]
+        if self.cfg.sliding_window is None:
+            return causal[:, None], causal[:, None]
+        return causal[:, None], (causal & (keys > batch.query_pos[..., None] - self.cfg.sliding_window))[:, None]
 
     def head(self, x: Tensor) -> Tensor:
         """Final norm and LM head: hidden states [M, hidden] -> fp32 logits [M, V]."""
-        return project(self.output, self.norm(x), self.invariant).float()
+        logits = project(self.output, self.norm(x), self.invariant).float()
+        cap = self.cfg.final_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def fork(self, src: int, dst: Sequence[int]) -> None:
         """Copies slot ``src``'s cache entries to the slots ``dst`` (n samples of one prompt, one

@@ -92,7 +92,7 @@ class NestedDrafter:
         out_at = [0, *accumulate(num_logits)]  # row j's logits go to out[out_at[j]:out_at[j + 1]]
         out = torch.empty(out_at[-1], self.vocab_size, device=device)
         # x: [tokens of the active rows, hidden], row after row; row j's span is positions firsts .. ends[j] - 1.
-        x = model.tok_embeddings(torch.tensor([t for row in tokens for t in row], device=device))
+        x = model.embed(torch.tensor([t for row in tokens for t in row], device=device))
         active, firsts = list(range(len(rows))), starts
         for i, depth in enumerate(self.depths):
             # Deferred tokens that stopped at the previous depth join their row here, in front.

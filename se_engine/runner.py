@@ -110,13 +110,22 @@ def load_model(name: str, *, runner: Literal["native", "hf"] = "native", dtype: 
     return LoadedModel(name=label, runner=model, tokenizer=tokenizer, num_params=num_params)
 
 
-def check_same_vocabulary(models: list[LoadedModel]) -> None:
-    """Ensembles mix distributions token by token: every model must index the same tokens."""
+def check_same_vocabulary(models: list[LoadedModel]) -> int:
+    """Ensembles mix distributions token by token: every model must index the same tokens, so their
+    tokenizers must be identical. Output layers may be padded to different sizes (Qwen2.5-7B's
+    152,064 rows, 1.5B's 151,936): returns the shared vocabulary, the smallest output layer; the rows
+    past it are padding that no ensemble samples or normalises over."""
     first = models[0]
     first_vocab = first.tokenizer.get_vocab()
     for other in models[1:]:
-        if other.runner.vocab_size != first.runner.vocab_size:
-            raise VocabularyMismatchError(
-                f"{other.name} has {other.runner.vocab_size} output logits, {first.name} has {first.runner.vocab_size}")
-        if other.tokenizer.get_vocab() != first_vocab:
-            raise VocabularyMismatchError(f"{other.name} and {first.name} use different tokenizer vocabularies")
+        if (vocab := other.tokenizer.get_vocab()) != first_vocab:
+            raise VocabularyMismatchError(f"{other.name} and {first.name} use different tokenizers: "
+                                          f"{first_difference(vocab, first_vocab, other.name, first.name)}")
+    return min(m.runner.vocab_size for m in models)
+
+
+def first_difference(a: dict[str, int], b: dict[str, int], a_name: str, b_name: str) -> str:
+    """The lowest token id that two tokenizer vocabularies (token -> id) map differently, in words."""
+    a_tokens, b_tokens = ({i: t for t, i in v.items()} for v in (a, b))
+    i = min(i for i in a_tokens.keys() | b_tokens.keys() if a_tokens.get(i) != b_tokens.get(i))
+    return f"token id {i} is {a_tokens.get(i)!r} in {a_name}, {b_tokens.get(i)!r} in {b_name}"

@@ -574,7 +574,7 @@ class OpenAIServer:
             raise APIError(f"max_tokens={max_tokens} is too large: this model's context is {engine.max_len} tokens and "
                            f"the prompt has {len(ids)}, so at most {room} new tokens fit", param="max_tokens",
                            code="context_length_exceeded")
-        vocab = engine.models[0].runner.vocab_size
+        vocab = engine.vocab_size
         if not all(0 <= t < vocab for t in ids):  # after the length check: it bounds this scan
             raise APIError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
         try:

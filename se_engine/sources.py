@@ -122,6 +122,41 @@ TINY_MODELS: dict[str, tuple[str, dict, int]] = {
     "tiny-random-qwen2-deep": ("qwen2", dict(hidden_size=128, intermediate_size=320, num_hidden_layers=4,
                                              num_attention_heads=8, num_key_value_heads=4,
                                              tie_word_embeddings=False), 3),
+    # Llama-3.2-1B's fields at small dims: GQA 4:1, tied head, its llama3 rope_scaling.
+    "tiny-random-llama3": ("llama", dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+                                         max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=dict(
+                                             rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                             high_freq_factor=4.0, original_max_position_embeddings=8192)), 4),
+    # Qwen3-0.6B's: head_dim twice hidden / heads, q/k norms, no biases, tied head.
+    "tiny-random-qwen3": ("qwen3", dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                        tie_word_embeddings=True, rope_theta=1000000.0), 5),
+    # Mistral-7B-v0.3's: GQA 4:1, no sliding window, untied head.
+    "tiny-random-mistral": ("mistral", dict(hidden_size=64, intermediate_size=224, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=1, sliding_window=None,
+                                            tie_word_embeddings=False, rope_theta=1000000.0), 6),
+    # Phi-3-mini-4k's: fused qkv / gate_up, no GQA, sliding_window 2047, untied head.
+    "tiny-random-phi3": ("phi3", dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, sliding_window=2047,
+                                      tie_word_embeddings=False, rope_theta=10000.0), 7),
+    # Gemma-2-2b's: head_dim 256 -> 32 under query_pre_attn_scalar 256, soft-capping 50 / 30,
+    # sliding_window 4096 on alternate layers, tied head.
+    "tiny-random-gemma2": ("gemma2", dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                          query_pre_attn_scalar=256, sliding_window=4096,
+                                          attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                          tie_word_embeddings=True, rope_theta=10000.0), 8),
+    # Gemma-3-4b's text model: q/k norms, sliding_window 1024 on 5 layers of 6, RoPE base 1e6 with
+    # linear scaling 8 on the global layers and 10000 on the local ones; head_dim 256 -> 32.
+    "tiny-random-gemma3": ("gemma3_text", dict(hidden_size=64, intermediate_size=256, num_hidden_layers=6,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                               query_pre_attn_scalar=256, sliding_window=1024,
+                                               tie_word_embeddings=True, rope_parameters=dict(
+                                                   full_attention=dict(rope_type="linear", factor=8.0,
+                                                                       rope_theta=1000000.0),
+                                                   sliding_attention=dict(rope_type="default", rope_theta=10000.0))),
+                           9),
 }
 
 
@@ -338,16 +373,17 @@ def _tiny_dir(name: str) -> Path:
     return _build_atomically(cache_dir() / "tiny" / name, {"format": TINY_FORMAT, "name": name}, build)
 
 
-def tiny_random_model(name: str, vocab_size: int = TINY_VOCAB):
-    """A deterministic random transformers model (fp32). Weights use a wide init so that the
-    next-token distributions are peaked enough for acceptance tests to mean something."""
+def tiny_random_model(name: str, vocab_size: int = TINY_VOCAB, **fields):
+    """A deterministic random transformers model (fp32); ``fields`` override its config's. Weights
+    use a wide init so that the next-token distributions are peaked enough for acceptance tests to
+    mean something."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, overrides, seed = TINY_MODELS[name]
     eos = min(256, vocab_size - 1)  # <|endoftext|> in the tiny tokenizer
-    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, max_position_embeddings=4096,
-                                  rms_norm_eps=1e-6, initializer_range=0.15,
-                                  bos_token_id=0, eos_token_id=eos, pad_token_id=eos, **overrides)
+    config = AutoConfig.for_model(model_type, **{
+        **dict(vocab_size=vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-6, initializer_range=0.15,
+               bos_token_id=0, eos_token_id=eos, pad_token_id=eos), **overrides, **fields})
     gen = torch.Generator().manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

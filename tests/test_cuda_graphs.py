@@ -12,11 +12,14 @@ from se_engine import load_model
 from se_engine.cuda_graphs import GraphedForward
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
+from se_engine.model import Transformer
 from se_engine.sampling import SamplingParams
+from se_engine.sources import tiny_random_model
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 NAMES = ["tiny-random-qwen2", "tiny-random-llama"]
+WINDOWED = "tiny-random-mistral, sliding_window=8"  # the padded forward's mask within a window
 
 
 def models(graphs: bool, max_batch: int = 4, max_len: int = 64, max_width: int = 6):
@@ -27,13 +30,16 @@ def models(graphs: bool, max_batch: int = 4, max_len: int = 64, max_width: int =
     return out
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [*NAMES, "tiny-random-qwen3", WINDOWED])
 @pytest.mark.parametrize("max_batch", [3, 4])  # 3: the span's power of two is clamped to max_batch
 def test_graphed_forwards_match_eager_ones(name, max_batch):
     """Random ragged forwards with rollbacks, a slot driven to capacity and prefills wider than
     max_width: same logits and same committed cache entries as the eager model. Every output is
     checked again at the end: a forward's logits must not change with later forwards."""
     def load():
+        if name == WINDOWED:
+            return Transformer.from_hf(tiny_random_model("tiny-random-mistral", sliding_window=8), max_batch=max_batch,
+                                       max_len=64, dtype=torch.float32, device=DEVICE)
         return load_model(name, dtype=torch.float32, device=DEVICE, max_batch=max_batch, max_len=64).runner
 
     eager, graphed = load(), load()

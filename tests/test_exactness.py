@@ -37,20 +37,26 @@ GREEDY = [
 ]
 
 
-@pytest.mark.parametrize("spec,n", GREEDY, ids=lambda x: getattr(x, "kind", x))
-def test_greedy_identity(tiny, spec, n):
-    params = SamplingParams(temperature=0, max_new_tokens=48, ignore_eos=True)
-    gen = torch.Generator().manual_seed(n)
+def check_greedy_identity(models, spec, seed: int, max_new_tokens: int = 48) -> None:
+    """Two random prompts: every speculative method and draft length emits the plain ensemble's tokens."""
+    n = len(models)
+    params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, ignore_eos=True)
+    gen = torch.Generator().manual_seed(seed)
     for _ in range(2):
         prompt = torch.randint(0, 256, (int(torch.randint(3, 20, (1,), generator=gen)),), generator=gen).tolist()
-        expected = Engine(tiny[:n], spec, "ensemble").generate(prompt, params)[0].token_ids
-        assert len(expected) == 48
+        expected = Engine(models, spec, "ensemble").generate(prompt, params)[0].token_ids
+        assert len(expected) == max_new_tokens
         for method, gammas, threshold in [("ensemble_sd", None, 0.0), ("se", None, 0.0), ("se", [1] * n, 0.0),
                                           ("se", [3] * n, 0.0), ("se", list(range(2, n + 2)), 0.0),
                                           ("ensemble_sd", [4] * n, 0.5), ("se", [4] * n, 0.5)]:
-            engine = Engine(tiny[:n], spec, method, gammas, confidence_threshold=threshold)
+            engine = Engine(models, spec, method, gammas, confidence_threshold=threshold)
             got = engine.generate(prompt, params)[0].token_ids
             assert got == expected, (method, gammas, threshold)
+
+
+@pytest.mark.parametrize("spec,n", GREEDY, ids=lambda x: getattr(x, "kind", x))
+def test_greedy_identity(tiny, spec, n):
+    check_greedy_identity(tiny[:n], spec, seed=n)
 
 
 @pytest.mark.parametrize("spec,n", [GREEDY[0], GREEDY[6]], ids=["weighted", "linear-3"])
@@ -98,9 +104,9 @@ PROMPT = [1, 4, 2]
 BATCH = 32     # sequences decoded together
 
 
-def enumerable(vocab):
+def enumerable(vocab, names=NAMES[:2]):
     out = []
-    for name in NAMES[:2]:
+    for name in names:
         hf = tiny_random_model(name, vocab_size=vocab)
         runner = Transformer.from_hf(hf, max_batch=BATCH, max_len=32, device=DEVICE)  # bf16, the default
         out.append(LoadedModel(name, runner, tiny_tokenizer(), sum(p.numel() for p in hf.parameters())))

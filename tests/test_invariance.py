@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import se_engine.sampling as sampling
 import se_engine.verify as verify_module
 from se_engine import invariant_ops
 from se_engine.ensemble import EnsembleSpec
-from se_engine.model import ModelConfig, Transformer
+from se_engine.model import ModelConfig, RopeScaling, Transformer
 from se_engine.sampling import STREAM_ENSEMBLE, SamplingParams
 
 BF16 = torch.bfloat16
@@ -218,8 +219,21 @@ def check_schedules(model: Transformer, seeds: range) -> None:
             assert torch.equal(k, rk) and torch.equal(v, rv), f"schedule {seed}: KV entries differ"
 
 
+# Qwen3's per-head q/k norms and Llama 3's scaled RoPE: the per-token ops of the other families.
+FAMILY_CFG = replace(CFG, qkv_bias=False, qk_norm=True, rope_scaling=RopeScaling(
+    rope_type="llama3", factor=32.0, original_max_position_embeddings=8192))
+# Gemma's: (1 + w) norms, sandwich norms, embedding scale, gelu-tanh, prescaled queries, capped logits.
+GEMMA_CFG = replace(CFG, qkv_bias=False, qk_norm=True, gemma=True, activation="gelu_pytorch_tanh",
+                    attention_scale=256 ** -0.5, final_softcap=30.0)
+
+
 def test_runner_is_bitwise_invariant_under_any_schedule():
     check_schedules(random_model(), range(6))
+
+
+@pytest.mark.parametrize("cfg", [FAMILY_CFG, GEMMA_CFG], ids=["qwen3-llama3", "gemma"])
+def test_other_families_are_bitwise_invariant(cfg):
+    check_schedules(random_model(cfg=cfg), range(6))
 
 
 def test_a_planted_row_dependent_matmul_breaks_invariance(monkeypatch):

@@ -31,7 +31,7 @@ def reference(model: Transformer, seq: list[int]) -> tuple[list[torch.Tensor], t
     """The full model over seq in its scratch slot: the head's logits after each layer (L x [len, V])
     and every layer's K and V ([L, Hkv, len, D] each)."""
     batch = PackedBatch.build([SLOTS], [0], [len(seq)], [len(seq)], seq, model.device, model.invariant)
-    x, logits = model.tok_embeddings(batch.tokens), []
+    x, logits = model.embed(batch.tokens), []
     for layer in range(model.cfg.num_layers):
         x = model.run_layers(x, batch, range(layer, layer + 1), model.k_cache, model.v_cache)
         logits.append(model.head(x))
@@ -92,6 +92,14 @@ def test_exit_depth_logits_and_kv_equal_the_full_model(tiny, depths, thresholds)
     catch_ups = check_against_full_model(model, drafter, seed=len(depths))
     if len(depths) > 1:
         assert catch_ups > 0 and all(drafter.exits), (catch_ups, drafter.exits)
+
+
+@pytest.mark.parametrize("name", ["tiny-random-qwen3", "tiny-random-llama3"])
+def test_exit_depths_of_other_families(tiny_models, name):
+    """Qwen3's q/k norms and Llama 3's scaled RoPE in the early-exit views, bit for bit."""
+    (loaded,) = tiny_models([name], max_batch=SLOTS + 1, max_len=160)
+    drafter = NestedDrafter(loaded.runner, [1, 2], [0.6], max_batch=SLOTS)
+    assert check_against_full_model(loaded.runner, drafter, seed=7) > 0 and all(drafter.exits), drafter.exits
 
 
 def test_skipping_the_catch_up_is_detected(tiny, monkeypatch):

@@ -91,13 +91,16 @@ def test_quantized_model_is_close_to_the_model(tiny, drafters, scheme, max_tv):
 @pytest.mark.parametrize("spec,order", [(EnsembleSpec.weighted([0.5, 0.5]), [0, 1]),
                                         (EnsembleSpec.contrastive(0.1), [1, 0])], ids=["weighted", "contrastive"])
 def test_greedy_identity_with_a_quantized_drafter(tiny, drafters, scheme, spec, order):
+    check_quantized_drafter([tiny[i] for i in order], spec, drafters[scheme])
+
+
+def check_quantized_drafter(models, spec, drafter) -> None:
     """A quantized copy of one model drafts for an ensemble it stands beside: the batched output is
     the plain ensemble's, token for token, and some drafts are accepted (the acceptance path runs)."""
-    models = [tiny[i] for i in order]
     params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
     prompts = [[5, 17, 99, 3], [200, 1], list(range(30, 50))]
     expected = [r.token_ids for r in Engine(models, spec, "ensemble").generate(prompts, params)]
-    engine = Engine(models, spec, "ensemble_sd", [1, 1, 4], drafter=drafters[scheme])
+    engine = Engine(models, spec, "ensemble_sd", [1, 1, 4], drafter=drafter)
     results = engine.generate(prompts, params)
     assert [r.token_ids for r in results] == expected
     accepted, tested = (sum(getattr(r.metrics, k)[2] for r in results) for k in ("drafts_accepted", "drafts_tested"))

@@ -94,14 +94,21 @@ def test_corrupt_gguf_is_a_clear_error(cache, tmp_path):
 
 
 def test_mismatched_vocabularies_are_refused(cache, tmp_path):
-    other = tmp_path / "other-vocab"
-    sources.tiny_random_model("tiny-random-llama", vocab_size=300).save_pretrained(other)
-    sources.tiny_tokenizer().save_pretrained(other)
+    """Output layers of different sizes share their common rows; other tokenizers are refused."""
+    def saved(name: str, vocab_size: int, extra_tokens: list[str]) -> str:
+        tokenizer = sources.tiny_tokenizer()
+        tokenizer.add_tokens(extra_tokens)
+        sources.tiny_random_model("tiny-random-llama", vocab_size=vocab_size).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        return str(tmp_path / name)
+
     a = load_model("tiny-random-qwen2", dtype=torch.float32)
-    b = load_model(str(other), dtype=torch.float32)
-    with pytest.raises(VocabularyMismatchError, match="300 output logits"):
-        check_same_vocabulary([a, b])
-    check_same_vocabulary([a, load_model("tiny-random-llama", dtype=torch.float32)])
+    padded = load_model(saved("padded", 300, []), dtype=torch.float32)
+    assert check_same_vocabulary([a, padded]) == check_same_vocabulary([padded, a]) == sources.TINY_VOCAB
+    other = load_model(saved("other", 300, ["<|extra|>"]), dtype=torch.float32)
+    with pytest.raises(VocabularyMismatchError, match=r"different tokenizers: token id 259 is '<\|extra\|>' in "
+                                                      r".*other, None in tiny-random-qwen2"):
+        check_same_vocabulary([a, other])
 
 
 def test_converted_copy_is_keyed_by_source_and_rebuilt_when_stale(cache, monkeypatch):

@@ -255,6 +255,10 @@ def test_models_health_metrics(server):
     for name in NAMES:
         rate = samples[f'se_engine_acceptance_rate{{model="{name}"}}']
         assert 0 <= rate <= 1 or math.isnan(rate)  # NaN: the model has not proposed yet
+    stats = server.engine.engine.scheduler.stats  # the server is idle: its counters stand still
+    for name, hits, reused in zip(NAMES, stats.prefix_hits, stats.prefix_tokens):
+        assert samples[f'se_engine_prefix_cache_hits_total{{model="{name}"}}'] == hits
+        assert samples[f'se_engine_prefix_cache_tokens_total{{model="{name}"}}'] == reused
 
 
 # ---------------------------------------------------------------- bad input

@@ -8,11 +8,14 @@ steps, not only by prefills. Two slots for eight prompts: requests take cached s
 evict, while others run.
 """
 
+import json
 import random
 
 import pytest
+import torch
 from test_batching import NAMES
 
+from bench import prefix_cache
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.nested import NestedDrafter
@@ -154,3 +157,16 @@ def test_reusing_an_overwritten_slot_is_caught(tiny, monkeypatch):
                         min(entry.rows[m], self.runners[m].lengths[slot]))
     with pytest.raises(AssertionError):
         check_overwritten_slot_is_not_reused(tiny)
+
+
+def test_the_benchmark_runs_end_to_end(tmp_path):
+    """bench.prefix_cache on the tiny models: every cached run reuses the template, emits the off run's tokens."""
+    prefix_cache.main(["--models", "tiny-random-llama", "tiny-random-qwen2", "--limit", "2", "--max-new-tokens", "4",
+                       "--no-alone", "--out", str(tmp_path)])
+    stem = f"prefix-cache-{'cuda' if torch.cuda.is_available() else 'cpu'}"
+    runs = json.loads((tmp_path / f"{stem}.json").read_text())["runs"]
+    for method in ("ensemble", "se"):
+        on, off = runs[f"{method}/on"], runs[f"{method}/off"]
+        assert [r["token_ids"] for r in on] == [r["token_ids"] for r in off]
+        assert all(min(r["prefix_tokens"]) > 1000 for r in on) and not any(map(sum, (r["prefix_tokens"] for r in off)))
+    assert "| se | on | 2 |" in (tmp_path / f"{stem}.md").read_text()

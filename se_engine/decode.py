@@ -213,6 +213,10 @@ class Scheduler:
                 runner.truncate([seq.slot], [0])
             self.free.append(seq.slot)
 
+    def idle_slots(self) -> list[int]:
+        """The slots no sequence holds: the empty ones and the cached ones."""
+        return self.free + list(self.prefix_cache.entries)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -16,7 +16,8 @@ import torch
 from test_batching import NAMES
 
 from bench import prefix_cache
-from se_engine.engine import Engine
+from se_engine import load_model
+from se_engine.engine import GRAPH_MAX_WIDTH, Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.nested import NestedDrafter
 from se_engine.prefix_cache import PrefixCache
@@ -77,6 +78,16 @@ def test_same_tokens_with_and_without_the_cache(tiny, method, n, params):
         assert any(r.metrics.drafts_accepted < r.metrics.drafts_tested for r in reused)
 
 
+def test_same_tokens_with_graphed_forwards():
+    """The CUDA graphs' padded forward (uncaptured off CUDA) writes pads into every slot of its span
+    past that slot's length, cached slots too: past the entries a cached slot keeps."""
+    models = [load_model(name, max_batch=SLOTS, max_len=160) for name in NAMES[:2]]
+    for m in models:
+        m.runner.use_cuda_graphs(GRAPH_MAX_WIDTH, capture=torch.cuda.is_available())
+    assert_same_tokens(models, SPECS[2], "se", SEEDED)
+    assert all(m.runner.graphs.stats["padded"] + m.runner.graphs.stats["replay"] for m in models)
+
+
 def test_same_tokens_with_a_nested_drafter(tiny):
     """A nested view of the deep model drafts for the ensemble of the other two; its own cache
     (entries at several depths, deferred hidden states) is reused too."""
@@ -125,7 +136,7 @@ def test_eviction_under_pressure_never_takes_a_running_slot(tiny):
             results.update((out.request_id, out.result) for out in engine.step() if out.result is not None)
             running = {s.slot for s in scheduler.running}
             assert not running & set(cached) and not set(scheduler.free) & set(cached)
-            assert len(running) + len(cached) + len(scheduler.free) == SLOTS
+            assert sorted([*running, *scheduler.idle_slots()]) == list(range(SLOTS))
         assert list(results)[-1] == ids[0], "the long request left before the short ones"
         outputs.append([results[i] for i in ids])
     off, on = outputs

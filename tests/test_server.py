@@ -110,7 +110,7 @@ def wait_idle(server) -> None:
     while server.engine.num_unfinished or sched.running or sched.waiting or server.api.queued_sequences:
         assert time.monotonic() < deadline, "requests still in the engine"
         time.sleep(0.01)
-    assert len(sched.free) == sched.max_batch
+    assert len(sched.idle_slots()) == sched.max_batch
 
 
 def assert_serving(server) -> None:

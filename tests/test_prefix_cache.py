@@ -79,13 +79,13 @@ def test_same_tokens_with_and_without_the_cache(tiny, method, n, params):
 
 
 def test_same_tokens_with_graphed_forwards():
-    """The CUDA graphs' padded forward (uncaptured off CUDA) writes pads into every slot of its span
-    past that slot's length, cached slots too: past the entries a cached slot keeps."""
+    """The CUDA graphs' padded forward (here uncaptured, on the CPU) writes pads into every slot of
+    its span past that slot's length, cached slots too: past the entries a cached slot keeps."""
     models = [load_model(name, max_batch=SLOTS, max_len=160) for name in NAMES[:2]]
     for m in models:
-        m.runner.use_cuda_graphs(GRAPH_MAX_WIDTH, capture=torch.cuda.is_available())
+        m.runner.use_cuda_graphs(GRAPH_MAX_WIDTH, capture=False)
     assert_same_tokens(models, SPECS[2], "se", SEEDED)
-    assert all(m.runner.graphs.stats["padded"] + m.runner.graphs.stats["replay"] for m in models)
+    assert all(m.runner.graphs.stats["padded"] for m in models)
 
 
 def test_same_tokens_with_a_nested_drafter(tiny):

@@ -45,20 +45,21 @@ def first_round(seed: int) -> list[list[int]]:
             template[:12] + suffixes[2], template + suffixes[3], template + suffixes[4]]
 
 
-def two_rounds(models, spec, method, params, prefix_cache: bool, gammas=None, drafter=None):
-    """Both rounds through one engine; returns the engine and the results of both rounds."""
+def two_rounds(models, spec, method, params, prefix_cache: bool, gammas=None, drafter=None) -> list:
+    """Both rounds through one engine: the results of both."""
     engine = Engine(models, spec, method, gammas, max_batch=SLOTS, prefix_cache=prefix_cache, drafter=drafter)
     prompts = first_round(len(models))
     first = engine.generate(prompts, params)
     # The last to finish first: their slots are still cached, outputs and all.
     turns = [p + r.token_ids + [3] for p, r in zip(prompts, first)][:3:-1]
-    return engine, first + engine.generate(turns, params)
+    return first + engine.generate(turns, params)
 
 
-def assert_same_tokens(models, spec, method, params, gammas=None, drafter=None) -> list:
-    """The workload with and without the cache emits the same tokens; returns the cached run's results."""
-    _, off = two_rounds(models, spec, method, params, False, gammas, drafter() if drafter else None)
-    _, on = two_rounds(models, spec, method, params, True, gammas, drafter() if drafter else None)
+def assert_same_tokens(models, spec, method, params, gammas=None, make_drafter=None) -> list:
+    """The workload with and without the cache emits the same tokens; returns the cached run's results.
+    make_drafter: a new drafter for each engine (its own cache)."""
+    off, on = (two_rounds(models, spec, method, params, cached, gammas, make_drafter() if make_drafter else None)
+               for cached in (False, True))
     assert [r.token_ids for r in on] == [r.token_ids for r in off]
     return on
 

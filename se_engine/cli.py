@@ -107,7 +107,7 @@ def cmd_serve(args) -> None:
     engine = dict(models=args.models, ensemble=_ensemble(args), method=_method(args), gammas=_gammas(args),
                   confidence_threshold=args.confidence_threshold, max_batch=args.max_batch, max_len=args.max_len,
                   dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
-                  targets=dict(args.target) if args.target else None)
+                  targets=dict(args.target) if args.target else None, prefix_cache=not args.no_prefix_cache)
     given = {name: getattr(args, name) for name in SERVE_DEFAULTS if getattr(args, name) is not None}
     server = {"model_name": args.served_model_name, "api_key": args.api_key, "docs": args.docs, **given}
     if args.ray:
@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--max-len", type=int, default=2048, help="KV cache capacity per sequence (the context)")
     s.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    s.add_argument("--no-prefix-cache", action="store_true",
+                   help="empty a finished request's cache slot instead of keeping its prefix for later prompts")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", help="the model id clients send (default: the model names joined by +)")

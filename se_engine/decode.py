@@ -31,7 +31,9 @@ sequence keeps its own pending drafts, proposer and accepted length, and a rejec
 nothing of another; when a sequence runs changes none of its tokens (its randomness is keyed on its
 seed and positions).
 
-Every sequence starts with ENSEMBLE: its prefill, and its first token drawn from r. Which action
+Every sequence starts with ENSEMBLE: its prefill, and its first token drawn from r. Its slot may
+be a cached one (``se_engine.prefix_cache``) that already holds a prefix of its prompt: the
+prefill then feeds only the rest (fed[m] starts at the entries runner m kept). Which action
 follows is its method's answer (``se_engine.methods``, one policy per method); their cycles:
     single, ensemble  ENSEMBLE, ENSEMBLE, ...
     ensemble_sd       a fixed proposer P: DRAFT P x gamma_P, SCORE (all models; P's last draft too),
@@ -68,6 +70,7 @@ from .ensemble import EnsembleSpec
 from .gamma import DraftLengths
 from .methods import DRAFT, ENSEMBLE, FORK, SCORE, Action, Method
 from .metrics import Metrics, TickStats
+from .prefix_cache import Hit, PrefixCache
 from .runner import Runner
 from .sampling import STREAM_DRAFT, STREAM_ENSEMBLE, SamplingParams
 from .verify import Backend, sample_ensemble, verify
@@ -155,20 +158,21 @@ class _Verdict:
 class Scheduler:
     """Runs the sequences of one engine in up to ``max_batch`` cache slots, one tick at a time.
 
-    Requests wait in FIFO order for a free slot; ``add`` and ``abort`` may be called between ticks
-    (continuous batching). Each runner's slot s holds the same sequence (runners outside its target
-    hold nothing there).
+    Requests wait in FIFO order for a free slot: an empty one (``free``) or a cached one
+    (``prefix_cache``); ``add`` and ``abort`` may be called between ticks (continuous batching).
+    Each runner's slot s holds the same sequence (runners outside its target hold nothing there).
     """
 
     def __init__(self, runners: list[Runner], method: Method, draft_lengths: DraftLengths, order: list[int],
                  vocab_size: int, *, sampler: Backend, confidence_threshold: float, max_batch: int | None = None,
-                 max_stall: int | None = None):
+                 max_stall: int | None = None, prefix_cache: bool = True):
         """runners: the engine's models, then the drafter where there is one; method: the policy that
         every sequence follows; order: runner indices, cheapest first (the shared proposer of
         ensemble_sd first); each sequence brings its Target. vocab_size: the shared vocabulary, the
         first vocab_size logits of every runner (the rest: padding rows of larger output layers).
         sampler, confidence_threshold: the Engine's (which checks them; the threshold ends a proposal
-        early, module docstring). max_batch: at most, and by default, what every runner holds."""
+        early, module docstring). max_batch: at most, and by default, what every runner holds.
+        prefix_cache: keep freed slots' entries for later requests' prompts (else empty them)."""
         capacity = min(r.max_batch for r in runners)
         if max_batch is not None and max_batch > capacity:
             raise ValueError(f"max_batch={max_batch} but the loaded models hold {capacity} sequences")
@@ -183,9 +187,11 @@ class Scheduler:
         self.device = runners[0].device
         self.max_batch = max_batch or capacity
         self.free = list(range(self.max_batch - 1, -1, -1))
+        self.prefix_cache = PrefixCache(runners, enabled=prefix_cache)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.stats = TickStats(forwards=[0] * len(self.runners), forward_s=[0.0] * len(self.runners))
+        n = len(self.runners)
+        self.stats = TickStats(forwards=[0] * n, forward_s=[0.0] * n, prefix_hits=[0] * n, prefix_tokens=[0] * n)
 
     # ------------------------------------------------------------ requests
 
@@ -200,22 +206,25 @@ class Scheduler:
             self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        """Takes a sequence out of the batch and frees its slot, emptied: no cache entry of a slot
-        nobody uses sits near max_len (where a CUDA-graph bucket over it would run eagerly)."""
+        """Takes a sequence out of the batch and frees its slot: cached, or else emptied (no cache
+        entry of a slot nobody uses sits near max_len, where a CUDA-graph bucket over it runs eagerly)."""
         self.running.remove(seq)
-        for runner in self.runners:
-            runner.truncate([seq.slot], [0])
-        self.free.append(seq.slot)
+        if not self.prefix_cache.put(seq.slot, seq.tokens):
+            for runner in self.runners:
+                runner.truncate([seq.slot], [0])
+            self.free.append(seq.slot)
+
+    def idle_slots(self) -> list[int]:
+        """The slots no sequence holds: the empty ones and the cached ones."""
+        return self.free + list(self.prefix_cache.entries)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def _admit(self) -> None:
-        while self.waiting and self.free:
+        while self.waiting and (self.free or self.prefix_cache):
             seq = self.waiting.popleft()
-            seq.slot = self.free.pop()
             seq.prompt_len = len(seq.tokens)
-            seq.fed = [0] * len(self.runners)
             seq.logits = [{} for _ in self.runners]
             seq.acceptance = [[0.0, 0.0] for _ in self.runners]
             seq.action = Action(ENSEMBLE, seq.target.members)
@@ -224,9 +233,26 @@ class Scheduler:
                               None)
             if seq.source is not None:
                 seq.action = Action(FORK)
-            for runner in self.runners:
-                runner.truncate([seq.slot], [0])
+            hit = None if seq.source is not None else self.prefix_cache.lookup(seq.tokens, seq.target.runners)
+            self._take_slot(seq, hit)
             self.running.append(seq)
+
+    def _take_slot(self, seq: Sequence, hit: Hit | None) -> None:
+        """Gives seq the slot of its prefix-cache hit (its runners truncated to the entries they
+        keep), else an empty slot, else the least recently cached one; sets fed and the metrics."""
+        if hit is not None:
+            self.prefix_cache.take(hit.slot)
+            seq.slot, reuse = hit.slot, hit.reuse
+        else:
+            seq.slot = self.free.pop() if self.free else self.prefix_cache.evict()
+            reuse = (0,) * len(self.runners)
+        for m, (runner, kept) in enumerate(zip(self.runners, reuse)):
+            runner.truncate([seq.slot], [kept])
+            seq.metrics.prefix_hits[m] += kept > 0
+            seq.metrics.prefix_tokens[m] += kept
+            self.stats.prefix_hits[m] += kept > 0
+            self.stats.prefix_tokens[m] += kept
+        seq.fed = list(reuse)
 
     def _fork(self, seqs: list[Sequence]) -> None:
         """Sequences waiting on another's prefill copy its caches and logits once all models have fed

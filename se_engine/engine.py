@@ -105,6 +105,11 @@ class Engine:
         (``se_engine.invariant_ops``), so that greedy ``se`` / ``ensemble_sd`` emit the ensemble's
         tokens exactly and a seeded request the same tokens whatever else is in the batch. False:
         torch's kernels (faster prefill; results then depend on the batch's shape).
+    prefix_cache: a finished request's slot keeps its cache entries, and a later request whose
+        prompt shares a prefix with its tokens takes the slot over and prefills only the rest
+        (``se_engine.prefix_cache``, docs/prefix_cache.md). It uses idle slots only. Exact wherever
+        the forward is batch-invariant; with torch's kernels the reused entries differ from a
+        prefill's by rounding, as a batch's shape already makes them.
 
     Every argument is checked before any model loads, but for what only the loaded models tell
     (their vocabularies, sizes and slots). ``submit`` checks each request, so that a request the
@@ -122,7 +127,7 @@ class Engine:
                  device: torch.device | str = "cpu", max_len: int = 2048, runner: Literal["native", "hf"] = "native",
                  sampler: Backend = "auto", drafter: Runner | None = None,
                  targets: Mapping[str, TargetArg] | None = None, cuda_graphs: bool | None = None,
-                 batch_invariant: bool = True):
+                 batch_invariant: bool = True, prefix_cache: bool = True):
         # Every check the arguments allow comes before anything loads (loading takes minutes and
         # gigabytes); the ones that need the loaded models follow the loading.
         if method not in METHODS:
@@ -135,6 +140,8 @@ class Engine:
             raise ValueError(f"confidence_threshold must be a number in [0, 1], got {confidence_threshold!r}")
         if max_batch is not None and (not is_int(max_batch) or max_batch < 1):
             raise ValueError(f"max_batch must be None or an int >= 1, got {max_batch!r}")
+        if not isinstance(prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
         if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
         if drafter is not None and method != "ensemble_sd":
@@ -182,7 +189,8 @@ class Engine:
         self.eos_ids = _end_of_generation_ids(self.tokenizer)
         self.max_len = min(r.max_len for r in all_runners)
         self.scheduler = Scheduler(all_runners, POLICIES[method], draft_lengths, self.order, self.vocab_size,
-                                   sampler=sampler, confidence_threshold=confidence_threshold, max_batch=max_batch)
+                                   sampler=sampler, confidence_threshold=confidence_threshold, max_batch=max_batch,
+                                   prefix_cache=prefix_cache)
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
 

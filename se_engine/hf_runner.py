@@ -28,6 +28,7 @@ class HFRunner:
         self.vocab_size = hf_model.config.vocab_size
         self.device = next(hf_model.parameters()).device
         self.lengths = [0]
+        self.writes = [0]
         self._cache = DynamicCache(config=hf_model.config)
 
     @torch.inference_mode()
@@ -44,6 +45,7 @@ class HFRunner:
         ids = torch.tensor([list(tokens[0])], device=self.device)
         out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True, logits_to_keep=max(n, 1))
         self.lengths[0] += k
+        self.writes[0] += 1
         return out.logits[0, out.logits.shape[1] - n:].float()
 
     def fork(self, src: int, dst: Sequence[int]) -> None:

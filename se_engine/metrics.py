@@ -22,12 +22,15 @@ class Metrics:
     # [model][d]: drafts of that proposer at depth d of their proposal (0 = first) that were tested / accepted
     tested_at_depth: list[list[int]] = field(default_factory=list)
     accepted_at_depth: list[list[int]] = field(default_factory=list)
+    prefix_hits: list[int] = field(default_factory=list)    # 1 where the model's prefill started from a cached prefix
+    prefix_tokens: list[int] = field(default_factory=list)  # prompt tokens whose cache entries it reused
 
     @classmethod
     def zeros(cls, n: int) -> "Metrics":
         """Counters of n runners, all zero."""
         return cls(forwards=[0] * n, positions_scored=[0] * n, drafts_tested=[0] * n, drafts_accepted=[0] * n,
-                   tested_at_depth=[[] for _ in range(n)], accepted_at_depth=[[] for _ in range(n)])
+                   tested_at_depth=[[] for _ in range(n)], accepted_at_depth=[[] for _ in range(n)],
+                   prefix_hits=[0] * n, prefix_tokens=[0] * n)
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,6 +71,8 @@ class Metrics:
         self.positions_scored = _plus(self.positions_scored, other.positions_scored)
         self.drafts_tested = _plus(self.drafts_tested, other.drafts_tested)
         self.drafts_accepted = _plus(self.drafts_accepted, other.drafts_accepted)
+        self.prefix_hits = _plus(self.prefix_hits, other.prefix_hits)
+        self.prefix_tokens = _plus(self.prefix_tokens, other.prefix_tokens)
         _add_at_depth(self.tested_at_depth, other.tested_at_depth)
         _add_at_depth(self.accepted_at_depth, other.accepted_at_depth)
 
@@ -78,7 +83,8 @@ class Metrics:
                 "acceptance_rate": self.acceptance_rate, "verify_steps": self.verify_steps, "verify_s": self.verify_s,
                 "mean_accepted_per_step": self.mean_accepted_per_step, "mean_draft_length": self.mean_draft_length,
                 "draft_lengths": self.draft_lengths, "tested_at_depth": self.tested_at_depth,
-                "accepted_at_depth": self.accepted_at_depth}
+                "accepted_at_depth": self.accepted_at_depth, "prefix_hits": self.prefix_hits,
+                "prefix_tokens": self.prefix_tokens}
 
 
 @dataclass
@@ -90,6 +96,8 @@ class TickStats:
     verify_calls: int = 0
     verify_s: float = 0.0
     sample_s: float = 0.0
+    prefix_hits: list[int] = field(default_factory=list)    # per model: requests that started from a cached prefix
+    prefix_tokens: list[int] = field(default_factory=list)  # per model: prompt tokens whose cache entries were reused
 
 
 def _plus(a: list[int], b: list[int]) -> list[int]:

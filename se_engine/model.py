@@ -357,7 +357,8 @@ class Transformer(nn.Module):
     State: ``k_cache``, ``v_cache`` of shape [L, B, Hkv, S, D] (layer l's cache is ``k_cache[l]``)
     and ``lengths``, a host list of the number of cache entries of each slot. Lengths live on the
     host because the scheduler decides them: rollback is a list update, and no forward ever reads
-    a length back from the device.
+    a length back from the device. ``writes`` counts, per slot, the forwards and forks that wrote
+    entries into it (the prefix cache's test that a slot's entries are still the ones it kept).
 
     batch_invariant: run bf16 through the batch-invariant kernels (``se_engine.invariant_ops``: C++
     on the CPU, Triton on CUDA): a token's logits and KV entries are then bitwise the same whatever
@@ -393,6 +394,7 @@ class Transformer(nn.Module):
         self.register_buffer("k_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
         self.lengths = [0] * max_batch
+        self.writes = [0] * max_batch
         if self.invariant and self.device.type == "cpu":
             invariant_ops.has_fast_path()  # fails here, not mid-forward, if the extension is missing
         self.graphs: GraphedForward | None = None
@@ -487,6 +489,7 @@ class Transformer(nn.Module):
             logits = self.head(self.hidden_at_logits(batch))
         for r, row in zip(rows, tokens):
             self.lengths[r] += len(row)
+            self.writes[r] += 1
         return logits
 
     def use_cuda_graphs(self, max_width: int, capture: bool = True) -> None:
@@ -540,6 +543,7 @@ class Transformer(nn.Module):
         kv_ops.fork(self.k_cache, self.v_cache, src, list(dst), self.lengths[src])
         for r in dst:
             self.lengths[r] = self.lengths[src]
+            self.writes[r] += 1
 
     def truncate(self, rows: Sequence[int], lengths: Sequence[int]) -> None:
         """Rolls slots ``rows`` back to ``lengths`` (each <= its current length): O(1), no copies."""

@@ -75,6 +75,7 @@ class NestedDrafter:
         self.v_cache = torch.zeros(cache_shape, dtype=dtype, device=device)
         self.hidden = torch.zeros(max_batch, max_len, cfg.hidden_size, dtype=dtype, device=device)
         self.filled = [[0] * max_batch for _ in depths]
+        self.writes = [0] * max_batch  # per slot, as ``Transformer.writes``
         self.exits = [0] * len(depths)
 
     @property
@@ -89,6 +90,8 @@ class NestedDrafter:
         starts = check_forward(rows, tokens, num_logits, self.lengths, self.max_batch, self.max_len)
         model, device = self.model, self.device
         ends = [s + len(t) for s, t in zip(starts, tokens)]
+        for r in rows:
+            self.writes[r] += 1
         out_at = [0, *accumulate(num_logits)]  # row j's logits go to out[out_at[j]:out_at[j + 1]]
         out = torch.empty(out_at[-1], self.vocab_size, device=device)
         # x: [tokens of the active rows, hidden], row after row; row j's span is positions firsts .. ends[j] - 1.
@@ -156,6 +159,7 @@ class NestedDrafter:
         n, deferred = self.lengths[src], self.filled[-1][src]
         kv_ops.fork(self.k_cache, self.v_cache, src, list(dst), n)
         for r in dst:
+            self.writes[r] += 1
             self.hidden[r, deferred:n] = self.hidden[src, deferred:n]
             for filled in self.filled:
                 filled[r] = filled[src]

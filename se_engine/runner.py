@@ -7,6 +7,7 @@ A runner owns one model's KV cache of ``max_batch`` slots and exposes::
         of the last num_logits[i] tokens of each row, row after row
     truncate(rows, lengths)     # O(1) rollback of those slots
     lengths                     # host list: cache entries per slot
+    writes                      # host list: per slot, the forwards and forks that wrote into it
     max_batch, max_len, vocab_size, device
 """
 
@@ -35,6 +36,7 @@ class Runner(Protocol):
     vocab_size: int
     device: torch.device
     lengths: list[int]
+    writes: list[int]
 
     def forward(self, rows: Sequence[int], tokens: Sequence[Sequence[int]], num_logits: Sequence[int]) -> Tensor: ...
 

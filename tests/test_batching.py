@@ -104,7 +104,7 @@ def test_requests_joining_and_leaving_do_not_change_others(tiny):
     assert sorted(done) == [0, 1, 2, 4, 5]
     for i, tokens in done.items():
         assert tokens == solo[i] == streamed[i]
-    assert sorted(engine.scheduler.free) == [0, 1, 2] and not engine.scheduler.running
+    assert sorted(engine.scheduler.idle_slots()) == [0, 1, 2] and not engine.scheduler.running
 
 
 def test_each_tick_runs_each_model_at_most_once(tiny):
@@ -143,7 +143,7 @@ def test_same_prompt_requests_share_one_prefill(tiny):
     spec = EnsembleSpec.weighted([0.5, 0.5])
     prompt = list(range(40, 70))
     params = [SamplingParams(temperature=1.0, seed=s, max_new_tokens=12, ignore_eos=True) for s in range(5)]
-    one = Engine(tiny[:2], spec, "se", [3, 1], max_batch=1)
+    one = Engine(tiny[:2], spec, "se", [3, 1], max_batch=1, prefix_cache=False)  # each prefills in full
     solo = [one.generate(prompt, p)[0] for p in params]
     results = Engine(tiny[:2], spec, "se", [3, 1]).generate([prompt] * 5, params)
     assert [r.token_ids for r in results] == [r.token_ids for r in solo]
@@ -173,4 +173,4 @@ def test_engine_request_api_errors(tiny):
     stream = engine.stream([4, 5], SamplingParams(max_new_tokens=30, ignore_eos=True))
     next(stream)
     stream.close()  # a consumer that stops early cancels its request
-    assert not engine.has_unfinished() and sorted(engine.scheduler.free) == [0, 1]
+    assert not engine.has_unfinished() and sorted(engine.scheduler.idle_slots()) == [0, 1]

@@ -24,10 +24,12 @@ class ConstantRunner:
         self.logits, self.vocab_size = logits, logits.numel()
         self.max_batch, self.max_len, self.device = max_batch, max_len, torch.device("cpu")
         self.lengths = [0] * max_batch
+        self.writes = [0] * max_batch
 
     def forward(self, rows, tokens, num_logits):
         for r, t in zip(rows, tokens):
             self.lengths[r] += len(t)
+            self.writes[r] += 1
         return self.logits.expand(sum(num_logits), -1).clone()
 
     def truncate(self, rows, lengths):
@@ -37,6 +39,7 @@ class ConstantRunner:
     def fork(self, src, dst):
         for r in dst:
             self.lengths[r] = self.lengths[src]
+            self.writes[r] += 1
 
 
 @pytest.mark.parametrize("method,gammas", [("se", [3, 2]), ("se", [5, 1]), ("ensemble_sd", [4, 1]),

@@ -111,7 +111,7 @@ def wait_idle(server) -> None:
     while server.engine.num_unfinished or sched.running or sched.waiting or server.api.queued_sequences:
         assert time.monotonic() < deadline, "requests still in the engine"
         time.sleep(0.01)
-    assert len(sched.free) == sched.max_batch
+    assert len(sched.idle_slots()) == sched.max_batch
 
 
 def assert_serving(server) -> None:
@@ -293,6 +293,10 @@ def test_models_health_metrics(server):
     for name in NAMES:
         rate = samples[f'se_engine_acceptance_rate{{model="{name}"}}']
         assert 0 <= rate <= 1 or math.isnan(rate)  # NaN: the model has not proposed yet
+    stats = server.engine.engine.scheduler.stats  # the server is idle: its counters stand still
+    for name, hits, reused in zip(NAMES, stats.prefix_hits, stats.prefix_tokens):
+        assert samples[f'se_engine_prefix_cache_hits_total{{model="{name}"}}'] == hits
+        assert samples[f'se_engine_prefix_cache_tokens_total{{model="{name}"}}'] == reused
 
 
 # ---------------------------------------------------------------- bad input

@@ -112,6 +112,7 @@ def test_the_loading_guard_catches_a_load(no_loading):
     (dict(dtype="float32"), "^dtype must be None or a torch.dtype"),
     (dict(device="gpu"), "^device must be a torch device"),
     (dict(cuda_graphs="yes"), "^cuda_graphs must be None, True or False"),
+    (dict(prefix_cache=1), "^prefix_cache must be True or False"),
     (dict(cuda_graphs=True), "^cuda_graphs=True needs native models on a CUDA device"),
     (dict(drafter=object()), "^a drafter proposes for method 'ensemble_sd'"),
     (dict(method="ensemble_sd", drafter=object()), "^drafter must be a runner"),

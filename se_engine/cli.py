@@ -109,7 +109,8 @@ def cmd_serve(args) -> None:
                   dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device,
                   targets=dict(args.target) if args.target else None, prefix_cache=not args.no_prefix_cache)
     given = {name: getattr(args, name) for name in SERVE_DEFAULTS if getattr(args, name) is not None}
-    server = {"model_name": args.served_model_name, "api_key": args.api_key, "docs": args.docs, **given}
+    server = {"model_name": args.served_model_name, "api_key": args.api_key, "allowed_hosts": args.allowed_hosts,
+              "docs": args.docs, **given}
     if args.ray:
         _serve_on_ray(args, engine, server)
     else:
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="clients must send 'Authorization: Bearer KEY' (/health stays open); default: the "
                         "environment variable SE_ENGINE_API_KEY (which, unlike an argument, other users' ps "
                         "does not show), else no key")
+    s.add_argument("--allowed-hosts", nargs="+", metavar="HOST",
+                   help="answer only requests whose Host header names one of these (/health: any); default: any")
     s.add_argument("--docs", action="store_true", help="serve FastAPI's /docs, /redoc and /openapi.json")
     s.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
                    help="on SIGINT / SIGTERM, how long requests in flight may take to finish before they are ended "

@@ -29,7 +29,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import cache, partial
 from typing import Annotated, Any, Literal, TypeVar
@@ -311,13 +311,14 @@ class _EventStream(StreamingResponse):
 
 class _Gate:
     """ASGI middleware around the app, which every HTTP request passes first: its request id (the
-    handlers' ``request.state.request_id``, and every response's X-Request-Id header), the API key
-    where one is set (a 401 before the body is read; /health stays open, for load balancers), then the
+    handlers' ``request.state.request_id``, and every response's X-Request-Id header), the Host header
+    where an allow-list is set (a 400), the API key where one is set (a 401 before the body is read;
+    /health passes both, for load balancers), then the
     body size limit (413, refused on its Content-Length before a byte is read, or once the bytes read
     pass it). After a large body, the memory its handling freed goes back to the system."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None):
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(self, app: ASGIApp, max_body_bytes: int, api_key: str | None, allowed_hosts: frozenset[str] | None):
+        self.app, self.max_body_bytes, self.allowed_hosts = app, max_body_bytes, allowed_hosts
         self.api_key = None if api_key is None else api_key.encode()
 
     def _authorized(self, headers: Headers) -> bool:
@@ -339,6 +340,11 @@ class _Gate:
                 message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
             await send(message)
 
+        host = _hostname(headers.get("host", ""))
+        if self.allowed_hosts is not None and scope["path"] != "/health" and host not in self.allowed_hosts:
+            error = APIError(f"host {host!r} is not one this server answers for", code="invalid_host")
+            _log_error(request_id, error)
+            return await error.response()(scope, receive, send_with_id)
         if self.api_key is not None and scope["path"] != "/health" and not self._authorized(headers):
             error = APIError("a valid API key is needed: send the header 'Authorization: Bearer <key>'", status=401,
                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -361,6 +367,13 @@ class _Gate:
         finally:
             if size >= TRIM_AFTER_BYTES:
                 await asyncio.to_thread(_return_freed_memory)
+
+
+def _hostname(host: str) -> str:
+    """A Host header's name, without its port ("[::1]:8000" -> "::1"), lowercased."""
+    if host.startswith("["):
+        return host[1:host.find("]")].lower()
+    return host.rpartition(":")[0].lower() if host.count(":") == 1 else host.lower()
 
 
 def _return_freed_memory() -> None:
@@ -387,17 +400,22 @@ class OpenAIServer:
     more sequences (prompts x n) gets a 400. max_queued_sequences: the sequences of all accepted
     requests, running or waiting; a request that would pass it gets a 429 with Retry-After.
     api_key: every request but /health must send ``Authorization: Bearer <api_key>`` (else a 401).
+    allowed_hosts: host names every request but /health must name in its Host header (else a 400);
+    None: any.
     docs: serve FastAPI's /docs, /redoc and /openapi.json (behind the key too).
     """
 
     def __init__(self, engine: AsyncEngine, model_name: str | None = None, *, max_body_bytes: int = MAX_BODY_BYTES,
                  max_request_sequences: int = MAX_REQUEST_SEQUENCES, max_queued_sequences: int = MAX_QUEUED_SEQUENCES,
-                 api_key: str | None = None, docs: bool = False):
+                 api_key: str | None = None, allowed_hosts: Sequence[str] | None = None, docs: bool = False):
         limits = {"max_body_bytes": max_body_bytes, "max_request_sequences": max_request_sequences,
                   "max_queued_sequences": max_queued_sequences}
         for name, value in limits.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if allowed_hosts is not None and (isinstance(allowed_hosts, str) or not allowed_hosts or not all(
+                isinstance(h, str) and h for h in allowed_hosts)):
+            raise ValueError(f"allowed_hosts must be a non-empty list of host names (None: any), got {allowed_hosts!r}")
         if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
             raise ValueError("api_key must be a non-empty string (None: no key)")
         self.async_engine = engine
@@ -415,7 +433,8 @@ class OpenAIServer:
                       docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
                       openapi_url="/openapi.json" if docs else None)
         # Outside FastAPI's own middleware, so that its 500s carry the request id too.
-        self.app = _Gate(app, max_body_bytes, api_key)
+        self.app = _Gate(app, max_body_bytes, api_key,
+                         None if allowed_hosts is None else frozenset(h.lower() for h in allowed_hosts))
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
         app.get("/v1/models")(self.models)

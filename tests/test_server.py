@@ -508,6 +508,19 @@ def test_api_key(keyed):
     assert out.usage.completion_tokens <= 2
 
 
+def test_host_allow_list(server):
+    with running(OpenAIServer(server.engine, MODEL, allowed_hosts=["api.example", "::1"]).app) as up:
+        http = httpx.Client(base_url=up.url, timeout=30)
+        for host in ("api.example", "API.example:8000", "[::1]:8000"):
+            assert http.get("/v1/models", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example", "api.example.evil", "127.0.0.1"):
+            r = http.post("/v1/completions", json={"prompt": "a"}, headers={"Host": host})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", host
+        assert http.get("/health", headers={"Host": "10.0.0.7"}).status_code == 200  # load balancers
+    with pytest.raises(ValueError, match="allowed_hosts"):
+        OpenAIServer(server.engine, MODEL, allowed_hosts="api.example")
+
+
 def test_client_library_sees_errors(server):
     with pytest.raises(openai.BadRequestError, match="context"):
         server.client.completions.create(model=MODEL, prompt="a", max_tokens=10**6)

@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     stem = f"greedy-identity-{device}" + ("-torch-kernels" if args.torch_kernels else "")
     stored = Path(args.out) / f"{stem}.json"
-    rows = json.loads(stored.read_text())["rows"] if stored.exists() else []
     for ensemble in args.ensembles:
         spec, order, gammas = ENSEMBLES[ensemble]
         models = [loaded[name] for name in order]
@@ -75,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
                 start = time.perf_counter()
                 tokens[method] = [r.token_ids for r in engine.generate(prompts, params, progress=True)]
                 seconds[method] = time.perf_counter() - start
+            run = header()  # the machine and time of these rows
+            # read now, not at start: another run may have written rows meanwhile
+            rows = json.loads(stored.read_text())["rows"] if stored.exists() else []
             rows = [r for r in rows if (r["ensemble"], r["dataset"]) != (ensemble, dataset)]
             for method in METHODS[1:]:
                 parted = [first_difference(got, want) for got, want in zip(tokens[method], tokens["ensemble"])]
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                              "max_batch": args.max_batch,
                              "identical": sum(p is None for p in parted), "first_difference": parted,
                              "tokens": sum(map(len, tokens["ensemble"])), "seconds": seconds[method],
-                             "ensemble_seconds": seconds["ensemble"]})
+                             "ensemble_seconds": seconds["ensemble"], "machine": run["machine"], "date": run["date"]})
                 print(rows[-1]["ensemble"], dataset, method, f"{rows[-1]['identical']}/{len(prompts)} identical",
                       flush=True)
             write(args, stem, rows)
@@ -95,13 +97,13 @@ def write(args, stem: str, rows: list[dict]) -> None:
              f"bf16 on the CPU, {kernels}; greedy, up to {args.max_new_tokens} new tokens (the engine's stop "
              "tokens); weighted 0.5 / 0.5 (0.5B, 1.5B), gammas [6, 1]; contrastive 0.1 (1.5B expert, 0.5B "
              "amateur), gammas [1, 6]. The header is the last run's; rows of earlier runs (other datasets or "
-             "ensembles) are kept, each with its task count and batch size.", "",
+             "ensembles) are kept, each with its task count, batch size, machine and date.", "",
              "| ensemble | dataset | method | tasks (batch) | identical to `ensemble` | first differing position "
-             "(parted tasks) |", "|---|---|---|---|---|---|"]
+             "(parted tasks) | machine, date |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         parted = ", ".join(str(p) for p in r["first_difference"] if p is not None) or "-"
         lines.append(f"| {r['ensemble']} | {r['dataset']} | `{r['method']}` | {r['tasks']} ({r['max_batch']}) | "
-                     f"{r['identical']} / {r['tasks']} | {parted} |")
+                     f"{r['identical']} / {r['tasks']} | {parted} | {r['machine']}, {r['date']} |")
     write_result(args.out, stem, result, "\n".join(lines) + "\n")
 
 

@@ -39,9 +39,9 @@ def token_bytes(tokenizer: Any, ids: list[int], shares: list[str]) -> list[list[
     decoder = _byte_decoder() if _is_byte_level(tokenizer) else None
     if decoder is None:
         return [list(s.encode()) for s in shares]
-    out = []
+    out, special = [], set(tokenizer.all_special_ids)  # a property that builds its list on every read
     for t, piece, share in zip(ids, tokenizer.convert_ids_to_tokens(ids), shares):
-        if t in tokenizer.all_special_ids or any(c not in decoder for c in piece):  # special or added text
+        if t in special or any(c not in decoder for c in piece):  # special or added text
             out.append(list(share.encode()))
         else:
             out.append([decoder[c] for c in piece])

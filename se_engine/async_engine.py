@@ -60,7 +60,8 @@ class ServingStats:
 
 @dataclass(eq=False)  # hashed by identity
 class _Batch:
-    """Requests submitted together by one caller, for one target; outputs go to its queue as (index, output)."""
+    """Requests submitted together by one caller, for one target; outputs go to its queue as (index, output).
+    Its requests share one admission group (``Engine.submit``)."""
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     target: str | None
@@ -186,7 +187,7 @@ class AsyncEngine:
         try:
             for prompt, params in requests:
                 ids = self.engine.encode(prompt)
-                batch.ids.append(self.engine.submit(ids, params, batch.target))
+                batch.ids.append(self.engine.submit(ids, params, batch.target, group=batch))
                 self.stats.prompt_tokens[batch.target] += len(ids)
         except Exception as e:  # bad input: nothing of this batch runs
             for request_id in batch.ids:

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Hashable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -121,6 +122,7 @@ class Sequence:
     seed: int
     stop_ids: frozenset[int]
     metrics: Metrics
+    group: Hashable = None  # a key shared by the sequences one caller submitted together; None: alone
     prompt_len: int = 0
     slot: int = -1
     pending: list[Draft] = field(default_factory=list)  # at positions c .. F-1
@@ -134,6 +136,11 @@ class Sequence:
     acceptance: list[list[float]] = field(default_factory=list)  # per proposer: discounted [accepted, tested]
     new: list[int] = field(default_factory=list)  # tokens committed in the current tick
     finished: str | None = None  # "stop" | "length"
+
+    @property
+    def queue_key(self) -> Hashable:
+        """Its group's key in the scheduler's queues (a sequence alone is its own group)."""
+        return self if self.group is None else self.group
 
     @property
     def frontier(self) -> int:
@@ -158,8 +165,11 @@ class _Verdict:
 class Scheduler:
     """Runs the sequences of one engine in up to ``max_batch`` cache slots, one tick at a time.
 
-    Requests wait in FIFO order for a free slot: an empty one (``free``) or a cached one
-    (``prefix_cache``); ``add`` and ``abort`` may be called between ticks (continuous batching).
+    Requests wait for a free slot: an empty one (``free``) or a cached one (``prefix_cache``). Each
+    waits in its group's queue (``Sequence.group``: the sequences one caller submitted together), and
+    free slots go to the groups in turn, FIFO within a group, so that one request of many sequences
+    delays a small one by about one slot's turn, not by all its sequences. ``add`` and ``abort`` may
+    be called between ticks (continuous batching).
     Each runner's slot s holds the same sequence (runners outside its target hold nothing there).
     """
 
@@ -188,7 +198,7 @@ class Scheduler:
         self.max_batch = max_batch or capacity
         self.free = list(range(self.max_batch - 1, -1, -1))
         self.prefix_cache = PrefixCache(runners, enabled=prefix_cache)
-        self.waiting: deque[Sequence] = deque()
+        self._queues: dict[Hashable, deque[Sequence]] = {}  # group -> its waiting sequences; in turn order
         self.running: list[Sequence] = []
         n = len(self.runners)
         self.stats = TickStats(forwards=[0] * n, forward_s=[0.0] * n, prefix_hits=[0] * n, prefix_tokens=[0] * n)
@@ -196,12 +206,20 @@ class Scheduler:
     # ------------------------------------------------------------ requests
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._queues.setdefault(seq.queue_key, deque()).append(seq)
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        """The sequences waiting for a slot."""
+        return [seq for queue in self._queues.values() for seq in queue]
 
     def abort(self, seq: Sequence) -> None:
         """Drops a waiting or running sequence and frees its slot."""
-        if seq in self.waiting:
-            self.waiting.remove(seq)
+        queue = self._queues.get(seq.queue_key)
+        if queue is not None and seq in queue:
+            queue.remove(seq)
+            if not queue:
+                del self._queues[seq.queue_key]
         elif seq in self.running:
             self._release(seq)
 
@@ -219,11 +237,20 @@ class Scheduler:
         return self.free + list(self.prefix_cache.entries)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self._queues or self.running)
+
+    def _next_waiting(self) -> Sequence:
+        """The first sequence of the group whose turn it is; that group then goes to the back."""
+        group, queue = next(iter(self._queues.items()))
+        seq = queue.popleft()
+        del self._queues[group]
+        if queue:
+            self._queues[group] = queue
+        return seq
 
     def _admit(self) -> None:
-        while self.waiting and (self.free or self.prefix_cache):
-            seq = self.waiting.popleft()
+        while self._queues and (self.free or self.prefix_cache):
+            seq = self._next_waiting()
             seq.prompt_len = len(seq.tokens)
             seq.logits = [{} for _ in self.runners]
             seq.acceptance = [[0.0, 0.0] for _ in self.runners]
@@ -356,13 +383,15 @@ class Scheduler:
         for s, t, verdict in zip(seqs, counts, verdicts):
             self._apply_verdict(s, t, verdict, elapsed)
 
-    def _pack_verify(self, seqs: list[Sequence], counts: list[int]) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+    def _pack_verify(self, seqs: list[Sequence], counts: list[int]
+                     ) -> tuple[list[Tensor], Tensor, Tensor, Tensor, Tensor | None]:
         """The rows of one verify call: seqs[i]'s first counts[i] pending positions, T in all.
 
         seqs: sequences of one target.
         counts: how many pending drafts of each to verify.
-        Returns each of the target's runners' logits [T, V] (in ``target.runners`` order), and
-        [T] int64 each: the drafts, their proposers (as places in ``target.runners``) and positions."""
+        Returns each of the target's runners' logits [T, V] (in ``target.runners`` order),
+        [T] int64 each: the drafts, their proposers (as places in ``target.runners``) and positions,
+        and the suppressed tokens [T, V] bool (``_suppress``)."""
         target = seqs[0].target
         rows = [(s, len(s.tokens) + j) for s, t in zip(seqs, counts) for j in range(t)]
         logits = [torch.stack([s.logits[m][pos] for s, pos in rows]) for m in target.runners]
@@ -371,20 +400,21 @@ class Scheduler:
             [[s.pending[pos - len(s.tokens)].token for s, pos in rows],
              [local[s.pending[pos - len(s.tokens)].proposer] for s, pos in rows],
              [pos for _, pos in rows]], device=self.device)
-        return logits, drafts, proposers, positions
+        return logits, drafts, proposers, positions, self._suppress(rows, logits[0].shape[-1])
 
     def _call_verify(self, seqs: list[Sequence], counts: list[int], logits: list[Tensor], drafts: Tensor,
-                     proposers: Tensor, positions: Tensor) -> list[_Verdict]:
+                     proposers: Tensor, positions: Tensor, suppress: Tensor | None) -> list[_Verdict]:
         """One verify call over the rows of ``_pack_verify``, and its results read back.
 
         seqs, counts: as for ``_pack_verify``.
-        logits, drafts, proposers, positions: what ``_pack_verify`` returned for them.
+        logits, drafts, proposers, positions, suppress: what ``_pack_verify`` returned for them.
         Returns each sequence's verdict."""
         offsets = torch.tensor([0, *counts], device=self.device).cumsum(0)
         seeds = torch.tensor([s.seed for s in seqs], device=self.device)
         params = [s.params for s in seqs]
         res = verify(logits, seqs[0].target.verify_spec, drafts, proposers, positions, offsets, params, seeds,
-                     want_logprobs=any(p.logprobs for p in params), max_n=max(counts), backend=self.sampler)
+                     want_logprobs=any(p.logprobs for p in params), max_n=max(counts), backend=self.sampler,
+                     suppress=suppress)
         # One read-back of the integer results (a second only for logprobs): the call's sync point.
         results = torch.cat([res.num_accepted[:, None], res.num_emitted[:, None], res.tokens], dim=1).tolist()
         logprobs = res.logprobs.tolist() if res.logprobs is not None else [[]] * len(seqs)
@@ -467,8 +497,11 @@ class Scheduler:
         positions = torch.tensor([s.frontier for s in seqs], device=self.device)
         seeds = torch.tensor([s.seed for s in seqs], device=self.device)
         params = [s.params for s in seqs]
-        want = stream == STREAM_ENSEMBLE and any(p.logprobs for p in params)
-        tokens, logprobs = sample_ensemble(logits, spec, positions, params, seeds, stream, want, self.sampler)
+        ensemble = stream == STREAM_ENSEMBLE
+        want = ensemble and any(p.logprobs for p in params)
+        # Drafts come from the proposer's own q, never suppressed (verify rejects what r forbids).
+        suppress = self._suppress([(s, s.frontier) for s in seqs], logits[0].shape[-1]) if ensemble else None
+        tokens, logprobs = sample_ensemble(logits, spec, positions, params, seeds, stream, want, self.sampler, suppress)
         if stream == STREAM_ENSEMBLE or self.confidence_threshold <= 0:
             out = tokens.tolist(), None if logprobs is None else logprobs.tolist()
         else:  # one read-back of both
@@ -476,6 +509,18 @@ class Scheduler:
             out = drawn, [bool(u) for u in unsure]
         self.stats.sample_s += time.perf_counter() - start
         return out
+
+    def _suppress(self, rows: list[tuple[Sequence, int]], width: int) -> Tensor | None:
+        """[len(rows), width] bool: at each (sequence, position), the tokens r must not emit there (its
+        stop tokens while it has fewer than min_tokens new tokens); None when there are none."""
+        banned = [(i, sorted(s.stop_ids)) for i, (s, pos) in enumerate(rows)
+                  if pos - s.prompt_len < s.params.min_tokens]
+        if not banned:
+            return None
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, ids in banned:
+            mask[i, ids] = True
+        return mask.to(self.device)
 
     # ------------------------------------------------------------ the method's next action
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -63,6 +63,7 @@ class _Request:
     stop: tuple[str, ...]
     submitted: float
     sent: int = 0  # characters of text already handed out
+    stop_from: int | None = None  # where a stop string may start: past the text of the first min_tokens
 
 
 class Engine:
@@ -210,10 +211,14 @@ class Engine:
 
     # ------------------------------------------------------------ request API
 
-    def submit(self, prompt: Prompt, params: SamplingParams | None = None, target: str | None = None) -> int:
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, target: str | None = None,
+               group: Hashable | None = None) -> int:
         """Queues a request and returns its id; ``step`` decodes it. target: the name of one of the
-        engine's targets (may be left out when there is only one). Every check of a request runs here,
-        so that no request the engine cannot serve joins a batch (and fails a tick for the others)."""
+        engine's targets (may be left out when there is only one). group: a key shared by requests one
+        caller submits together (a server request's prompts x n): free slots go to the groups in turn,
+        so a large group does not hold back the requests behind it (None: a group of its own). Every
+        check of a request runs here, so that no request the engine cannot serve joins a batch (and
+        fails a tick for the others)."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams or None, got {params!r}")
@@ -241,7 +246,7 @@ class Engine:
         request_id = self._next_id
         self._next_id += 1
         seq = decode.Sequence(request_id, decoded, ids, params, seed, frozenset(stop_ids),
-                              Metrics.zeros(len(self.scheduler.runners)))
+                              Metrics.zeros(len(self.scheduler.runners)), group)
         self._requests[request_id] = _Request(seq, params.stop, time.perf_counter())
         self.scheduler.add(seq)
         return request_id
@@ -276,7 +281,9 @@ class Engine:
             generated = seq.tokens[seq.prompt_len:]
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
             finish = seq.finished
-            cut = _first_stop(text, req.stop)
+            if req.stop_from is None and len(generated) >= seq.params.min_tokens:
+                req.stop_from = len(self.tokenizer.decode(generated[:seq.params.min_tokens], skip_special_tokens=True))
+            cut = None if req.stop_from is None else _first_stop(text, req.stop, req.stop_from)
             if cut is not None:
                 text, finish = text[:cut], "stop"
                 self.scheduler.abort(seq)
@@ -350,8 +357,8 @@ def _end_of_generation_ids(tokenizer) -> frozenset[int]:
     return frozenset(ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(hits) if hits else None
 
 

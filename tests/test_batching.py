@@ -160,6 +160,25 @@ def test_same_prompt_requests_share_one_prefill(tiny):
     assert outputs[-1].result.token_ids == solo[1].token_ids
 
 
+def test_free_slots_go_to_the_groups_in_turn(tiny):
+    """Waiting requests are admitted one group at a time, in turn, FIFO within a group: with one slot,
+    groups A and B of three requests each and a lone C submitted after them run A1 B1 C A2 B2 A3 B3
+    (first come, first served would run C last), and each emits what it emits alone."""
+    engine = Engine(tiny[:2], EnsembleSpec.weighted([0.5, 0.5]), "se", [3, 1], max_batch=1, prefix_cache=False)
+    params = SamplingParams(temperature=1.0, seed=3, max_new_tokens=4, ignore_eos=True)
+    prompts = {name: [10 + i, 20 + i] for i, name in enumerate(["A1", "A2", "A3", "B1", "B2", "B3", "C"])}
+    solo = {name: engine.generate(p, params)[0].token_ids for name, p in prompts.items()}
+    names = {engine.submit(prompts[name], params, group=name[0] if name != "C" else None): name
+             for name in ["A1", "A2", "A3", "B1", "B2", "B3", "C"]}
+    finished = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.result is not None:
+                finished.append(names[out.request_id])
+                assert out.result.token_ids == solo[names[out.request_id]]
+    assert finished == ["A1", "B1", "C", "A2", "B2", "A3", "B3"]
+
+
 def test_engine_request_api_errors(tiny):
     with pytest.raises(ValueError, match="max_batch=32 but the loaded models hold 16"):
         Engine(tiny[:2], None, "se", max_batch=32)

@@ -9,6 +9,9 @@ Semantics of the sampling settings (temperature T, top-k, top-p), fixed here and
                on="probs":  r = normalise(fn([process(l_k)])), as for weighted.
 Greedy (T = 0): r is the one-hot argmax of the T = 1, unfiltered ensemble (the mixture for
 weighted / custom-probs, z for linear / custom-logits); ties go to the lowest token id.
+Suppressed tokens (``suppress``, a request's stop tokens before its min_tokens) get logit -inf where
+the filters act (each model's logits for weighted / custom-probs, z for linear / custom-logits),
+before temperature, top-k and top-p; r gives them probability 0.
 """
 
 from __future__ import annotations
@@ -86,31 +89,36 @@ class EnsembleSpec:
         if self.num_models != n:
             raise ValueError(f"the ensemble is defined over {self.num_models} models but {n} were given")
 
-    def target(self, logits: list[Tensor], temperature: float, top_k: int, top_p: float) -> Tensor:
-        """Per-model logits, n x [R, V] -> the ensemble distribution r, fp32 [R, V]."""
+    def target(self, logits: list[Tensor], temperature: float, top_k: int, top_p: float,
+               suppress: Tensor | None = None) -> Tensor:
+        """Per-model logits, n x [R, V] -> the ensemble distribution r, fp32 [R, V].
+        suppress: [R, V] bool, tokens r must not emit (module docstring), or None."""
         greedy = temperature == 0
         t = 1.0 if greedy else temperature
         if self.kind == "linear" or (self.kind == "custom" and self.on == "logits"):
-            z = self._combine_logits(logits)
+            z = _suppressed(self._combine_logits(logits), suppress)
             return one_hot_argmax(z) if greedy else process_logits(z, t, top_k, top_p)
         if greedy:  # the mixture of plain softmaxes, then its argmax
             top_k, top_p = 0, 1.0
-        probs = [process_logits(x, t, top_k, top_p) for x in logits]
+        probs = [process_logits(_suppressed(x.float(), suppress), t, top_k, top_p) for x in logits]
         if self.kind == "weighted":
             mix = sum(w * p for w, p in zip(self.coefficients, probs))
         else:
             mix = self._checked(self.fn(probs), logits[0], "probabilities")
+            if suppress is not None:
+                mix = mix.masked_fill(suppress, 0.0)
             total = row_sum(mix)
             if bool((mix < 0).any()) or not bool((total > 0).all()):
                 raise ValueError("custom ensemble returned negative weights or an all-zero row")
             mix = mix / total
         return one_hot_argmax(mix) if greedy else mix
 
-    def log_target(self, logits: list[Tensor], temperature: float, top_k: int, top_p: float) -> Tensor:
+    def log_target(self, logits: list[Tensor], temperature: float, top_k: int, top_p: float,
+                   suppress: Tensor | None = None) -> Tensor:
         """log r for reporting logprobs; greedy requests report the T = 1 unfiltered ensemble."""
         if temperature == 0:
-            return self.target(logits, 1.0, 0, 1.0).log()
-        return self.target(logits, temperature, top_k, top_p).log()
+            return self.target(logits, 1.0, 0, 1.0, suppress).log()
+        return self.target(logits, temperature, top_k, top_p, suppress).log()
 
     def _combine_logits(self, logits: list[Tensor]) -> Tensor:
         if self.kind == "linear":
@@ -126,6 +134,10 @@ class EnsembleSpec:
         if bool(torch.isnan(out).any()):
             raise ValueError(f"custom ensemble returned NaN {what}")
         return out
+
+
+def _suppressed(logits: Tensor, suppress: Tensor | None) -> Tensor:
+    return logits if suppress is None else logits.masked_fill(suppress, float("-inf"))
 
 
 def _floats(values: Sequence[float], name: str) -> tuple[float, ...]:

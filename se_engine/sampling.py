@@ -45,6 +45,9 @@ class SamplingParams:
     stop_token_ids: ints >= 0; generation ends after emitting one (it is kept in the output); so does
     the engine's ``eos_ids`` (the EOS and the end-of-turn / end-of-text special tokens) unless
     ignore_eos. stop: a string or strings; the text is cut before the first occurrence.
+    min_tokens: an int in [0, max_new_tokens]; the first min_tokens new tokens are never a stop token
+    (r is the ensemble over logits in which the stop tokens' are -inf, ``EnsembleSpec.target``), and
+    a stop string counts only where it starts after their text.
     logprobs: return log r(token) of each emitted token under the ensemble distribution it was
     drawn from (for greedy requests: under the temperature-1, unfiltered ensemble).
     """
@@ -56,6 +59,7 @@ class SamplingParams:
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
+    min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: bool = False
 
@@ -73,6 +77,9 @@ class SamplingParams:
             raise ValueError(f"seed must be None or an int in [0, 2**63), got {self.seed!r}")
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_tokens must be an int in [0, max_new_tokens={self.max_new_tokens}], "
+                             f"got {self.min_tokens!r}")
         ids = self.stop_token_ids
         if not isinstance(ids, (Sequence, AbstractSet)) or any(not is_int(i) or i < 0 for i in ids):
             raise ValueError(f"stop_token_ids must be a sequence of ints >= 0, got {ids!r}")

@@ -13,6 +13,10 @@ Emitted tokens of b: x_0 .. x_{a_b - 1}, then y_b if a_b < n_b. With one-hot q a
 this is "accept iff the draft is the ensemble argmax, else emit the argmax" (a greedy q is the
 point mass on the draft). Precondition: every sampled draft was drawn from its q (q_t(x_t) > 0).
 
+r is that of the rows' suppressed tokens where ``suppress`` [T, V] is given (a request's stop tokens
+before its min_tokens; ``EnsembleSpec.target``); q is never suppressed (a draft of a suppressed token
+is rejected, as r gives it 0).
+
 Ensemble sampling (no drafts, one row per sequence) is the same race on r itself:
     y_b ~ r_b  (stream given by the caller: ENSEMBLE for the ensemble, DRAFT + m for model m's draft).
 
@@ -48,10 +52,11 @@ class VerifyResult:
 
 def verify_reference(logits: list[Tensor], spec: EnsembleSpec, draft_ids: Tensor, proposer: Tensor,
                      positions: Tensor, seq_offsets: Tensor, params: list[SamplingParams], seeds: Tensor,
-                     want_logprobs: bool = False, max_n: int | None = None) -> VerifyResult:
+                     want_logprobs: bool = False, max_n: int | None = None,
+                     suppress: Tensor | None = None) -> VerifyResult:
     """logits: n x [T, V]; draft_ids, proposer, positions: [T] int64 (absolute token positions);
     seq_offsets: [B + 1] int64; params: B per-sequence sampling settings; seeds: [B] int64;
-    max_n: the longest segment (computed when None)."""
+    max_n: the longest segment (computed when None); suppress: [T, V] bool or None."""
     T = draft_ids.shape[0]
     B = seq_offsets.shape[0] - 1
     device = draft_ids.device
@@ -65,14 +70,15 @@ def verify_reference(logits: list[Tensor], spec: EnsembleSpec, draft_ids: Tensor
     for b, p in enumerate(params):  # per-sequence settings: one slice each, no per-position loop
         rows = slice(int(seq_offsets[b]), int(seq_offsets[b + 1]))
         seq_logits = [x[rows] for x in logits]
-        r[rows] = spec.target(seq_logits, p.temperature, p.top_k, p.top_p)
+        banned = None if suppress is None else suppress[rows]
+        r[rows] = spec.target(seq_logits, p.temperature, p.top_k, p.top_p, banned)
         if p.greedy:  # a greedy proposer's law is the point mass on the token it chose
             q[rows] = torch.zeros_like(q[rows]).scatter_(1, draft_ids[rows, None], 1.0)
         else:
             own = torch.stack(seq_logits)[proposer[rows], torch.arange(rows.stop - rows.start, device=device)]
             q[rows] = process_logits(own, p.temperature, p.top_k, p.top_p)
         if log_r is not None:
-            log_r[rows] = spec.log_target(seq_logits, p.temperature, p.top_k, p.top_p)
+            log_r[rows] = spec.log_target(seq_logits, p.temperature, p.top_k, p.top_p, banned)
 
     row_seeds = seeds[seq_of_row]
     u = uniform(row_seeds, positions, STREAM_ACCEPT)
@@ -111,15 +117,19 @@ def verify_reference(logits: list[Tensor], spec: EnsembleSpec, draft_ids: Tensor
 
 def sample_ensemble_reference(logits: list[Tensor], spec: EnsembleSpec, positions: Tensor,
                               params: list[SamplingParams], seeds: Tensor, stream: int,
-                              want_logprobs: bool = False) -> tuple[Tensor, Tensor | None]:
-    """logits: n x [B, V], one row per sequence; positions, seeds: [B] int64.
+                              want_logprobs: bool = False, suppress: Tensor | None = None
+                              ) -> tuple[Tensor, Tensor | None]:
+    """logits: n x [B, V], one row per sequence; positions, seeds: [B] int64; suppress: [B, V] bool or None.
     Returns tokens [B] int64 drawn from r, and log r(token) [B] fp32 when asked."""
-    r = torch.cat([spec.target([x[b:b + 1] for x in logits], p.temperature, p.top_k, p.top_p)
+    def banned(b: int) -> Tensor | None:
+        return None if suppress is None else suppress[b:b + 1]
+
+    r = torch.cat([spec.target([x[b:b + 1] for x in logits], p.temperature, p.top_k, p.top_p, banned(b))
                    for b, p in enumerate(params)])
     tokens = sample(r, seeds, positions, stream)
     if not want_logprobs:
         return tokens, None
-    log_r = torch.cat([spec.log_target([x[b:b + 1] for x in logits], p.temperature, p.top_k, p.top_p)
+    log_r = torch.cat([spec.log_target([x[b:b + 1] for x in logits], p.temperature, p.top_k, p.top_p, banned(b))
                        for b, p in enumerate(params)])
     return tokens, log_r.gather(1, tokens[:, None])[:, 0]
 
@@ -131,8 +141,10 @@ def _kernels():
     return kernels
 
 
-def _check_fused(spec: EnsembleSpec, params: list[SamplingParams], num_models: int) -> None:
+def _check_fused(spec: EnsembleSpec, params: list[SamplingParams], num_models: int, suppress: Tensor | None) -> None:
     why = fused_unsupported(spec, params, num_models)
+    if why is None and suppress is not None:
+        why = "suppressed tokens (min_tokens) run in PyTorch"
     if why:
         raise ValueError(f"the fused kernels cannot serve this call: {why}")
 
@@ -144,9 +156,10 @@ def _temperatures(params: list[SamplingParams], device: torch.device) -> Tensor:
 
 def verify_triton(logits: list[Tensor], spec: EnsembleSpec, draft_ids: Tensor, proposer: Tensor,
                   positions: Tensor, seq_offsets: Tensor, params: list[SamplingParams], seeds: Tensor,
-                  want_logprobs: bool = False, max_n: int | None = None) -> VerifyResult:
-    """The fused twin of verify_reference (same arguments, same result)."""
-    _check_fused(spec, params, len(logits))
+                  want_logprobs: bool = False, max_n: int | None = None,
+                  suppress: Tensor | None = None) -> VerifyResult:
+    """The fused twin of verify_reference (same arguments, same result; no suppressed tokens)."""
+    _check_fused(spec, params, len(logits), suppress)
     counts = seq_offsets[1:] - seq_offsets[:-1]
     max_n = max_n if max_n is not None else (int(counts.max()) if params else 0)
     num_accepted, tokens, num_emitted, logprobs = _kernels().verify(
@@ -157,9 +170,10 @@ def verify_triton(logits: list[Tensor], spec: EnsembleSpec, draft_ids: Tensor, p
 
 def sample_ensemble_triton(logits: list[Tensor], spec: EnsembleSpec, positions: Tensor,
                            params: list[SamplingParams], seeds: Tensor, stream: int,
-                           want_logprobs: bool = False) -> tuple[Tensor, Tensor | None]:
-    """The fused twin of sample_ensemble_reference."""
-    _check_fused(spec, params, len(logits))
+                           want_logprobs: bool = False, suppress: Tensor | None = None
+                           ) -> tuple[Tensor, Tensor | None]:
+    """The fused twin of sample_ensemble_reference (no suppressed tokens)."""
+    _check_fused(spec, params, len(logits), suppress)
     return _kernels().sample(logits, spec.coefficients, spec.kind == "linear", positions,
                              _temperatures(params, positions.device), seeds, stream, want_logprobs)
 
@@ -172,6 +186,8 @@ def fused_unsupported(spec: EnsembleSpec, params: list[SamplingParams], num_mode
         return f"the fused kernels take at most {MAX_MODELS} models, got {num_models}"
     if filtered := [p for p in params if p.top_k or p.top_p < 1.0]:
         return f"top_k / top_p run in PyTorch, got top_k={filtered[0].top_k}, top_p={filtered[0].top_p}"
+    if with_min := [p for p in params if p.min_tokens]:
+        return f"min_tokens runs in PyTorch, got min_tokens={with_min[0].min_tokens}"
     return None
 
 
@@ -188,14 +204,15 @@ def _use_triton(backend: Backend, spec: EnsembleSpec, params: list[SamplingParam
 
 def verify(logits: list[Tensor], spec: EnsembleSpec, draft_ids: Tensor, proposer: Tensor, positions: Tensor,
            seq_offsets: Tensor, params: list[SamplingParams], seeds: Tensor, want_logprobs: bool = False,
-           max_n: int | None = None, backend: Backend = "auto") -> VerifyResult:
+           max_n: int | None = None, backend: Backend = "auto", suppress: Tensor | None = None) -> VerifyResult:
     """backend "auto": the fused kernels on CUDA when they support the call, else PyTorch."""
     impl = verify_triton if _use_triton(backend, spec, params, logits) else verify_reference
-    return impl(logits, spec, draft_ids, proposer, positions, seq_offsets, params, seeds, want_logprobs, max_n)
+    return impl(logits, spec, draft_ids, proposer, positions, seq_offsets, params, seeds, want_logprobs, max_n,
+                suppress)
 
 
 def sample_ensemble(logits: list[Tensor], spec: EnsembleSpec, positions: Tensor, params: list[SamplingParams],
                     seeds: Tensor, stream: int, want_logprobs: bool = False,
-                    backend: Backend = "auto") -> tuple[Tensor, Tensor | None]:
+                    backend: Backend = "auto", suppress: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     impl = sample_ensemble_triton if _use_triton(backend, spec, params, logits) else sample_ensemble_reference
-    return impl(logits, spec, positions, params, seeds, stream, want_logprobs)
+    return impl(logits, spec, positions, params, seeds, stream, want_logprobs, suppress)

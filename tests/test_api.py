@@ -1,6 +1,7 @@
 """Ensemble specs, sampling parameters and the engine API: semantics and bad inputs."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -123,6 +124,21 @@ def test_stop_strings_logprobs_and_stream(pair):
     assert streamed == full.text
     seeded = [engine.generate("abc", SamplingParams(seed=5, max_new_tokens=20))[0].token_ids for _ in range(2)]
     assert seeded[0] == seeded[1]
+
+
+def test_min_tokens_holds_back_stop_strings(pair):
+    """A stop string counts only where it starts after the text of the first min_tokens tokens."""
+    engine = Engine(pair, EnsembleSpec.weighted([0.5, 0.5]), "se", [3, 1])
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    full = engine.generate("abc", params)[0]
+    stop = "N"  # the greedy text: "\ufffdBBBBB\ufffdNkN..." and again after its 20th token
+    start = len(engine.tokenizer.decode(full.token_ids[:20]))
+    assert 0 <= full.text.find(stop) < start <= full.text.find(stop, start)
+    early = engine.generate("abc", replace(params, stop=(stop,)))[0]
+    assert early.text == full.text[:full.text.find(stop)] and early.finish_reason == "stop"
+    late = engine.generate("abc", replace(params, stop=(stop,), min_tokens=20))[0]
+    assert late.text == full.text[:full.text.find(stop, start)] and late.finish_reason == "stop"
+    assert late.token_ids == full.token_ids[:len(late.token_ids)] and len(late.token_ids) >= 20
 
 
 def test_uniforms_stay_below_one_and_one_hot_sampling_is_exact(monkeypatch):

@@ -1,6 +1,7 @@
 """Exactness of the speculative methods: greedy identity and the distribution of sampled tokens."""
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -57,6 +58,34 @@ def check_greedy_identity(models, spec, seed: int, max_new_tokens: int = 48) -> 
 @pytest.mark.parametrize("spec,n", GREEDY, ids=lambda x: getattr(x, "kind", x))
 def test_greedy_identity(tiny, spec, n):
     check_greedy_identity(tiny[:n], spec, seed=n)
+
+
+@pytest.mark.parametrize("spec,n", [GREEDY[0], GREEDY[3], GREEDY[5]], ids=["weighted", "contrastive", "weighted-3"])
+def test_greedy_identity_with_min_tokens(tiny, spec, n):
+    """A stop token the plain ensemble emits early, suppressed for the first 8 tokens: every method
+    emits the argmax of r over logits in which that token's are -inf (computed here, token by token)
+    until then, and ends at its first occurrence after."""
+    models, prompt, length, min_tokens = tiny[:n], [5, 17, 99, 3], 24, 8
+    free = Engine(models, spec, "ensemble").generate(prompt, SamplingParams(temperature=0, max_new_tokens=length,
+                                                                             ignore_eos=True))[0].token_ids
+    stop = free[1]
+    params = SamplingParams(temperature=0, max_new_tokens=length, ignore_eos=True, stop_token_ids=(stop,),
+                            min_tokens=min_tokens)
+    for m in models:
+        m.runner.truncate([0], [0])
+    expected, fed = [], prompt
+    for t in range(length):
+        logits = [m.runner.forward([0], [fed], [1]) for m in models]
+        suppress = torch.zeros_like(logits[0], dtype=torch.bool)
+        suppress[:, stop] = t < min_tokens
+        expected.append(int(spec.target(logits, 0, 0, 1.0, suppress).argmax()))
+        fed = expected[-1:]
+        if expected[-1] == stop:
+            break
+    assert stop not in expected[:min_tokens] and stop in free[:min_tokens]
+    for method, gammas in [("ensemble", None), ("ensemble_sd", None), ("se", None), ("se", [3] * n)]:
+        got = Engine(models, spec, method, gammas).generate(prompt, params)[0].token_ids
+        assert got == expected, (method, gammas)
 
 
 @pytest.mark.parametrize("spec,n", [GREEDY[0], GREEDY[6]], ids=["weighted", "linear-3"])
@@ -119,9 +148,11 @@ def small():
 
 
 def exact_joint(models, spec, params, length=T, prompt=PROMPT):
-    """P(x_1..x_length) of the plain ensemble, by enumerating every prefix."""
+    """P(x_1..x_length) of the plain ensemble, by enumerating every prefix; params' stop_token_ids
+    suppressed at the first params.min_tokens tokens (no stop token may end a sequence earlier)."""
     probs = {}
     vocab = models[0].runner.vocab_size
+    assert not params.stop_token_ids or params.min_tokens >= length - 1, "a stop token could end a sequence early"
     for seq in itertools.product(range(vocab), repeat=length):
         p = 1.0
         for t in range(length):
@@ -129,7 +160,10 @@ def exact_joint(models, spec, params, length=T, prompt=PROMPT):
             for m in models:
                 m.runner.truncate([0], [0])
                 logits.append(m.runner.forward([0], [prompt + list(seq[:t])], [1]))
-            p *= float(spec.target(logits, params.temperature, params.top_k, params.top_p)[0, seq[t]])
+            suppress = torch.zeros_like(logits[0], dtype=torch.bool)
+            if t < params.min_tokens:
+                suppress[:, list(params.stop_token_ids)] = True
+            p *= float(spec.target(logits, params.temperature, params.top_k, params.top_p, suppress)[0, seq[t]])
         probs[seq] = p
     return probs
 
@@ -161,8 +195,7 @@ def draw(models, spec, method, gammas, params, sampler="torch", num=N, drafter=N
 
 
 def generations(engine, params, num, length=T, prompt=PROMPT):
-    per_seed = [SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                               seed=seed, max_new_tokens=length, ignore_eos=True) for seed in range(num)]
+    per_seed = [replace(params, seed=seed, max_new_tokens=length, ignore_eos=True) for seed in range(num)]
     return engine.generate([prompt] * num, per_seed)
 
 
@@ -221,6 +254,37 @@ def test_distribution_test_catches_a_stop_that_peeks_at_the_coin(monkeypatch):
     engine = Engine(models, spec, "se", [3, 3], sampler="torch", confidence_threshold=0.8)
     samples = [tuple(r.token_ids) for r in generations(engine, params, N, 4, prompt)]
     pvalue, stat, df = chi_square_pvalue(samples, exact_joint(models, spec, params, 4, prompt))
+    assert pvalue < ALPHA, f"planted bug not detected: chi2={stat:.1f} df={df} p={pvalue:.2e}"
+
+
+def min_tokens_case(models, spec):
+    """params with min_tokens 2 of 3 whose stop token is the ensemble's most likely first token."""
+    params = SamplingParams(temperature=1.0)
+    first = exact_joint(models, spec, params, length=1)
+    stop = max(first, key=first.get)[0]
+    return replace(params, stop_token_ids=(stop,), min_tokens=T - 1)
+
+
+@pytest.mark.parametrize("spec", [SAMPLING[0][0], SAMPLING[2][0]], ids=["weighted", "contrastive"])
+@pytest.mark.parametrize("method,gammas", [("ensemble", None), ("se", [2, 1]), ("ensemble_sd", [2, 1])])
+def test_sampled_tokens_follow_the_ensemble_with_min_tokens(small, spec, method, gammas):
+    """The stop token, suppressed at the first two tokens (its logit -inf where the filters act),
+    may end a sequence only at the third."""
+    params = min_tokens_case(small, spec)
+    samples = draw(small, spec, method, gammas, params)
+    assert all(params.stop_token_ids[0] not in s[:T - 1] for s in samples)
+    pvalue, stat, df = chi_square_pvalue(samples, exact_joint(small, spec, params))
+    assert pvalue > ALPHA, f"chi2={stat:.1f} df={df} p={pvalue:.2e}"
+
+
+def test_distribution_test_catches_min_tokens_left_out_of_verify(small, monkeypatch):
+    """Planted bug: the ensemble draws suppress the stop tokens but the acceptance test does not."""
+    real = verify_module.verify_reference
+    monkeypatch.setattr(verify_module, "verify_reference", lambda *args: real(*args[:-1]))  # suppress: last
+    spec = SAMPLING[0][0]
+    params = min_tokens_case(small, spec)
+    samples = draw(small, spec, "se", [2, 1], params)
+    pvalue, stat, df = chi_square_pvalue(samples, exact_joint(small, spec, params))
     assert pvalue < ALPHA, f"planted bug not detected: chi2={stat:.1f} df={df} p={pvalue:.2e}"
 
 

@@ -245,6 +245,20 @@ def test_stop_token_ids(server, reference):
     assert out["choices"][0]["text"] == reference.tokenizer.decode(ids[:stop_at], skip_special_tokens=True)
 
 
+def test_min_tokens(server, reference):
+    """The stop token the greedy output emits first is held back for min_tokens tokens: the reply is the
+    engine's with the same settings, and longer than without min_tokens."""
+    ids = reference.generate("stop", SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))[0].token_ids
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True, stop_token_ids=(ids[0],), min_tokens=6)
+    expected = reference.generate("stop", params)[0]
+    out = server.http.post("/v1/completions", json={"prompt": "stop", "max_tokens": 16, "temperature": 0,
+                                                    "ignore_eos": True, "stop_token_ids": [ids[0]],
+                                                    "min_tokens": 6}).json()
+    assert out["choices"][0]["text"] == expected.text
+    assert out["usage"]["completion_tokens"] == len(expected.token_ids) >= 6
+    assert ids[0] not in expected.token_ids[:6]
+
+
 def test_tokenize_and_detokenize(server, reference):
     ids = server.http.post("/tokenize", json={"model": MODEL, "prompt": "héllo 🙂"}).json()
     assert ids == {"tokens": reference.encode("héllo 🙂"), "count": len(ids["tokens"]), "max_model_len": MAX_LEN}
@@ -366,7 +380,12 @@ BAD = {
                                "greater than or equal to 0"),
     "stop token id out of range": ("/v1/completions", {"prompt": "a", "stop_token_ids": [10**6]}, 400, None,
                                    "stop_token_ids must be in [0, "),
-    "min_tokens": ("/v1/completions", {"prompt": "a", "min_tokens": 4}, 400, "min_tokens", "only null or 0"),
+    "min_tokens above max_tokens": ("/v1/completions", {"prompt": "a", "min_tokens": 5, "max_tokens": 4}, 400,
+                                    "min_tokens", "min_tokens=5 is more than the 4 new tokens"),
+    "negative min_tokens": ("/v1/completions", {"prompt": "a", "min_tokens": -1}, 400, "min_tokens",
+                            "greater than or equal to 0"),
+    "min_tokens as a string": ("/v1/completions", {"prompt": "a", "min_tokens": "4"}, 400, "min_tokens",
+                               "valid integer"),
     "tokenize prompt and messages": ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]},
                                      400, "prompt", "one of prompt and messages"),
     "tokenize nothing": ("/tokenize", {}, 400, "prompt", "one of prompt and messages"),
@@ -799,6 +818,28 @@ def test_async_engine_in_process(reference):
 
     with pytest.raises(EngineDeadError):
         asyncio.run(after_close())
+
+
+def test_a_large_request_does_not_hold_back_a_small_one():
+    """Free slots go to the waiting requests in turn: after a request of 32 sequences on 4 slots, a
+    request of one takes one of the first free slots (first come, first served: the 29th)."""
+    engine = AsyncEngine(tiny_engine())
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    finished = []
+
+    async def run(name: str, count: int) -> None:
+        async for _, out in engine.generate_batch([(f"{name} {i}", params) for i in range(count)]):
+            if out.finish_reason is not None:
+                finished.append(name)
+
+    async def both() -> None:
+        await asyncio.gather(run("large", 32), run("small", 1))  # the large one is submitted first
+
+    try:
+        asyncio.run(both())
+    finally:
+        engine.close()
+    assert len(finished) == 33 and finished.index("small") < 8, finished
 
 
 def test_async_engine_outlives_a_closed_event_loop(reference):

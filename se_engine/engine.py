@@ -247,7 +247,8 @@ class Engine:
         self._next_id += 1
         seq = decode.Sequence(request_id, decoded, ids, params, seed, frozenset(stop_ids),
                               Metrics.zeros(len(self.scheduler.runners)), group)
-        self._requests[request_id] = _Request(seq, params.stop, time.perf_counter())
+        self._requests[request_id] = _Request(seq, params.stop, time.perf_counter(),
+                                              stop_from=0 if params.min_tokens == 0 else None)
         self.scheduler.add(seq)
         return request_id
 

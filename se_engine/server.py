@@ -130,7 +130,7 @@ class _SamplingRequest(_Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # also end on these (kept in the output)
-    min_tokens: int = Field(0, ge=0, description="new tokens before a stop token or string may end it")
+    min_tokens: int | None = Field(None, ge=0, description="new tokens before a stop token or string may end it")
     user: _Text | None = None  # accepted for compatibility, unused
     frequency_penalty: _only(0, None) = None
     presence_penalty: _only(0, None) = None
@@ -593,7 +593,8 @@ class OpenAIServer:
             raise APIError(f"max_tokens={max_tokens} is too large: this model's context is {engine.max_len} tokens and "
                            f"the prompt has {len(ids)}, so at most {room} new tokens fit", param="max_tokens",
                            code="context_length_exceeded")
-        if body.min_tokens > (max_tokens or room):
+        min_tokens = body.min_tokens or 0
+        if min_tokens > (max_tokens or room):
             raise APIError(f"min_tokens={body.min_tokens} is more than the {max_tokens or room} new tokens this "
                            "request may generate (max_tokens, or what the context leaves)", param="min_tokens")
         vocab = engine.vocab_size
@@ -604,7 +605,7 @@ class OpenAIServer:
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
                 seed=None if body.seed is None else body.seed + i, max_new_tokens=max_tokens or room,
-                stop=body.stop or (), stop_token_ids=tuple(body.stop_token_ids or ()), min_tokens=body.min_tokens,
+                stop=body.stop or (), stop_token_ids=tuple(body.stop_token_ids or ()), min_tokens=min_tokens,
                 ignore_eos=body.ignore_eos, logprobs=logprobs) for i in range(body.n)]
         except ValueError as e:
             raise APIError(str(e)) from e

@@ -257,6 +257,8 @@ def test_min_tokens(server, reference):
     assert out["choices"][0]["text"] == expected.text
     assert out["usage"]["completion_tokens"] == len(expected.token_ids) >= 6
     assert ids[0] not in expected.token_ids[:6]
+    unset = server.http.post("/v1/completions", json={"prompt": "stop", "max_tokens": 2, "min_tokens": None})
+    assert unset.status_code == 200, unset.text  # null: as OpenAI-style clients send an unset field
 
 
 def test_tokenize_and_detokenize(server, reference):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -76,19 +78,22 @@ def request_body(i: int) -> tuple[str, dict]:
     return "/v1/completions", {**body, "prompt": text}
 
 
-async def send(client: httpx.AsyncClient, i: int) -> dict:
+Body = Callable[[int], tuple[str, dict]]  # request index -> (path, JSON body)
+
+
+async def send(client: httpx.AsyncClient, i: int, body: Body = request_body) -> dict:
     """Request i, retried after Retry-After while the server answers 429."""
     start = time.perf_counter()
     retries = 0
-    while (rec := await send_once(client, i, start))["status"] == 429:
+    while (rec := await send_once(client, i, start, body))["status"] == 429:
         retries += 1
         await asyncio.sleep(float(rec["retry_after"]))
     rec.update(retries=retries, latency=time.perf_counter() - start)
     return rec
 
 
-async def send_once(client: httpx.AsyncClient, i: int, start: float) -> dict:
-    path, body = request_body(i)
+async def send_once(client: httpx.AsyncClient, i: int, start: float, body_of: Body) -> dict:
+    path, body = body_of(i)
     chat = "chat" in path
     rec = {"i": i, "stream": body["stream"], "max_tokens": body["max_tokens"], "errors": []}
     if not body["stream"]:
@@ -132,13 +137,13 @@ async def send_once(client: httpx.AsyncClient, i: int, start: float) -> dict:
     return rec
 
 
-async def load(url: str, indices: list[int], concurrency: int) -> list[dict]:
+async def load(url: str, indices: list[int], concurrency: int, body: Body = request_body) -> list[dict]:
     """``concurrency`` clients, each sending its next request as soon as its last one is answered."""
     pending = iter(indices)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         async def worker() -> list[dict]:
-            return [await send(client, i) for i in pending]  # the shared iterator hands each index out once
+            return [await send(client, i, body) for i in pending]  # the shared iterator hands each index out once
         return [rec for recs in await asyncio.gather(*[worker() for _ in range(concurrency)]) for rec in recs]
 
 
@@ -238,12 +243,14 @@ def run_round(url: str, client: httpx.Client, pid: int, spec: str, baseline_mb: 
 def health_while_tokenizing(url: str, pid: int) -> dict:
     """/health's answer times while a prompt of the largest body the server takes is tokenized, and the
     server's RSS afterwards."""
-    prompt = "word " * ((MAX_BODY_BYTES - 100) // 5)
+    # Encoded here: json.dumps holds this process's GIL, which would stall the polls' own clock.
+    body = json.dumps({"model": "bench", "prompt": "word " * ((MAX_BODY_BYTES - 100) // 5)}).encode()
     waits, answer = [], {}
 
     def post() -> None:
         with httpx.Client(base_url=url, timeout=600) as c:
-            answer["status"] = c.post("/v1/completions", json={"model": "bench", "prompt": prompt}).status_code
+            answer["status"] = c.post("/v1/completions", content=body,
+                                      headers={"content-type": "application/json"}).status_code
 
     thread = threading.Thread(target=post)
     with httpx.Client(base_url=url, timeout=60) as c:
@@ -310,6 +317,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def server(server_args: list[str], threads: int) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``se-engine serve`` on a free loopback port, with OMP_NUM_THREADS=threads, until /health answers;
+    yields its URL and process, and ends it with SIGINT."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "se_engine.cli", *server_args, "--port", str(port)],
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            while True:
+                if proc.poll() is not None:
+                    sys.exit("the server exited")
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", nargs="+", default=["200x16", "500x64", "200x16", "500x64"], metavar="NxC")
@@ -325,23 +356,10 @@ def main() -> None:
         if not (n.isdigit() and c.isdigit() and int(n) % 2 == 0 and int(n) > 0 and int(c) > 0):
             ap.error(f"a round is NxC with N even (requests come in twins) and C >= 1, got {spec!r}")
 
-    port = free_port()
     server_args = ["serve", "--models", *MODELS, "--gammas", "3", "1", "--max-len", "512",
-                   "--max-batch", str(args.max_batch), "--port", str(port), "--served-model-name", "bench",
+                   "--max-batch", str(args.max_batch), "--served-model-name", "bench",
                    "--log-level", "warning", *(["--dtype", args.dtype] if args.dtype else [])]
-    proc = subprocess.Popen([sys.executable, "-m", "se_engine.cli", *server_args],
-                            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        client = httpx.Client(base_url=url, timeout=60)
-        while True:
-            if proc.poll() is not None:
-                sys.exit("the server exited")
-            try:
-                if client.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+    with server(server_args, args.threads) as (url, proc), httpx.Client(base_url=url, timeout=60) as client:
         rss = {"start": rss_mb(proc.pid)}
         warmup = 16
         asyncio.run(load(url, list(range(10**6, 10**6 + warmup)), warmup))
@@ -349,9 +367,6 @@ def main() -> None:
         rounds = [run_round(url, client, proc.pid, spec, rss["baseline"]) for spec in [*args.rounds, args.flood]]
         health = health_while_tokenizing(url, proc.pid)
         rounds.append(run_round(url, client, proc.pid, args.flood, rss["baseline"], flooders=FLOODERS))
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
 
     result = {
         **header(), "server": "se-engine " + shlex.join(server_args), "threads": args.threads, "warmup": warmup,

@@ -23,6 +23,7 @@ from .model import Transformer
 from .runner import LoadedModel, Runner, check_load_args, check_same_vocabulary, load_model
 from .sampling import SamplingParams
 from .sources import check_model
+from .token_text import encode_text
 from .verify import Backend, fused_unsupported
 
 Prompt = str | Sequence[int]
@@ -255,7 +256,7 @@ class Engine:
     def encode(self, prompt: Prompt) -> list[int]:
         """A prompt's token ids, as ``submit`` sees them (text is tokenized without special tokens)."""
         if isinstance(prompt, str):
-            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            return encode_text(self.tokenizer, prompt)
         if not isinstance(prompt, Sequence):
             raise ValueError(f"prompt must be a str or a sequence of token ids, got {prompt!r}")
         return list(prompt)

@@ -398,7 +398,8 @@ class OpenAIServer:
 
     max_body_bytes: larger request bodies get a 413. max_request_sequences: a request asking for
     more sequences (prompts x n) gets a 400. max_queued_sequences: the sequences of all accepted
-    requests, running or waiting; a request that would pass it gets a 429 with Retry-After.
+    requests, running or waiting; a request that would pass it, or that asks for more than half the
+    free places (rounded up) while others are queued, gets a 429 with Retry-After.
     api_key: every request but /health must send ``Authorization: Bearer <api_key>`` (else a 401).
     allowed_hosts: host names every request but /health must name in its Host header (else a 400);
     None: any.
@@ -538,9 +539,12 @@ class OpenAIServer:
             raise APIError(f"this request asks for {count} sequences ({num_prompts} prompts x n={body.n}); this "
                            f"server takes at most {self.max_request_sequences} per request",
                            param="n" if num_prompts == 1 else "prompt")
-        if self.queued_sequences + count > self.max_queued_sequences:
+        free = self.max_queued_sequences - self.queued_sequences
+        # At most half the free places while others are queued: large requests cannot crowd out small ones.
+        if count > free or (self.queued_sequences and 2 * count - 1 > free):
             raise APIError(f"the server is busy: {self.queued_sequences} sequences are queued and it holds at most "
-                           f"{self.max_queued_sequences}; retry later", status=429, type="server_busy",
+                           f"{self.max_queued_sequences}, of which a request may take at most half the free places "
+                           f"while others are queued; retry later", status=429, type="server_busy",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
         self.queued_sequences += count  # held until the response ends, however it ends
         streaming = False

@@ -9,6 +9,7 @@ import torch
 from se_engine.engine import Engine
 from se_engine.ensemble import EnsembleSpec
 from se_engine.sampling import SamplingParams, process_logits, sample
+from se_engine.token_text import encode_text
 from se_engine.verify import verify_reference
 
 
@@ -186,3 +187,20 @@ def test_generation_ends_at_every_end_of_generation_token(pair):
             assert stopped.token_ids == free[:first + 1] and stopped.finish_reason == "stop"
             ends.add(free[first])
     assert 258 in ends, "no generation reached <|im_end|>: the test proves nothing"
+
+
+@pytest.mark.parametrize("split_special_tokens", [False, True])
+def test_text_encodes_as_transformers_encodes_it(pair, split_special_tokens):
+    """encode_text calls the Rust backend directly: the same ids as transformers' own call, special
+    tokens written in the text included (and split where the tokenizer is told to split them)."""
+    texts = ["", " ", "héllo 🙂 wörld\n\n\tx", "  two  spaces ", "def f(x):\n    return x ** 2\n", "a" * 3000,
+             "日本語のテキスト", "\u200b zero width", "12345 678.9"]
+    for model in pair:
+        tok = model.tokenizer
+        special = "".join(tok.all_special_tokens)
+        for text in [f"{special} in the middle {special}", *texts]:  # first: before a call changes the backend's state
+            tok.split_special_tokens = split_special_tokens
+            try:
+                assert encode_text(tok, text) == tok(text, add_special_tokens=False)["input_ids"], repr(text)
+            finally:
+                tok.split_special_tokens = False

@@ -441,6 +441,20 @@ def test_a_full_queue_answers_429(server):
     assert_serving(server)
 
 
+def test_a_request_takes_at_most_half_the_free_places(server):
+    """While others are queued a request may take at most half the free places (rounded up), so that
+    large requests cannot fill the queue for small ones; an idle server takes up to the whole limit."""
+    body = {"prompt": ["hold", "on"], "n": 10, "max_tokens": 500, "ignore_eos": True, "stream": True}  # 20 of 48
+    with server.http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200 and server.api.queued_sequences == 20  # 28 free
+        with pytest.raises(openai.RateLimitError) as e:
+            server.client.completions.create(model=MODEL, prompt=["a"], n=15, max_tokens=1)  # 15 of 28: over half
+        assert e.value.code == "queue_full"
+        assert len(server.client.completions.create(model=MODEL, prompt=["a"], n=14, max_tokens=1).choices) == 14
+    wait_idle(server)
+    assert_serving(server)
+
+
 def test_health_answers_while_a_huge_prompt_is_tokenized(server, monkeypatch):
     """Tokenizing runs in a worker thread: /health answers while the largest body the server takes
     is being tokenized (a prompt too long for the context: a 400 afterwards). No clock: the

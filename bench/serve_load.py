@@ -111,7 +111,9 @@ async def send_once(client: httpx.AsyncClient, i: int, start: float, body_of: Bo
         async with client.stream("POST", path, json=body) as r:
             rec["status"], rec["retry_after"], rec["replica"] = (r.status_code, r.headers.get("retry-after"),
                                                                  r.headers.get("x-replica"))
-            if r.status_code == 429:
+            if r.status_code != 200:
+                if r.status_code != 429:
+                    rec["errors"].append(json.loads(await r.aread()))
                 return rec
             async for line in r.aiter_lines():
                 if not line.startswith("data: "):

@@ -56,7 +56,7 @@ setup(
         "server": SERVER,
         "bench": ["matplotlib"],  # bench.e2e's plots
         "ray": [*SERVER, "ray[serve]>=2.50"],  # se-engine serve --ray: replicas behind Ray Serve
-        "dev": ["pytest>=8", "scipy", *SERVER, "openai>=1.0", "httpx", "matplotlib"],
+        "dev": ["pytest>=8", "scipy", *SERVER, "openai>=1.0", "httpx", "matplotlib", "ray[serve]>=2.50"],
     },
     entry_points={"console_scripts": ["se-engine=se_engine.cli:main"]},
     ext_modules=[kv_extension()],

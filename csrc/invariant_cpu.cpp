@@ -10,9 +10,10 @@
 // linear:    y[m, n] = round_bf16(sum_k x[m, k] w[n, k] + b[n]), the sum in fp32: 16 lanes, lane i
 //            accumulating elements 32j + 2i, 32j + 2i + 1 of each 32-wide block j in order (AVX512-BF16
 //            vdpbf16ps), then one fixed horizontal tree (reduce16).
-// attention: out[t, h] = sum_{j <= p_t} softmax_j(q_t,h . k_j / sqrt(D)) v_j over slot s_t's cache: scores
-//            in fp32 (one fixed tree per key), exp by one fixed polynomial, the weights rounded to bf16
-//            for the value products (fp32 sums over key pairs in order).
+// attention: out[t, h] = sum_{f_t <= j <= p_t} softmax_j(q_t,h . k_j / sqrt(D)) v_j over slot s_t's cache,
+//            f_t = max(0, p_t - window + 1) (window 0: f_t = 0): scores in fp32 (one fixed tree per key),
+//            exp by one fixed polynomial, the weights rounded to bf16 for the value products (fp32 sums
+//            over key pairs in order from f_t).
 // Machines without AVX512-BF16 run portable loops with the same structure (invariant as well, but
 // rounding differently from the AVX512 path).
 #include <algorithm>
@@ -372,7 +373,8 @@ void attend_portable(const bf16* q, const bf16* keys, const bf16* values, int64_
 }
 
 at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                     const at::Tensor& slots_in, const at::Tensor& positions_in) {
+                     const at::Tensor& slots_in, const at::Tensor& positions_in, int64_t window) {
+  TORCH_CHECK_VALUE(window >= 0, "window must be >= 0 (0: none), got ", window);
   check_bf16_matrix(q_in, "q");
   check_bf16_matrix(k_cache, "k_cache");
   check_bf16_matrix(v_cache, "v_cache");
@@ -409,15 +411,16 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at
     std::vector<float> scores(S);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i / Hq, h = i % Hq;
-      const int64_t cache_at = (sp[t] * Hkv + h / group) * S * D;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, pp[t] - window + 1) : 0;
+      const int64_t cache_at = ((sp[t] * Hkv + h / group) * S + first) * D, n_keys = pp[t] + 1 - first;
       const bf16* qi = qp + i * D;
 #ifdef SE_X86
       if (fast) {
-        attend_avx512(qi, kp + cache_at, vp + cache_at, pp[t] + 1, D, scale, scores.data(), op + i * D);
+        attend_avx512(qi, kp + cache_at, vp + cache_at, n_keys, D, scale, scores.data(), op + i * D);
         continue;
       }
 #endif
-      attend_portable(qi, kp + cache_at, vp + cache_at, pp[t] + 1, D, scale, scores.data(), op + i * D);
+      attend_portable(qi, kp + cache_at, vp + cache_at, n_keys, D, scale, scores.data(), op + i * D);
     }
   });
   return out;
@@ -427,7 +430,7 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at
 
 TORCH_LIBRARY(se_inv, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions) -> Tensor");
+  m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions, int window=0) -> Tensor");
   m.def("has_avx512_bf16() -> bool", &has_avx512_bf16);
 }
 

@@ -37,16 +37,18 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return kv_ops.ops("se_inv").linear(x, weight, bias)
 
 
-def attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
+def attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor,
+              window: int = 0) -> Tensor:
     """Causal attention of packed queries over one layer's cache, all bf16.
 
     q: [N, Hq, D] (rotary applied); k_cache, v_cache: [B, Hkv, S, D] contiguous, with the queries'
     own keys already written; slots, positions: [N] int64 CPU: query t attends to keys
-    0 .. positions[t] of slot slots[t] (GQA: query head h reads kv head h // (Hq / Hkv)); on CUDA
-    slots and positions live on q's device. Returns [N, Hq, D]."""
+    max(0, p - window + 1) .. p, p = positions[t] (window 0: from 0, no sliding window), of slot
+    slots[t] (GQA: query head h reads kv head h // (Hq / Hkv)); on CUDA slots and positions live on
+    q's device. Returns [N, Hq, D]."""
     if q.is_cuda:
-        return _gpu().attention(q, k_cache, v_cache, slots, positions)
-    return kv_ops.ops("se_inv").attention(q, k_cache, v_cache, slots, positions)
+        return _gpu().attention(q, k_cache, v_cache, slots, positions, window)
+    return kv_ops.ops("se_inv").attention(q, k_cache, v_cache, slots, positions, window)
 
 
 def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -54,13 +56,15 @@ def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
 
-def attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
+def attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor,
+                        window: int = 0) -> Tensor:
     """The fp32 specification of ``attention`` (one query at a time)."""
     group = q.shape[1] // k_cache.shape[1]
     out = []
     for t, (s, p) in enumerate(zip(slots.tolist(), positions.tolist())):
-        k = k_cache[s, :, :p + 1].float().repeat_interleave(group, 0)
-        v = v_cache[s, :, :p + 1].float().repeat_interleave(group, 0)
+        first = max(0, p - window + 1) if window else 0
+        k = k_cache[s, :, first:p + 1].float().repeat_interleave(group, 0)
+        v = v_cache[s, :, first:p + 1].float().repeat_interleave(group, 0)
         out.append(F.scaled_dot_product_attention(q[t].float()[:, None], k, v)[:, 0])
     return torch.stack(out).to(q.dtype)
 

@@ -276,8 +276,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.gemma) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, batch: PackedBatch,
-                mask: Tensor | None) -> Tensor:
-        """x: [N, hidden]; k_cache, v_cache: this layer's [B, Hkv, S, D], written at (slots, positions)."""
+                mask: Tensor | None, window: int) -> Tensor:
+        """x: [N, hidden]; k_cache, v_cache: this layer's [B, Hkv, S, D], written at (slots, positions);
+        mask: the padded path's [span, 1, width, kv_len]; window: the invariant kernel's (0: none)."""
         cfg = self.cfg
         N = x.shape[0]
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -292,7 +293,7 @@ class Attention(nn.Module):
         if batch.invariant:
             if cfg.attention_scale is not None:  # the kernel scales by head_dim ** -0.5
                 q = q * (cfg.attention_scale * cfg.head_dim ** 0.5)
-            out = invariant_ops.attention(q, k_cache, v_cache, batch.slots, batch.positions)
+            out = invariant_ops.attention(q, k_cache, v_cache, batch.slots, batch.positions, window)
             return project(self.wo, out.view(N, q_dim), True)
         span, width = batch.span, batch.width
         if batch.pad_index is not None:
@@ -344,10 +345,10 @@ class Block(nn.Module):
         self.post_ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, True) if cfg.gemma else nn.Identity()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, batch: PackedBatch,
-                mask: Tensor | None) -> Tensor:
+                mask: Tensor | None, window: int) -> Tensor:
         """x: [N, hidden] -> [N, hidden]; writes the N tokens' K, V into this layer's cache."""
         x = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin, k_cache, v_cache, batch,
-                                                        mask))
+                                                        mask, window))
         return x + self.post_ffn_norm(self.feed_forward(self.ffn_norm(x), batch.invariant))
 
 
@@ -374,10 +375,6 @@ class Transformer(nn.Module):
             raise ValueError(f"max_batch and max_len must be >= 1, got {max_batch} and {max_len}")
         self.cfg, self.max_batch, self.max_len = cfg, max_batch, max_len
         self.invariant = batch_invariant and dtype == torch.bfloat16 and torch.device(device).type in ("cpu", "cuda")
-        if self.invariant and cfg.sliding_window is not None and max_len > cfg.sliding_window:
-            raise UnsupportedModelError(
-                f"sliding_window={cfg.sliding_window} < max_len={max_len}: the batch-invariant attention has no "
-                f"window; load with max_len <= {cfg.sliding_window}, or with batch_invariant=False or fp32")
         if self.invariant and cfg.attn_softcap is not None:
             raise UnsupportedModelError(f"attn_logit_softcapping={cfg.attn_softcap}: the batch-invariant attention "
                                         "has no soft-capping; load with batch_invariant=False or fp32")
@@ -518,7 +515,8 @@ class Transformer(nn.Module):
         for l in layers:
             kind = self.layer_kind[l]
             mask = None if masks is None else masks[kind]
-            x = self.layers[l](x, cos[kind], sin[kind], k_cache[l], v_cache[l], batch, mask)
+            window = self.cfg.sliding_window if kind else 0
+            x = self.layers[l](x, cos[kind], sin[kind], k_cache[l], v_cache[l], batch, mask, window)
         return x
 
     def attention_masks(self, batch: PackedBatch) -> tuple[Tensor, Tensor]:

@@ -59,24 +59,31 @@ def test_linear_matches_its_twin_and_is_row_invariant(n, k, bias):
     assert invariant_ops.linear(x.view(41, 1, k), w, b).shape == (41, 1, n)
 
 
+def outside_keys_nan(k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int, position: int, window: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of the caches with NaN everywhere but the keys slot's query at position attends to."""
+    k, v = torch.full_like(k_cache, float("nan")), torch.full_like(v_cache, float("nan"))
+    first = max(0, position - window + 1) if window else 0
+    k[slot, :, first:position + 1], v[slot, :, first:position + 1] = (c[slot, :, first:position + 1]
+                                                                       for c in (k_cache, v_cache))
+    return k, v
+
+
+@pytest.mark.parametrize("window", [0, 5, 33])
 @pytest.mark.parametrize("hq,hkv,d", [(8, 2, 64), (6, 2, 16), (3, 3, 40), (4, 1, 128)])
-def test_attention_matches_its_twin_and_ignores_everything_past_its_keys(hq, hkv, d):
+def test_attention_matches_its_twin_and_ignores_everything_past_its_keys(hq, hkv, d, window):
     gen = torch.Generator().manual_seed(hq * d)
     B, S, N = 3, 70, 12
     k_cache, v_cache = (torch.randn(B, hkv, S, d, generator=gen).to(BF16) for _ in range(2))
     q = torch.randn(N, hq, d, generator=gen).to(BF16)
     slots = torch.randint(0, B, (N,), generator=gen)
     positions = torch.randint(0, S, (N,), generator=gen)
-    out = invariant_ops.attention(q, k_cache, v_cache, slots, positions)
-    ref = invariant_ops.attention_reference(q, k_cache, v_cache, slots, positions).float()
+    out = invariant_ops.attention(q, k_cache, v_cache, slots, positions, window)
+    ref = invariant_ops.attention_reference(q, k_cache, v_cache, slots, positions, window).float()
     assert (out.float() - ref).abs().max() < 2e-2
-    junk_k, junk_v = k_cache.clone(), v_cache.clone()
-    for t in range(N):  # keys past a query's position, and other slots, cannot matter: not even NaN
-        alone_k, alone_v = junk_k.clone(), junk_v.clone()
-        others = [s for s in range(B) if s != slots[t]]
-        alone_k[others], alone_v[others] = float("nan"), float("nan")
-        alone_k[slots[t], :, positions[t] + 1:] = float("nan")
-        got = invariant_ops.attention(q[t:t + 1], alone_k, alone_v, slots[t:t + 1], positions[t:t + 1])
+    for t in range(N):  # keys outside a query's own (past it, before its window, other slots) cannot matter
+        alone_k, alone_v = outside_keys_nan(k_cache, v_cache, slots[t], positions[t], window)
+        got = invariant_ops.attention(q[t:t + 1], alone_k, alone_v, slots[t:t + 1], positions[t:t + 1], window)
         assert torch.equal(got[0], out[t])
 
 
@@ -98,7 +105,8 @@ def test_triton_linear_matches_its_twin_and_is_row_invariant(n, k):
             assert torch.equal(gpu.linear(x[i:i + m], w, b)[0], y[i])
 
 
-def test_triton_attention_matches_its_twin_and_ignores_everything_past_its_keys():
+@pytest.mark.parametrize("window", [0, 70])
+def test_triton_attention_matches_its_twin_and_ignores_everything_past_its_keys(window):
     from triton_kernels import invariant as gpu
     gen = torch.Generator().manual_seed(3)
     B, S, N, hq, hkv, d = 2, 150, 6, 4, 2, 16
@@ -106,15 +114,13 @@ def test_triton_attention_matches_its_twin_and_ignores_everything_past_its_keys(
     q = torch.randn(N, hq, d, generator=gen).to(BF16)
     slots, positions = torch.tensor([0, 1, 1, 0, 1, 0]), torch.tensor([0, 63, 64, 149, 100, 5])
     on = [t.to(DEVICE) for t in (q, k_cache, v_cache, slots, positions)]
-    out = gpu.attention(*on).cpu()
-    ref = invariant_ops.attention_reference(q, k_cache, v_cache, slots, positions).float()
+    out = gpu.attention(*on, window).cpu()
+    ref = invariant_ops.attention_reference(q, k_cache, v_cache, slots, positions, window).float()
     assert (out.float() - ref).abs().max() < 2e-2
     for t in range(N):
-        k_nan, v_nan = k_cache.clone(), v_cache.clone()
-        k_nan[1 - slots[t]], v_nan[1 - slots[t]] = float("nan"), float("nan")
-        k_nan[slots[t], :, positions[t] + 1:], v_nan[slots[t], :, positions[t] + 1:] = float("nan"), float("nan")
+        k_nan, v_nan = outside_keys_nan(k_cache, v_cache, slots[t], positions[t], window)
         alone = [x.to(DEVICE) for x in (q[t:t + 1], k_nan, v_nan, slots[t:t + 1], positions[t:t + 1])]
-        assert torch.equal(gpu.attention(*alone).cpu()[0], out[t])
+        assert torch.equal(gpu.attention(*alone, window).cpu()[0], out[t])
 
 
 def test_kernels_refuse_bad_input():
@@ -147,6 +153,9 @@ s, p = torch.tensor([0, 1, 1, 0, 1]), torch.tensor([0, 3, 29, 10, 11])
 out = invariant_ops.attention(q, k, k, s, p)
 assert (out.float() - invariant_ops.attention_reference(q, k, k, s, p).float()).abs().max() < 2e-2
 assert all(torch.equal(invariant_ops.attention(q[t:t + 1], k, k, s[t:t + 1], p[t:t + 1])[0], out[t]) for t in range(5))
+out = invariant_ops.attention(q, k, k, s, p, 4)
+assert (out.float() - invariant_ops.attention_reference(q, k, k, s, p, 4).float()).abs().max() < 2e-2
+assert all(torch.equal(invariant_ops.attention(q[t:t + 1], k, k, s[t:t + 1], p[t:t + 1], 4)[0], out[t]) for t in range(5))
 print("ok")
 """
     env = dict(os.environ, SE_ENGINE_PORTABLE_KERNELS="1")
@@ -225,13 +234,15 @@ FAMILY_CFG = replace(CFG, qkv_bias=False, qk_norm=True, rope_scaling=RopeScaling
 # Gemma's: (1 + w) norms, sandwich norms, embedding scale, gelu-tanh, prescaled queries, capped logits.
 GEMMA_CFG = replace(CFG, qkv_bias=False, qk_norm=True, gemma=True, activation="gelu_pytorch_tanh",
                     attention_scale=256 ** -0.5, final_softcap=30.0)
+# A sliding window on the second layer, shorter than the 20 .. 40-token sequences (Mistral, Gemma).
+WINDOWED_CFG = replace(CFG, sliding_window=7, sliding_layers=(1,))
 
 
 def test_runner_is_bitwise_invariant_under_any_schedule():
     check_schedules(random_model(), range(6))
 
 
-@pytest.mark.parametrize("cfg", [FAMILY_CFG, GEMMA_CFG], ids=["qwen3-llama3", "gemma"])
+@pytest.mark.parametrize("cfg", [FAMILY_CFG, GEMMA_CFG, WINDOWED_CFG], ids=["qwen3-llama3", "gemma", "windowed"])
 def test_other_families_are_bitwise_invariant(cfg):
     check_schedules(random_model(cfg=cfg), range(6))
 
@@ -251,7 +262,8 @@ def test_a_planted_row_dependent_matmul_breaks_invariance(monkeypatch):
 
 def test_a_planted_padded_attention_breaks_invariance(monkeypatch):
     """SDPA over the keys up to the forward's furthest position (masked): the schedules must tell."""
-    def padded(q, k_cache, v_cache, slots, positions):
+    def padded(q, k_cache, v_cache, slots, positions, window):
+        assert window == 0  # CFG has no sliding window
         kv_len = int(positions.max()) + 1
         mask = torch.arange(kv_len) <= positions[:, None]  # [N, kv_len]
         k, v = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]  # [N, Hkv, kv_len, D]

@@ -55,19 +55,20 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, HAS_BIAS: tl.constexpr,
 
 
 @triton.jit
-def _attention_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, positions_ptr, out_ptr, Hq, Hkv, S, scale,
+def _attention_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, positions_ptr, out_ptr, Hq, Hkv, S, scale, window,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slots_ptr + t)
     position = tl.load(positions_ptr + t)
+    first = tl.where(window > 0, tl.maximum(position - window + 1, 0), 0)  # blocks start at the query's own first key
     dims = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + (t * Hq + h) * D + dims, mask=dims < D, other=0.0).to(tl.float32)
     base = (slot * Hkv + h // (Hq // Hkv)) * S * D
     m = tl.full([], float("-inf"), tl.float32)
     total = tl.zeros([], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    for j0 in range(0, position + 1, BLOCK):
+    for j0 in range(first, position + 1, BLOCK):
         keys = j0 + tl.arange(0, BLOCK)
         live = keys <= position
         offsets = base + keys[:, None] * D + dims[None, :]
@@ -100,10 +101,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return y.view(*x.shape[:-1], N)
 
 
-def attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
+def attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor, window: int = 0) -> Tensor:
     """q [N, Hq, D] over one layer's k_cache, v_cache [B, Hkv, S, D] (contiguous, the queries' own keys
-    written); query t attends to keys 0 .. positions[t] of slot slots[t] ([N] int64, on q's device).
-    Returns [N, Hq, D] in q's dtype."""
+    written); query t attends to keys max(0, p - window + 1) .. p, p = positions[t] (window 0: from 0),
+    of slot slots[t] ([N] int64, on q's device). Returns [N, Hq, D] in q's dtype."""
     N, Hq, D = q.shape
     B, Hkv, S, _ = k_cache.shape
     if Hq % Hkv or k_cache.shape[3] != D or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -111,5 +112,5 @@ def attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positi
     out = torch.empty_like(q)
     if N:
         _attention_kernel[(N, Hq)](q.contiguous(), k_cache, v_cache, slots, positions, out, Hq, Hkv, S,
-                                   1.0 / D ** 0.5, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK=BLOCK_KV)
+                                   1.0 / D ** 0.5, window, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK=BLOCK_KV)
     return out

@@ -10,10 +10,10 @@
 // linear:    y[m, n] = round_bf16(sum_k x[m, k] w[n, k] + b[n]), the sum in fp32: 16 lanes, lane i
 //            accumulating elements 32j + 2i, 32j + 2i + 1 of each 32-wide block j in order (AVX512-BF16
 //            vdpbf16ps), then one fixed horizontal tree (reduce16).
-// attention: out[t, h] = sum_{f_t <= j <= p_t} softmax_j(q_t,h . k_j / sqrt(D)) v_j over slot s_t's cache,
-//            f_t = max(0, p_t - window + 1) (window 0: f_t = 0): scores in fp32 (one fixed tree per key),
-//            exp by one fixed polynomial, the weights rounded to bf16 for the value products (fp32 sums
-//            over key pairs in order from f_t).
+// attention: out[t, h] = sum_{f_t <= j <= p_t} softmax_j(s_j) v_j over slot s_t's cache, s_j = q_t,h . k_j / sqrt(D)
+//            (soft-capped to cap tanh(s_j / cap) where softcap = cap > 0), f_t = max(0, p_t - window + 1)
+//            (window 0: f_t = 0): scores in fp32 (one fixed tree per key), exp by one fixed polynomial, the
+//            weights rounded to bf16 for the value products (fp32 sums over key pairs in order from f_t).
 // Machines without AVX512-BF16 run portable loops with the same structure (invariant as well, but
 // rounding differently from the AVX512 path).
 #include <algorithm>
@@ -264,6 +264,12 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
 
 // --------------------------------------------------------------------------------------- attention
 
+// Gemma 2's soft-capping, s -> cap tanh(s / cap), one score at a time (cap 0: none); both paths share it.
+inline void cap_scores(float* scores, int64_t n, float cap) {
+  if (cap == 0.f) return;
+  for (int64_t j = 0; j < n; ++j) scores[j] = cap * std::tanh(scores[j] / cap);
+}
+
 #ifdef SE_X86
 // exp(x) for x <= 0 (softmax terms): x = n ln2 + r, |r| <= ln2 / 2, a degree-6 Taylor polynomial in r.
 __attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
@@ -284,7 +290,7 @@ __attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 void attend_avx512(const bf16* q, const bf16* keys, const bf16* values, int64_t n_keys, int64_t D, float scale,
-                   float* scores, bf16* out) {
+                   float softcap, float* scores, bf16* out) {
   // D <= 256 in 32-wide blocks (checked by the caller).
   const int64_t blocks = (D + KBLOCK - 1) / KBLOCK;
   __m512bh qv[8];
@@ -306,6 +312,7 @@ void attend_avx512(const bf16* q, const bf16* keys, const bf16* values, int64_t 
     const __mmask16 mask = count == LANES ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
     _mm512_mask_storeu_ps(scores + j0, mask, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
   }
+  cap_scores(scores, n_keys, softcap);
   float top = -INFINITY;
   for (int64_t j = 0; j < n_keys; ++j) top = std::max(top, scores[j]);
   // Weights e_j = exp(s_j - top), rounded to bf16 (as the value products below take them), summed.
@@ -354,7 +361,7 @@ void attend_avx512(const bf16* q, const bf16* keys, const bf16* values, int64_t 
 #endif
 
 void attend_portable(const bf16* q, const bf16* keys, const bf16* values, int64_t n_keys, int64_t D, float scale,
-                     float* scores, bf16* out) {
+                     float softcap, float* scores, bf16* out) {
   for (int64_t j = 0; j < n_keys; ++j) {
     float lanes[LANES] = {};
     for (int64_t d = 0; d < D; ++d) lanes[(d % KBLOCK) / 2] += bf16_to_float(q + d) * bf16_to_float(keys + j * D + d);
@@ -362,6 +369,7 @@ void attend_portable(const bf16* q, const bf16* keys, const bf16* values, int64_
       for (int64_t i = 0; i < width; ++i) lanes[i] += lanes[i + width];
     scores[j] = lanes[0] * scale;
   }
+  cap_scores(scores, n_keys, softcap);
   float top = -INFINITY;
   for (int64_t j = 0; j < n_keys; ++j) top = std::max(top, scores[j]);
   float total = 0.f;
@@ -373,8 +381,10 @@ void attend_portable(const bf16* q, const bf16* keys, const bf16* values, int64_
 }
 
 at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                     const at::Tensor& slots_in, const at::Tensor& positions_in, int64_t window) {
+                     const at::Tensor& slots_in, const at::Tensor& positions_in, int64_t window, double softcap) {
   TORCH_CHECK_VALUE(window >= 0, "window must be >= 0 (0: none), got ", window);
+  TORCH_CHECK_VALUE(softcap >= 0 && std::isfinite(softcap), "softcap must be finite and >= 0 (0: none), got ", softcap);
+  const float cap = static_cast<float>(softcap);
   check_bf16_matrix(q_in, "q");
   check_bf16_matrix(k_cache, "k_cache");
   check_bf16_matrix(v_cache, "v_cache");
@@ -416,11 +426,11 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at
       const bf16* qi = qp + i * D;
 #ifdef SE_X86
       if (fast) {
-        attend_avx512(qi, kp + cache_at, vp + cache_at, n_keys, D, scale, scores.data(), op + i * D);
+        attend_avx512(qi, kp + cache_at, vp + cache_at, n_keys, D, scale, cap, scores.data(), op + i * D);
         continue;
       }
 #endif
-      attend_portable(qi, kp + cache_at, vp + cache_at, n_keys, D, scale, scores.data(), op + i * D);
+      attend_portable(qi, kp + cache_at, vp + cache_at, n_keys, D, scale, cap, scores.data(), op + i * D);
     }
   });
   return out;
@@ -430,7 +440,8 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at
 
 TORCH_LIBRARY(se_inv, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions, int window=0) -> Tensor");
+  m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions, int window=0, "
+        "float softcap=0.0) -> Tensor");
   m.def("has_avx512_bf16() -> bool", &has_avx512_bf16);
 }
 

@@ -38,17 +38,18 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor,
-              window: int = 0) -> Tensor:
+              window: int = 0, softcap: float = 0.0) -> Tensor:
     """Causal attention of packed queries over one layer's cache, all bf16.
 
     q: [N, Hq, D] (rotary applied); k_cache, v_cache: [B, Hkv, S, D] contiguous, with the queries'
     own keys already written; slots, positions: [N] int64 CPU: query t attends to keys
     max(0, p - window + 1) .. p, p = positions[t] (window 0: from 0, no sliding window), of slot
     slots[t] (GQA: query head h reads kv head h // (Hq / Hkv)); on CUDA slots and positions live on
-    q's device. Returns [N, Hq, D]."""
+    q's device. softcap > 0: scores s (q . k / sqrt(D)) become softcap tanh(s / softcap) (Gemma 2).
+    Returns [N, Hq, D]."""
     if q.is_cuda:
-        return _gpu().attention(q, k_cache, v_cache, slots, positions, window)
-    return kv_ops.ops("se_inv").attention(q, k_cache, v_cache, slots, positions, window)
+        return _gpu().attention(q, k_cache, v_cache, slots, positions, window, softcap)
+    return kv_ops.ops("se_inv").attention(q, k_cache, v_cache, slots, positions, window, softcap)
 
 
 def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -57,7 +58,7 @@ def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
 
 
 def attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor,
-                        window: int = 0) -> Tensor:
+                        window: int = 0, softcap: float = 0.0) -> Tensor:
     """The fp32 specification of ``attention`` (one query at a time)."""
     group = q.shape[1] // k_cache.shape[1]
     out = []
@@ -65,7 +66,10 @@ def attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tens
         first = max(0, p - window + 1) if window else 0
         k = k_cache[s, :, first:p + 1].float().repeat_interleave(group, 0)
         v = v_cache[s, :, first:p + 1].float().repeat_interleave(group, 0)
-        out.append(F.scaled_dot_product_attention(q[t].float()[:, None], k, v)[:, 0])
+        scores = q[t].float()[:, None] @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # [Hq, 1, keys]
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        out.append((scores.softmax(-1) @ v)[:, 0])
     return torch.stack(out).to(q.dtype)
 
 

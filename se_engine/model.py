@@ -293,7 +293,8 @@ class Attention(nn.Module):
         if batch.invariant:
             if cfg.attention_scale is not None:  # the kernel scales by head_dim ** -0.5
                 q = q * (cfg.attention_scale * cfg.head_dim ** 0.5)
-            out = invariant_ops.attention(q, k_cache, v_cache, batch.slots, batch.positions, window)
+            out = invariant_ops.attention(q, k_cache, v_cache, batch.slots, batch.positions, window,
+                                          cfg.attn_softcap or 0.0)
             return project(self.wo, out.view(N, q_dim), True)
         span, width = batch.span, batch.width
         if batch.pad_index is not None:
@@ -375,9 +376,6 @@ class Transformer(nn.Module):
             raise ValueError(f"max_batch and max_len must be >= 1, got {max_batch} and {max_len}")
         self.cfg, self.max_batch, self.max_len = cfg, max_batch, max_len
         self.invariant = batch_invariant and dtype == torch.bfloat16 and torch.device(device).type in ("cpu", "cuda")
-        if self.invariant and cfg.attn_softcap is not None:
-            raise UnsupportedModelError(f"attn_logit_softcapping={cfg.attn_softcap}: the batch-invariant attention "
-                                        "has no soft-capping; load with batch_invariant=False or fp32")
         # Weights are left uninitialised (no random init of billions of values): every
         # constructor path ends in load_hf_state_dict.
         with torch.device("meta"):

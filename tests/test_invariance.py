@@ -69,21 +69,25 @@ def outside_keys_nan(k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int, po
     return k, v
 
 
-@pytest.mark.parametrize("window", [0, 5, 33])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (33, 0.0), (0, 1.5), (5, 1.5)])
 @pytest.mark.parametrize("hq,hkv,d", [(8, 2, 64), (6, 2, 16), (3, 3, 40), (4, 1, 128)])
-def test_attention_matches_its_twin_and_ignores_everything_past_its_keys(hq, hkv, d, window):
+def test_attention_matches_its_twin_and_ignores_everything_past_its_keys(hq, hkv, d, window, softcap):
     gen = torch.Generator().manual_seed(hq * d)
     B, S, N = 3, 70, 12
     k_cache, v_cache = (torch.randn(B, hkv, S, d, generator=gen).to(BF16) for _ in range(2))
     q = torch.randn(N, hq, d, generator=gen).to(BF16)
     slots = torch.randint(0, B, (N,), generator=gen)
     positions = torch.randint(0, S, (N,), generator=gen)
-    out = invariant_ops.attention(q, k_cache, v_cache, slots, positions, window)
-    ref = invariant_ops.attention_reference(q, k_cache, v_cache, slots, positions, window).float()
+    out = invariant_ops.attention(q, k_cache, v_cache, slots, positions, window, softcap)
+    ref = invariant_ops.attention_reference(q, k_cache, v_cache, slots, positions, window, softcap).float()
     assert (out.float() - ref).abs().max() < 2e-2
+    if softcap:  # the cap matters at these scores (|s| up to ~3 sqrt(d) / sqrt(d))
+        uncapped = invariant_ops.attention_reference(q, k_cache, v_cache, slots, positions, window).float()
+        assert (uncapped - ref).abs().max() > 0.1
     for t in range(N):  # keys outside a query's own (past it, before its window, other slots) cannot matter
         alone_k, alone_v = outside_keys_nan(k_cache, v_cache, slots[t], positions[t], window)
-        got = invariant_ops.attention(q[t:t + 1], alone_k, alone_v, slots[t:t + 1], positions[t:t + 1], window)
+        got = invariant_ops.attention(q[t:t + 1], alone_k, alone_v, slots[t:t + 1], positions[t:t + 1], window,
+                                      softcap)
         assert torch.equal(got[0], out[t])
 
 
@@ -105,8 +109,8 @@ def test_triton_linear_matches_its_twin_and_is_row_invariant(n, k):
             assert torch.equal(gpu.linear(x[i:i + m], w, b)[0], y[i])
 
 
-@pytest.mark.parametrize("window", [0, 70])
-def test_triton_attention_matches_its_twin_and_ignores_everything_past_its_keys(window):
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (70, 1.5)])
+def test_triton_attention_matches_its_twin_and_ignores_everything_past_its_keys(window, softcap):
     from triton_kernels import invariant as gpu
     gen = torch.Generator().manual_seed(3)
     B, S, N, hq, hkv, d = 2, 150, 6, 4, 2, 16
@@ -114,13 +118,13 @@ def test_triton_attention_matches_its_twin_and_ignores_everything_past_its_keys(
     q = torch.randn(N, hq, d, generator=gen).to(BF16)
     slots, positions = torch.tensor([0, 1, 1, 0, 1, 0]), torch.tensor([0, 63, 64, 149, 100, 5])
     on = [t.to(DEVICE) for t in (q, k_cache, v_cache, slots, positions)]
-    out = gpu.attention(*on, window).cpu()
-    ref = invariant_ops.attention_reference(q, k_cache, v_cache, slots, positions, window).float()
+    out = gpu.attention(*on, window, softcap).cpu()
+    ref = invariant_ops.attention_reference(q, k_cache, v_cache, slots, positions, window, softcap).float()
     assert (out.float() - ref).abs().max() < 2e-2
     for t in range(N):
         k_nan, v_nan = outside_keys_nan(k_cache, v_cache, slots[t], positions[t], window)
         alone = [x.to(DEVICE) for x in (q[t:t + 1], k_nan, v_nan, slots[t:t + 1], positions[t:t + 1])]
-        assert torch.equal(gpu.attention(*alone, window).cpu()[0], out[t])
+        assert torch.equal(gpu.attention(*alone, window, softcap).cpu()[0], out[t])
 
 
 def test_kernels_refuse_bad_input():
@@ -153,9 +157,10 @@ s, p = torch.tensor([0, 1, 1, 0, 1]), torch.tensor([0, 3, 29, 10, 11])
 out = invariant_ops.attention(q, k, k, s, p)
 assert (out.float() - invariant_ops.attention_reference(q, k, k, s, p).float()).abs().max() < 2e-2
 assert all(torch.equal(invariant_ops.attention(q[t:t + 1], k, k, s[t:t + 1], p[t:t + 1])[0], out[t]) for t in range(5))
-out = invariant_ops.attention(q, k, k, s, p, 4)
-assert (out.float() - invariant_ops.attention_reference(q, k, k, s, p, 4).float()).abs().max() < 2e-2
-assert all(torch.equal(invariant_ops.attention(q[t:t + 1], k, k, s[t:t + 1], p[t:t + 1], 4)[0], out[t]) for t in range(5))
+out = invariant_ops.attention(q, k, k, s, p, 4, 1.5)
+assert (out.float() - invariant_ops.attention_reference(q, k, k, s, p, 4, 1.5).float()).abs().max() < 2e-2
+assert all(torch.equal(invariant_ops.attention(q[t:t + 1], k, k, s[t:t + 1], p[t:t + 1], 4, 1.5)[0], out[t])
+           for t in range(5))
 print("ok")
 """
     env = dict(os.environ, SE_ENGINE_PORTABLE_KERNELS="1")
@@ -231,9 +236,10 @@ def check_schedules(model: Transformer, seeds: range) -> None:
 # Qwen3's per-head q/k norms and Llama 3's scaled RoPE: the per-token ops of the other families.
 FAMILY_CFG = replace(CFG, qkv_bias=False, qk_norm=True, rope_scaling=RopeScaling(
     rope_type="llama3", factor=32.0, original_max_position_embeddings=8192))
-# Gemma's: (1 + w) norms, sandwich norms, embedding scale, gelu-tanh, prescaled queries, capped logits.
+# Gemma's: (1 + w) norms, sandwich norms, embedding scale, gelu-tanh, prescaled queries, capped
+# attention scores and logits.
 GEMMA_CFG = replace(CFG, qkv_bias=False, qk_norm=True, gemma=True, activation="gelu_pytorch_tanh",
-                    attention_scale=256 ** -0.5, final_softcap=30.0)
+                    attention_scale=256 ** -0.5, attn_softcap=50.0, final_softcap=30.0)
 # A sliding window on the second layer, shorter than the 20 .. 40-token sequences (Mistral, Gemma).
 WINDOWED_CFG = replace(CFG, sliding_window=7, sliding_layers=(1,))
 
@@ -262,8 +268,8 @@ def test_a_planted_row_dependent_matmul_breaks_invariance(monkeypatch):
 
 def test_a_planted_padded_attention_breaks_invariance(monkeypatch):
     """SDPA over the keys up to the forward's furthest position (masked): the schedules must tell."""
-    def padded(q, k_cache, v_cache, slots, positions, window):
-        assert window == 0  # CFG has no sliding window
+    def padded(q, k_cache, v_cache, slots, positions, window, softcap):
+        assert window == 0 and softcap == 0  # CFG has neither
         kv_len = int(positions.max()) + 1
         mask = torch.arange(kv_len) <= positions[:, None]  # [N, kv_len]
         k, v = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]  # [N, Hkv, kv_len, D]

@@ -99,7 +99,8 @@ def main() -> None:
         for d in (64, 128):
             compile_one(target, inv._attention_kernel,
                         {"q_ptr": t, "k_ptr": t, "v_ptr": t, "slots_ptr": "*i64", "positions_ptr": "*i64", "out_ptr": t,
-                         "Hq": "i32", "Hkv": "i32", "S": "i32", "scale": "fp32", "window": "i32"},
+                         "Hq": "i32", "Hkv": "i32", "S": "i32", "scale": "fp32", "window": "i32",
+                         "softcap": "fp32"},
                         {"D": d, "BLOCK_D": d, "BLOCK": inv.BLOCK_KV})
             compiled += 1
     print(f"{compiled} kernel variants compiled for sm_90")

@@ -55,7 +55,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, HAS_BIAS: tl.constexpr,
 
 
 @triton.jit
-def _attention_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, positions_ptr, out_ptr, Hq, Hkv, S, scale, window,
+def _attention_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, positions_ptr, out_ptr, Hq, Hkv, S, scale, window, softcap,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
@@ -74,7 +74,10 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, positions_ptr, out_ptr, Hq
         offsets = base + keys[:, None] * D + dims[None, :]
         mask = live[:, None] & (dims[None, :] < D)
         k = tl.load(k_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        s = tl.where(live, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
+        s = tl.sum(k * q[None, :], axis=1) * scale
+        if softcap > 0:  # Gemma 2: s -> cap tanh(s / cap), tanh(x) = 1 - 2 / (exp(2x) + 1)
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+        s = tl.where(live, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
         alpha = tl.exp(m - m_new)  # m starts at -inf: the first block scales the empty sums by 0
         p = tl.exp(s - m_new)
@@ -101,10 +104,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return y.view(*x.shape[:-1], N)
 
 
-def attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor, window: int = 0) -> Tensor:
+def attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor, window: int = 0,
+              softcap: float = 0.0) -> Tensor:
     """q [N, Hq, D] over one layer's k_cache, v_cache [B, Hkv, S, D] (contiguous, the queries' own keys
     written); query t attends to keys max(0, p - window + 1) .. p, p = positions[t] (window 0: from 0),
-    of slot slots[t] ([N] int64, on q's device). Returns [N, Hq, D] in q's dtype."""
+    of slot slots[t] ([N] int64, on q's device), scores soft-capped to softcap tanh(s / softcap) where
+    softcap > 0. Returns [N, Hq, D] in q's dtype."""
     N, Hq, D = q.shape
     B, Hkv, S, _ = k_cache.shape
     if Hq % Hkv or k_cache.shape[3] != D or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -112,5 +117,5 @@ def attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positi
     out = torch.empty_like(q)
     if N:
         _attention_kernel[(N, Hq)](q.contiguous(), k_cache, v_cache, slots, positions, out, Hq, Hkv, S,
-                                   1.0 / D ** 0.5, window, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK=BLOCK_KV)
+                                   1.0 / D ** 0.5, window, float(softcap), D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK=BLOCK_KV)
     return out

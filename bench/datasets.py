@@ -43,14 +43,14 @@ class Dataset:
     max_new_tokens: int                  # default generation budget
 
 
-def _records(name: str, n: int) -> list[dict]:
+def records(name: str, n: int) -> list[dict]:
     with open(DATASETS / name) as f:
         return [json.loads(line) for line, _ in zip(f, range(n))]
 
 
 def humaneval_tasks(n: int) -> list[Task]:
     return [Task(r["prompt"], {"test": r["test"], "entry_point": r["entry_point"]})
-            for r in _records("humaneval.jsonl", n)]
+            for r in records("humaneval.jsonl", n)]
 
 
 def humaneval_program(task: Task, completion: str) -> str:
@@ -78,7 +78,7 @@ def gsm8k_tasks(n: int) -> list[Task]:
     if "{{question}}" not in template:
         raise ValueError("gsm8k_fewshot_prompt.txt has no {{question}} placeholder")
     return [Task(template.replace("{{question}}", r["question"]), {"answer": _number(r["answer"].split("####")[-1])})
-            for r in _records("gsm8k_test.jsonl", n)]
+            for r in records("gsm8k_test.jsonl", n)]
 
 
 def _number(text: str) -> float | None:
@@ -100,7 +100,7 @@ def score_gsm8k(task: Task, completion: str) -> bool:
 
 def mmlu_tasks(n: int) -> list[Task]:
     tasks = []
-    for r in _records("mmlu_validation.jsonl", n):
+    for r in records("mmlu_validation.jsonl", n):
         choices = "".join(f"{letter}. {c}\n" for letter, c in zip(LETTERS, r["choices"]))
         subject = r["subject"].replace("_", " ")
         prompt = (f"The following is a multiple choice question about {subject}. Answer with the letter of the "

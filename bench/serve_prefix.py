@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import httpx
 import torch
 from tqdm import tqdm
 
-from bench.datasets import DATASETS
+from bench.datasets import DATASETS, records
 from bench.e2e import ENSEMBLES, LARGE, SMALL
 from bench.env import header, header_markdown, write_result
 from bench.serve_load import load, metrics, percentiles, server
@@ -36,11 +35,6 @@ from bench.serve_load import load, metrics, percentiles, server
 SETTINGS = {"on": [], "off": ["--no-prefix-cache"]}  # label -> extra server arguments
 TEMPLATE = (DATASETS / "gsm8k_fewshot_prompt.txt").read_text()
 SYSTEM = TEMPLATE[:TEMPLATE.index("Question: {{question}}")]
-
-
-def questions(n: int) -> list[str]:
-    with open(DATASETS / "gsm8k_test.jsonl") as f:
-        return [json.loads(line)["question"] for line, _ in zip(f, range(n))]
 
 
 def main() -> None:
@@ -59,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = ENSEMBLES["weighted-t1"]
-    users = questions(args.requests)
+    users = [r["question"] for r in records("gsm8k_test.jsonl", args.requests)]
 
     def body(i: int) -> tuple[str, dict]:
         return "/v1/chat/completions", {
@@ -84,12 +78,12 @@ def main() -> None:
             after = metrics(client)
         counters = {k: after[k] - before.get(k, 0) for k in after if k.startswith("se_engine_prefix_cache")}
 
-    records = {label: [r for rnd in rounds for r in rnd] for label, rounds in runs.items()}
+    answered = {label: [r for rnd in rounds for r in rnd] for label, rounds in runs.items()}
     text = {label: {(k, r["i"]): r.get("text") for k, rnd in enumerate(rounds) for r in rnd}
             for label, rounds in runs.items()}
     checks = {
         "every request answered, 200, no error event": all(
-            r["status"] == 200 and not r["errors"] and r.get("done") for rs in records.values() for r in rs),
+            r["status"] == 200 and not r["errors"] and r.get("done") for rs in answered.values() for r in rs),
         "cache on and off answered identically": text["on"] == text["off"],
     }
     result = {**header(), "server": "se-engine " + " ".join(common), "threads": args.threads,
@@ -98,7 +92,7 @@ def main() -> None:
               "settings": {label: {"ttft_s": percentiles([r["ttft"] for r in rs], 50, 99),
                                    "latency_s": percentiles([r["latency"] for r in rs], 50, 99),
                                    "tokens": sum(r.get("tokens", 0) for r in rs)}
-                           for label, rs in records.items()}}
+                           for label, rs in answered.items()}}
     stem = f"serve-prefix-{'cuda' if torch.cuda.is_available() else 'cpu'}"
     write_result(Path(args.out), stem, result, markdown(result))
     if not all(checks.values()):

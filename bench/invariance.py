@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -41,15 +42,20 @@ def weight_bytes(model: Transformer) -> int:
     return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "tok_embeddings" not in name)
 
 
-def streaming_rates(nbytes: int, repeats: int) -> dict[str, float]:
-    """GB/s of a bf16 copy (read + write) and of the invariant GEMV (read), over nbytes of weights."""
+def streaming_ops(nbytes: int) -> tuple[dict[str, Callable[[], object]], dict[str, int]]:
+    """A bf16 copy of nbytes of weights and the invariant GEMV over them ([nbytes / 4096, 2048]),
+    and the bytes each moves (the copy reads and writes)."""
     k = 2048
     w = torch.randn(nbytes // (2 * k), k).to(torch.bfloat16)
-    dst = torch.empty_like(w)
-    x = torch.randn(1, k).to(torch.bfloat16)
-    copy_ms = median_ms(lambda: dst.copy_(w), repeats)
-    gemv_ms = median_ms(lambda: invariant_ops.linear(x, w), repeats)
-    return {"copy_gb_s": 2 * w.numel() * 2 / copy_ms / 1e6, "gemv_gb_s": w.numel() * 2 / gemv_ms / 1e6}
+    dst, x = torch.empty_like(w), torch.randn(1, k).to(torch.bfloat16)
+    return ({"copy": lambda: dst.copy_(w), "gemv": lambda: invariant_ops.linear(x, w)},
+            {"copy": 2 * w.numel() * 2, "gemv": w.numel() * 2})
+
+
+def streaming_rates(nbytes: int, repeats: int) -> dict[str, float]:
+    """GB/s of a bf16 copy (read + write) and of the invariant GEMV (read), over nbytes of weights."""
+    ops, moved = streaming_ops(nbytes)
+    return {f"{label}_gb_s": moved[label] / median_ms(fn, repeats) / 1e6 for label, fn in ops.items()}
 
 
 def forward_ms(model: Transformer, batch: int, width: int, context: int, repeats: int) -> dict[str, float]:

@@ -28,6 +28,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -436,18 +437,87 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at
   return out;
 }
 
+// ------------------------------------------------------------------------------ rms_norm, rope
+
+// y = w * bf16(x * r) (Llama) or bf16(x * r * (1 + w)) (Gemma), r = 1 / sqrt(mean(x^2) + eps), per row
+// in fp32, the sum of squares in index order: one op for what is eight in PyTorch.
+at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight_in, double eps, bool gemma) {
+  check_bf16_matrix(x_in, "x");
+  check_bf16_matrix(weight_in, "weight");
+  const int64_t D = weight_in.numel();
+  TORCH_CHECK_VALUE(weight_in.dim() == 1 && x_in.dim() >= 1 && x_in.size(-1) == D, "x must be [..., ", D,
+                    "] for a weight of shape ", weight_in.sizes(), ", got ", x_in.sizes());
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  at::Tensor y = at::empty_like(x);
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* wp = weight.data_ptr<bf16>();
+  bf16* yp = y.data_ptr<bf16>();
+  const float epsf = static_cast<float>(eps);
+  at::parallel_for(0, x.numel() / std::max<int64_t>(D, 1), 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const bf16* xr = xp + r * D;
+      float squares = 0.f;
+      for (int64_t d = 0; d < D; ++d) squares += static_cast<float>(xr[d]) * static_cast<float>(xr[d]);
+      const float inv = 1.0f / std::sqrt(squares / static_cast<float>(D) + epsf);
+      for (int64_t d = 0; d < D; ++d) {
+        const float normed = static_cast<float>(xr[d]) * inv;
+        yp[r * D + d] = gemma ? bf16(normed * (1.0f + static_cast<float>(wp[d])))
+                              : bf16(static_cast<float>(wp[d]) * static_cast<float>(bf16(normed)));
+      }
+    }
+  });
+  return y;
+}
+
+// Rotate-half RoPE: out[n, h, d] = bf16(x[d] cos[n, d] + rot[d] sin[n, d]), rot = (-x[D/2:], x[:D/2]), in
+// fp32 with each product and the sum rounded (no fused multiply-add): bitwise PyTorch's apply_rope.
+__attribute__((optimize("fp-contract=off")))
+at::Tensor rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in) {
+  check_bf16_matrix(x_in, "x");
+  TORCH_CHECK_VALUE(x_in.dim() == 3 && x_in.size(2) % 2 == 0, "x must be [N, H, D] with D even, got ", x_in.sizes());
+  const int64_t N = x_in.size(0), H = x_in.size(1), D = x_in.size(2), half = D / 2;
+  for (const at::Tensor* t : {&cos_in, &sin_in}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat && t->device().is_cpu(), "cos and sin must be float32 CPU tensors");
+    TORCH_CHECK_VALUE(t->numel() == N * D, "cos and sin must hold [N, D] = [", N, ", ", D, "], got ", t->sizes());
+  }
+  const at::Tensor x = x_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  at::Tensor out = at::empty_like(x);
+  const bf16* xp = x.data_ptr<bf16>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, N * H, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const bf16* xi = xp + i * D;
+      const float* c = cp + (i / H) * D;
+      const float* s = sp + (i / H) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        const float rot = d < half ? -static_cast<float>(xi[d + half]) : static_cast<float>(xi[d - half]);
+        const float a = static_cast<float>(xi[d]) * c[d];
+        const float b = rot * s[d];
+        op[i * D + d] = bf16(a + b);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(se_inv, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions, int window=0, "
         "float softcap=0.0) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, bool gemma) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("has_avx512_bf16() -> bool", &has_avx512_bf16);
 }
 
 TORCH_LIBRARY_IMPL(se_inv, CPU, m) {
   m.impl("linear", &linear);
   m.impl("attention", &attention);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rope", &rope);
 }
 
 }  // namespace se_inv

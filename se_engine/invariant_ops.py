@@ -12,7 +12,8 @@ keys after the query's causal limit) is invariant.
 ``linear`` / ``attention`` run the extension (se_engine._kv) on CPU tensors and the Triton kernels
 (imported on first use) on CUDA tensors; ``*_reference`` are their fp32 PyTorch twins, which the
 tests hold both to within bf16 rounding (the kernels' sums are fp32 in a fixed order, not the twins'
-order, so equality is not expected; invariance is tested bitwise).
+order, so equality is not expected; invariance is tested bitwise). ``rms_norm`` / ``rope`` fuse the
+per-token ops around them on the CPU in bf16 (the twins elsewhere): fewer ops, less dispatch.
 """
 
 from __future__ import annotations
@@ -52,6 +53,23 @@ def attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positi
     return kv_ops.ops("se_inv").attention(q, k_cache, v_cache, slots, positions, window, softcap)
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
+    """RMSNorm of x [..., D] in fp32: x rsqrt(mean(x^2) + eps), scaled by weight [D] after rounding to
+    x's dtype (Llama) or by 1 + weight before it (Gemma). bf16 on the CPU: one fused op (a row's sum
+    in index order) instead of eight; else the twin."""
+    if x.dtype == weight.dtype == torch.bfloat16 and not x.is_cuda:
+        return kv_ops.ops("se_inv").rms_norm(x, weight, eps, gemma)
+    return rms_norm_reference(x, weight, eps, gemma)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE of x [N, H, D] by cos, sin [N, 1, D] (fp32), computed in fp32 and rounded to
+    x's dtype. bf16 on the CPU: one fused op, bitwise its twin; else the twin."""
+    if x.dtype == torch.bfloat16 and not x.is_cuda:
+        return kv_ops.ops("se_inv").rope(x, cos, sin)
+    return rope_reference(x, cos, sin)
+
+
 def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """The fp32 specification of ``linear``."""
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
@@ -71,6 +89,23 @@ def attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tens
             scores = softcap * torch.tanh(scores / softcap)
         out.append((scores.softmax(-1) @ v)[:, 0])
     return torch.stack(out).to(q.dtype)
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
+    """The specification of ``rms_norm`` (transformers' order of operations)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:
+        return (xf * (1.0 + weight.float())).to(x.dtype)
+    return weight * xf.to(x.dtype)
+
+
+def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The specification of ``rope``."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
 
 
 def has_fast_path() -> bool:

@@ -197,11 +197,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., dim]. Normalised in fp32 like the reference implementations, then cast back
         before the scale w (Llama) or after the scale 1 + w (Gemma)."""
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.gemma:
-            return (xf * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * xf.to(x.dtype)
+        return invariant_ops.rms_norm(x, self.weight, self.eps, self.gemma)
 
 
 def inv_frequencies(theta: float | Tensor, dim: int, rope: RopeScaling) -> Tensor:
@@ -249,14 +245,6 @@ def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[Tensor, Tensor]:
     return (angles.cos() * rope.attention_factor).float(), (angles.sin() * rope.attention_factor).float()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [N, H, D]; cos, sin: [N, 1, D] (fp32)."""
-    half = x.shape[-1] // 2
-    xf = x.float()
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
-
-
 def project(layer: nn.Module, x: Tensor, invariant: bool) -> Tensor:
     """layer(x), a plain nn.Linear through the batch-invariant kernel where asked. Quantized layers
     (``se_engine.quant``) keep their own kernels: a drafter only proposes, so it need not be invariant."""
@@ -286,7 +274,7 @@ class Attention(nn.Module):
         q, k = q.view(N, cfg.num_heads, cfg.head_dim), k.view(N, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = invariant_ops.rope(q, cos, sin), invariant_ops.rope(k, cos, sin)
         # Advanced indices [N] around a full slice put N first: the value is [N, Hkv, D].
         k_cache[batch.slots, :, batch.positions] = k
         v_cache[batch.slots, :, batch.positions] = v.view(N, cfg.num_kv_heads, cfg.head_dim)

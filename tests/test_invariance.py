@@ -91,6 +91,29 @@ def test_attention_matches_its_twin_and_ignores_everything_past_its_keys(hq, hkv
         assert torch.equal(got[0], out[t])
 
 
+@pytest.mark.parametrize("d", [896, 1536, 40, 127])
+@pytest.mark.parametrize("gemma", [False, True])
+def test_rms_norm_matches_its_twin_and_is_row_invariant(d, gemma):
+    gen = torch.Generator().manual_seed(d)
+    w = torch.randn(d, generator=gen).to(BF16)
+    x = (3 * torch.randn(23, 2, d, generator=gen)).to(BF16)
+    y = invariant_ops.rms_norm(x, w, 1e-6, gemma)
+    ref = invariant_ops.rms_norm_reference(x, w, 1e-6, gemma).float()
+    assert y.shape == x.shape and ((y.float() - ref).abs() <= 2 ** -7 * ref.abs() + 1e-6).all()  # one bf16 rounding
+    for i in (0, 11, 22):
+        assert torch.equal(invariant_ops.rms_norm(x[i:i + 1], w, 1e-6, gemma), y[i:i + 1])
+        assert torch.equal(invariant_ops.rms_norm(x[i, 1], w, 1e-6, gemma), y[i, 1])
+
+
+@pytest.mark.parametrize("h,d", [(14, 64), (2, 128), (3, 40)])
+def test_rope_is_bitwise_its_twin(h, d):
+    gen = torch.Generator().manual_seed(h * d)
+    x = (4 * torch.randn(19, h, d, generator=gen)).to(BF16)
+    cos, sin = torch.randn(19, 1, d, generator=gen), torch.randn(19, 1, d, generator=gen)
+    assert torch.equal(invariant_ops.rope(x, cos, sin), invariant_ops.rope_reference(x, cos, sin))
+    assert torch.equal(invariant_ops.rope(x[5:6], cos[5:6], sin[5:6])[0], invariant_ops.rope(x, cos, sin)[5])
+
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU, Triton runs under TRITON_INTERPRET=1
 
 
@@ -133,6 +156,10 @@ def test_kernels_refuse_bad_input():
         invariant_ops.linear(torch.zeros(2, 8), w)
     with pytest.raises(ValueError, match=r"x must be \[..., 8\]"):
         invariant_ops.linear(torch.zeros(2, 7, dtype=BF16), w)
+    with pytest.raises(ValueError, match=r"x must be \[..., 8\]"):
+        invariant_ops.rms_norm(torch.zeros(2, 7, dtype=BF16), torch.zeros(8, dtype=BF16), 1e-6, False)
+    with pytest.raises(ValueError, match="cos and sin must hold"):
+        invariant_ops.rope(torch.zeros(2, 1, 8, dtype=BF16), torch.zeros(1, 1, 8), torch.zeros(1, 1, 8))
     cache = torch.zeros(2, 1, 8, 16, dtype=BF16)
     q = torch.zeros(1, 2, 16, dtype=BF16)
     with pytest.raises(IndexError, match="out of range"):

@@ -119,7 +119,8 @@ def markdown(result: dict) -> str:
                   "| streaming rate (GB/s) | " + " | ".join(f"{rates[k]:.1f}" for k in keys) + " |",
                   "| floor | " + " | ".join(f"{r['weight_bytes'] / rates[k] / 1e6:.1f}" for k in keys) + " |",
                   "| **whole forward** | " + " | ".join(
-                      f"**{r['shapes'][k]['wall_ms']:.1f}** ({r['shapes'][k]['wall_ms'] * rates[k] * 1e6 / r['weight_bytes']:.2f})"
+                      f"**{r['shapes'][k]['wall_ms']:.1f}** "
+                      f"({r['shapes'][k]['wall_ms'] * rates[k] * 1e6 / r['weight_bytes']:.2f})"
                       for k in keys) + " |",
                   "| profiled pass | " + " | ".join(f"{r['shapes'][k]['profiled_ms']:.1f}" for k in keys) + " |"]
         for group in [*r["linear_bytes"], "attention", "other ops", "Python, dispatch, allocation"]:

@@ -7,7 +7,8 @@ Two servers side by side, the same models and settings (the real pair, se weight
 bench.e2e's gammas, the default dtype), one with the prefix cache and one with --no-prefix-cache.
 Request i: /v1/chat/completions, streamed, the system prompt = GSM8K's few-shot template up to its
 question (about 500 tokens, the same for every request), the user message = GSM8K question i,
-temperature 1, seed i, --max-tokens new tokens (ignore_eos: every request the same length). Rounds alternate between the servers (on, off, on, off, ...), each round all
+temperature 1, seed i, --max-tokens new tokens (ignore_eos: every request the same length). Rounds
+alternate between the servers (on, off, on, off, ...), each round all
 --requests requests from --concurrency clients, so that a slow phase of the machine hits both; the
 idle server computes nothing meanwhile. Reports time to first token (request sent -> first content
 token) p50 / p99 and latency per setting, the cached server's prefix-cache counters, and checks that

@@ -117,5 +117,6 @@ def attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positi
     out = torch.empty_like(q)
     if N:
         _attention_kernel[(N, Hq)](q.contiguous(), k_cache, v_cache, slots, positions, out, Hq, Hkv, S,
-                                   1.0 / D ** 0.5, window, float(softcap), D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK=BLOCK_KV)
+                                   1.0 / D ** 0.5, window, float(softcap), D=D, BLOCK_D=triton.next_power_of_2(D),
+                                   BLOCK=BLOCK_KV)
     return out

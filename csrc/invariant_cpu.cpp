@@ -469,16 +469,19 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight_in, double 
   return y;
 }
 
-// Rotate-half RoPE: out[n, h, d] = bf16(x[d] cos[n, d] + rot[d] sin[n, d]), rot = (-x[D/2:], x[:D/2]), in
-// fp32 with each product and the sum rounded (no fused multiply-add): bitwise PyTorch's apply_rope.
+// Rotate-half RoPE over a head's first R = cos.size(-1) dims (R < D: partial rotary; the rest pass through):
+// out[n, h, d] = bf16(x[d] cos[n, d] + rot[d] sin[n, d]), rot = (-x[R/2:R], x[:R/2]), in fp32 with each
+// product and the sum rounded (no fused multiply-add): bitwise PyTorch's apply_rope.
 __attribute__((optimize("fp-contract=off")))
 at::Tensor rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in) {
   check_bf16_matrix(x_in, "x");
-  TORCH_CHECK_VALUE(x_in.dim() == 3 && x_in.size(2) % 2 == 0, "x must be [N, H, D] with D even, got ", x_in.sizes());
-  const int64_t N = x_in.size(0), H = x_in.size(1), D = x_in.size(2), half = D / 2;
+  TORCH_CHECK_VALUE(x_in.dim() == 3, "x must be [N, H, D], got ", x_in.sizes());
+  const int64_t N = x_in.size(0), H = x_in.size(1), D = x_in.size(2), R = cos_in.size(-1), half = R / 2;
+  TORCH_CHECK_VALUE(R % 2 == 0 && R <= D, "cos and sin must rotate an even number of dims <= ", D, ", got ", R);
   for (const at::Tensor* t : {&cos_in, &sin_in}) {
     TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat && t->device().is_cpu(), "cos and sin must be float32 CPU tensors");
-    TORCH_CHECK_VALUE(t->numel() == N * D, "cos and sin must hold [N, D] = [", N, ", ", D, "], got ", t->sizes());
+    TORCH_CHECK_VALUE(t->numel() == N * R && t->size(-1) == R, "cos and sin must hold [N, ", R, "] = [", N, ", ",
+                      R, "], got ", t->sizes());
   }
   const at::Tensor x = x_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous();
   at::Tensor out = at::empty_like(x);
@@ -489,14 +492,15 @@ at::Tensor rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tens
   at::parallel_for(0, N * H, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const bf16* xi = xp + i * D;
-      const float* c = cp + (i / H) * D;
-      const float* s = sp + (i / H) * D;
-      for (int64_t d = 0; d < D; ++d) {
+      const float* c = cp + (i / H) * R;
+      const float* s = sp + (i / H) * R;
+      for (int64_t d = 0; d < R; ++d) {
         const float rot = d < half ? -static_cast<float>(xi[d + half]) : static_cast<float>(xi[d - half]);
         const float a = static_cast<float>(xi[d]) * c[d];
         const float b = rot * s[d];
         op[i * D + d] = bf16(a + b);
       }
+      for (int64_t d = R; d < D; ++d) op[i * D + d] = xi[d];
     }
   });
   return out;

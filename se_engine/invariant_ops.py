@@ -63,8 +63,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE of x [N, H, D] by cos, sin [N, 1, D] (fp32), computed in fp32 and rounded to
-    x's dtype. bf16 on the CPU: one fused op, bitwise its twin; else the twin."""
+    """Rotate-half RoPE of x [N, H, D]'s first R dims by cos, sin [N, 1, R] (fp32; R < D: partial
+    rotary, the other dims pass through), computed in fp32 and rounded to x's dtype. bf16 on the
+    CPU: one fused op, bitwise its twin; else the twin."""
     if x.dtype == torch.bfloat16 and not x.is_cuda:
         return kv_ops.ops("se_inv").rope(x, cos, sin)
     return rope_reference(x, cos, sin)
@@ -102,10 +103,11 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Te
 
 def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """The specification of ``rope``."""
-    half = x.shape[-1] // 2
-    xf = x.float()
+    rotary = cos.shape[-1]
+    xf, passed = x[..., :rotary].float(), x[..., rotary:]
+    half = rotary // 2
     rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    return torch.cat([(xf * cos + rotated * sin).to(x.dtype), passed], dim=-1)
 
 
 def has_fast_path() -> bool:

@@ -30,7 +30,7 @@ class Family:
     qkv_bias: bool = False  # q/k/v projections always carry biases (Qwen2)
     qk_norm: bool = False  # an RMSNorm over each query and key head before RoPE (Qwen3)
     # Layers attend within config.sliding_window where set: all, or those config.layer_types names
-    # sliding_attention (Mistral, Phi-3; Gemma 2 alternates).
+    # sliding_attention (Mistral, Phi-3; Gemma 2 alternates; Qwen's use_sliding_window from max_window_layers).
     sliding_window: bool = False
     fused_projections: bool = False  # checkpoints store qkv_proj and gate_up_proj fused (Phi-3)
     # Gemma: RMSNorm scales by 1 + w (in fp32), embeddings by sqrt(hidden), and the attention and MLP
@@ -40,16 +40,19 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(),
-    "qwen2": Family(qkv_bias=True),
-    "qwen3": Family(qk_norm=True),
+    "qwen2": Family(qkv_bias=True, sliding_window=True),
+    "qwen3": Family(qk_norm=True, sliding_window=True),
     "mistral": Family(sliding_window=True),
     "phi3": Family(sliding_window=True, fused_projections=True),
     "gemma2": Family(sliding_window=True, gemma=True),
     "gemma3_text": Family(sliding_window=True, gemma=True, qk_norm=True),
 }
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
-SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+# Multimodal model_types whose text decoder the runner serves, text in and text out: the config's
+# text_config, the weights under this prefix (the vision tower and projector are not loaded).
+TEXT_DECODERS = {"gemma3": "model.language_model."}
+SUPPORTED_MODEL_TYPES = (*FAMILIES, *TEXT_DECODERS)
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 @dataclass(frozen=True)
@@ -57,14 +60,17 @@ class RopeScaling:
     """transformers' ``rope_parameters`` beyond rope_theta, under transformers' names."""
     rope_type: str = "default"  # one of ROPE_TYPES
     factor: float = 1.0
-    # llama3, yarn: the pretraining context; dynamic: max_position_embeddings, past which it rescales.
+    # llama3, yarn, longrope: the pretraining context; dynamic: max_position_embeddings, past which it rescales.
     original_max_position_embeddings: int = 0
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
     beta_fast: float = 32.0  # yarn
     beta_slow: float = 1.0  # yarn
     truncate: bool = True  # yarn
-    attention_factor: float = 1.0  # yarn: scales cos and sin
+    attention_factor: float = 1.0  # yarn, longrope: scales cos and sin
+    # longrope: per-frequency divisors for contexts up to original_max_position_embeddings, and beyond.
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
     @classmethod
     def from_hf(cls, name: str, config, rope: dict) -> "RopeScaling":
@@ -72,9 +78,6 @@ class RopeScaling:
         if rope_type not in ROPE_TYPES:
             raise UnsupportedModelError(
                 f"{name}: rope_type {rope_type!r} is not one of {ROPE_TYPES}; use runner='hf'")
-        partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
-        if partial != 1.0:
-            raise UnsupportedModelError(f"{name}: partial_rotary_factor {partial} is not implemented (only 1.0)")
         if rope_type == "default":
             return cls()
         max_pos = config.max_position_embeddings
@@ -88,6 +91,12 @@ class RopeScaling:
             return replace(scaling, beta_fast=float(rope.get("beta_fast") or 32),
                            beta_slow=float(rope.get("beta_slow") or 1), truncate=bool(rope.get("truncate", True)),
                            attention_factor=float(_yarn_attention_factor(rope, factor)))
+        if rope_type == "longrope":
+            given = rope.get("attention_factor")
+            attention = given if given is not None else \
+                1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+            return replace(scaling, attention_factor=float(attention), short_factor=tuple(map(float, rope["short_factor"])),
+                           long_factor=tuple(map(float, rope["long_factor"])))
         return scaling
 
 
@@ -118,6 +127,7 @@ class ModelConfig:
     qkv_bias: bool
     tie_word_embeddings: bool
     rope_scaling: RopeScaling = RopeScaling()
+    rotary_dim: int | None = None  # the leading dims of a head that RoPE rotates (Phi-4-mini: 3/4); None: all
     qk_norm: bool = False
     sliding_window: int | None = None  # a query at p attends to keys p - sliding_window + 1 .. p
     sliding_layers: tuple[int, ...] | None = None  # the layers the window applies to; None: all
@@ -140,6 +150,8 @@ class ModelConfig:
                 f"{name}: model_type {config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}; "
                 "use runner='hf' for other architectures"
             )
+        if config.model_type in TEXT_DECODERS:
+            config = config.text_config
         family = FAMILIES[config.model_type]
         activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
         if activation not in ACTIVATIONS:
@@ -147,9 +159,6 @@ class ModelConfig:
         rope = getattr(config, "rope_parameters", None) or {}
         # RoPE per layer type (Gemma 3): full_attention's is the model's, sliding_attention's the windowed layers'.
         sliding_rope, rope = rope.get("sliding_attention"), rope.get("full_attention", rope)
-        if getattr(config, "use_sliding_window", False):
-            raise UnsupportedModelError(f"{name}: use_sliding_window=True ({config.model_type}'s per-layer windows) "
-                                        "is not implemented; use runner='hf'")
         if getattr(config, "mlp_bias", False):
             raise UnsupportedModelError(f"{name}: mlp_bias=True is not implemented")
         if not family.qkv_bias and getattr(config, "attention_bias", False):
@@ -159,6 +168,11 @@ class ModelConfig:
         window = getattr(config, "sliding_window", None) if family.sliding_window else None
         layer_types = getattr(config, "layer_types", None) if window is not None else None
         rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+        rotary_dim = int(head_dim * partial)
+        if rotary_dim % 2 or rotary_dim <= 0:
+            raise UnsupportedModelError(f"{name}: partial_rotary_factor {partial} rotates {rotary_dim} of "
+                                        f"{head_dim} dims (an even number is implemented)")
         return cls(
             vocab_size=config.vocab_size,
             hidden_size=config.hidden_size,
@@ -172,6 +186,7 @@ class ModelConfig:
             qkv_bias=family.qkv_bias,
             tie_word_embeddings=bool(config.tie_word_embeddings),
             rope_scaling=RopeScaling.from_hf(name, config, rope),
+            rotary_dim=None if rotary_dim == head_dim else rotary_dim,
             qk_norm=family.qk_norm,
             sliding_window=window,
             sliding_layers=None if layer_types is None else
@@ -200,10 +215,24 @@ class RMSNorm(nn.Module):
         return invariant_ops.rms_norm(x, self.weight, self.eps, self.gemma)
 
 
-def inv_frequencies(theta: float | Tensor, dim: int, rope: RopeScaling) -> Tensor:
-    """[..., D / 2] float64: the rotary frequencies of ``rope_type`` for the base theta (a float, or
-    dynamic's bases per position [S, 1])."""
+def text_decoder_weights(model_type: str, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A checkpoint's decoder weights under the text models' names (``model.layers.0...``): a
+    multimodal model's text decoder (``TEXT_DECODERS``) and its head, else sd itself."""
+    if (prefix := TEXT_DECODERS.get(model_type)) is None:
+        return sd
+    text = {"model." + k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return text | ({"lm_head.weight": sd["lm_head.weight"]} if "lm_head.weight" in sd else {})
+
+
+def inv_frequencies(theta: float | Tensor, dim: int, rope: RopeScaling, max_len: int) -> Tensor:
+    """[..., dim / 2] float64: the rotary frequencies of ``rope_type`` for the base theta (a float, or
+    dynamic's bases per position [S, 1]) in a cache of max_len positions."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if rope.rope_type == "longrope":
+        # One set for the whole cache, so that every key keeps the rotation it was written with:
+        # transformers' short factors while the cache fits the pretraining context, else the long ones.
+        long = max_len > rope.original_max_position_embeddings
+        return inv_freq / torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float64)
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":
@@ -229,18 +258,18 @@ def inv_frequencies(theta: float | Tensor, dim: int, rope: RopeScaling) -> Tenso
 
 
 def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[Tensor, Tensor]:
-    """cos, sin: [S, D] in fp32, laid out for the rotate-half convention of Llama / Qwen2.
+    """cos, sin: [S, R] in fp32 (R = rotary_dim), laid out for the rotate-half convention of Llama / Qwen2.
 
     dynamic NTK: position p rotates with the base of a sequence of max(p + 1, threshold) tokens,
     the frequencies transformers uses for a token decoded at p: a key is rotated once, when written."""
-    rope, dim = cfg.rope_scaling, cfg.head_dim
+    rope, dim = cfg.rope_scaling, cfg.rotary_dim or cfg.head_dim
     positions = torch.arange(max_len, dtype=torch.float64)
     theta: float | Tensor = cfg.rope_theta
     if rope.rope_type == "dynamic":
         seq_len = (positions + 1).clamp(min=rope.original_max_position_embeddings)
         scale = rope.factor * seq_len / rope.original_max_position_embeddings - (rope.factor - 1)
         theta = cfg.rope_theta * (scale ** (dim / (dim - 2)))[:, None]
-    angles = positions[:, None] * inv_frequencies(theta, dim, rope)  # [S, D / 2]
+    angles = positions[:, None] * inv_frequencies(theta, dim, rope, max_len)  # [S, R / 2]
     angles = torch.cat([angles, angles], dim=-1)
     return (angles.cos() * rope.attention_factor).float(), (angles.sin() * rope.attention_factor).float()
 
@@ -387,7 +416,7 @@ class Transformer(nn.Module):
         sliding = cfg if cfg.sliding_rope_theta is None else \
             replace(cfg, rope_theta=cfg.sliding_rope_theta, rope_scaling=cfg.sliding_rope_scaling)
         (cos, sin), (sliding_cos, sliding_sin) = rope_tables(cfg, max_len), rope_tables(sliding, max_len)
-        self.register_buffer("rope_cos", torch.stack([cos, sliding_cos]).to(device), persistent=False)  # [2, S, D]
+        self.register_buffer("rope_cos", torch.stack([cos, sliding_cos]).to(device), persistent=False)  # [2, S, R]
         self.register_buffer("rope_sin", torch.stack([sin, sliding_sin]).to(device), persistent=False)
 
     @property
@@ -405,7 +434,7 @@ class Transformer(nn.Module):
         """Builds the decoder from a loaded transformers model (GGUF- or safetensors-backed)."""
         model = cls(ModelConfig.from_hf(hf_model.config), max_batch=max_batch, max_len=max_len,
                     dtype=dtype, device=device, batch_invariant=batch_invariant)
-        model.load_hf_state_dict(hf_model.state_dict())
+        model.load_hf_state_dict(text_decoder_weights(hf_model.config.model_type, hf_model.state_dict()))
         return model
 
     def load_hf_state_dict(self, sd: dict[str, Tensor]) -> None:
@@ -497,7 +526,7 @@ class Transformer(nn.Module):
         """Runs the packed hidden states x [N, hidden] through ``layers``, layer l writing K, V into
         ``k_cache[l]``, ``v_cache[l]`` (caches [>= layers.stop, B, Hkv, S, D]); returns [N, hidden]."""
         masks = None if batch.invariant else self.attention_masks(batch)
-        cos, sin = self.rope_cos[:, batch.positions, None], self.rope_sin[:, batch.positions, None]  # [2, N, 1, D]
+        cos, sin = self.rope_cos[:, batch.positions, None], self.rope_sin[:, batch.positions, None]  # [2, N, 1, R]
         for l in layers:
             kind = self.layer_kind[l]
             mask = None if masks is None else masks[kind]

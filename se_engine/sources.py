@@ -140,6 +140,15 @@ TINY_MODELS: dict[str, tuple[str, dict, int]] = {
     "tiny-random-phi3": ("phi3", dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=4, sliding_window=2047,
                                       tie_word_embeddings=False, rope_theta=10000.0), 7),
+    # Phi-4-mini's: longrope over the first 3/4 of each head (head_dim 128 -> 32: 24 dims, 12 factors
+    # of each set), pretraining context 4096 of 131072, GQA 3:1, tied head.
+    "tiny-random-phi4": ("phi3", dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+                                      num_attention_heads=3, num_key_value_heads=1, head_dim=32,
+                                      partial_rotary_factor=0.75, max_position_embeddings=131072,
+                                      original_max_position_embeddings=4096, sliding_window=None,
+                                      tie_word_embeddings=True, rope_theta=10000.0, rope_scaling=dict(
+                                          rope_type="longrope", short_factor=[1.0 + 0.2 * i for i in range(12)],
+                                          long_factor=[1.0 + 3.0 * i for i in range(12)])), 10),
     # Gemma-2-2b's: head_dim 256 -> 32 under query_pre_attn_scalar 256, soft-capping 50 / 30,
     # sliding_window 4096 on alternate layers, tied head.
     "tiny-random-gemma2": ("gemma2", dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,

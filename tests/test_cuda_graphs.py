@@ -30,7 +30,7 @@ def models(graphs: bool, max_batch: int = 4, max_len: int = 64, max_width: int =
     return out
 
 
-@pytest.mark.parametrize("name", [*NAMES, "tiny-random-qwen3", WINDOWED])
+@pytest.mark.parametrize("name", [*NAMES, "tiny-random-qwen3", "tiny-random-phi4", WINDOWED])
 @pytest.mark.parametrize("max_batch", [3, 4])  # 3: the span's power of two is clamped to max_batch
 def test_graphed_forwards_match_eager_ones(name, max_batch):
     """Random ragged forwards with rollbacks, a slot driven to capacity and prefills wider than

@@ -11,8 +11,9 @@ from test_exactness import (ALPHA, SAMPLING, V, check_greedy_identity, chi_squar
                              exact_joint)
 from test_quant import check_quantized_drafter
 from test_runner import TOLERANCE, check_ragged_schedule, full_logits
-from transformers import AutoConfig, LlamaConfig
+from transformers import AutoConfig, Gemma3Config, Gemma3ForConditionalGeneration, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from se_engine.ensemble import EnsembleSpec
 from se_engine.engine import Engine
@@ -62,10 +63,38 @@ def test_rope_tables_match_transformers(rope_type):
     assert (cos - plain_cos).abs().max() > 1e-3  # the scaling shows within ROPE_LEN positions
 
 
+@pytest.mark.parametrize("max_len", [32, 40])
+def test_longrope_tables_match_transformers(max_len):
+    """Phi-4-mini's longrope over 3/4 of each head: the short factors while the cache fits the
+    pretraining context (32 here), else the long ones, as transformers rotates max_len tokens."""
+    config = tiny_random_model("tiny-random-phi4", original_max_position_embeddings=32).config
+    cos, sin = rope_tables(ModelConfig.from_hf(config), max_len)
+    ref_cos, ref_sin = (t[0] for t in Phi3RotaryEmbedding(config)(torch.zeros(1, 1, 32), torch.arange(max_len)[None]))
+    assert cos.shape == (max_len, 24)
+    torch.testing.assert_close(cos, ref_cos, atol=1e-5, rtol=0)  # measured <= 2e-6
+    torch.testing.assert_close(sin, ref_sin, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE, ids=str)
+def test_longrope_past_the_pretraining_context_matches_transformers(dtype):
+    """A cache longer than the pretraining context (16 here) rotates every key with the long
+    factors: one prefill past 16 tokens equals transformers' (which switches sets by sequence
+    length), and the ragged schedules equal a transformers model whose short factors are the long."""
+    context = dict(original_max_position_embeddings=16, max_position_embeddings=64)  # attention_factor 1.22
+    hf = tiny_random_model("tiny-random-phi4", **context)
+    rope = dict(hf.config.rope_parameters, short_factor=hf.config.rope_parameters["long_factor"])
+    always_long = tiny_random_model("tiny-random-phi4", **context, rope_scaling=rope)
+    runner = Transformer.from_hf(hf, max_batch=5, max_len=64, dtype=dtype)
+    seq = list(range(7, 47))
+    torch.testing.assert_close(runner.forward([0], [seq], [len(seq)]), full_logits(hf, seq),
+                               atol=TOLERANCE[dtype], rtol=0)
+    runner.truncate([0], [0])
+    check_ragged_schedule(always_long, runner, atol=TOLERANCE[dtype])
+
+
 @pytest.mark.parametrize("rope_parameters,message", [
-    (dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 16, long_factor=[1.0] * 16,
-          original_max_position_embeddings=4096), "rope_type 'longrope' is not one of"),
-    (dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5), "partial_rotary_factor 0.5"),
+    (dict(rope_type="proportional", rope_theta=1e4), "rope_type 'proportional' is not one of"),
+    (dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.3), "partial_rotary_factor 0.3"),
 ])
 def test_unimplemented_rope_is_refused_by_name(rope_parameters, message):
     config = small_llama_config(max_position_embeddings=8192)
@@ -80,13 +109,19 @@ def test_unimplemented_rope_is_refused_by_name(rope_parameters, message):
 WINDOW = 8
 
 
+# Qwen2 / Qwen3 window the layers from max_window_layers on when use_sliding_window is set.
+QWEN_WINDOWS = dict(use_sliding_window=True, max_window_layers=1)
+WINDOWED = {"tiny-random-mistral": {}, "tiny-random-gemma2": {}, "tiny-random-gemma3": {},
+            "tiny-random-qwen2": QWEN_WINDOWS, "tiny-random-qwen3": QWEN_WINDOWS}
+
+
 @pytest.mark.parametrize("dtype", TOLERANCE, ids=str)
-@pytest.mark.parametrize("name", ["tiny-random-mistral", "tiny-random-gemma2", "tiny-random-gemma3"])
+@pytest.mark.parametrize("name", WINDOWED)
 def test_sliding_window_matches_transformers(name, dtype):
     """The mask path (fp32, and bf16 with batch_invariant=False) against transformers' Mistral, Gemma 2
-    (alternate windowed layers, soft-capping, sandwich norms, query_pre_attn_scalar) and Gemma 3
-    (5 windowed layers of 6 with their own RoPE base)."""
-    hf = tiny_random_model(name, sliding_window=WINDOW)
+    (alternate windowed layers, soft-capping, sandwich norms, query_pre_attn_scalar), Gemma 3
+    (5 windowed layers of 6 with their own RoPE base) and Qwen2 / Qwen3 (all but the first layer)."""
+    hf = tiny_random_model(name, sliding_window=WINDOW, **WINDOWED[name])
     seq = list(range(3, 3 + 2 * WINDOW))
     assert (full_logits(hf, seq) - full_logits(tiny_random_model(name), seq)).abs().max() > 0.1  # the window matters
     runner = Transformer.from_hf(hf, max_batch=5, max_len=64, dtype=dtype, batch_invariant=False)
@@ -105,12 +140,12 @@ CAPPED = dict(attn_logit_softcapping=0.5)
 
 
 @pytest.mark.parametrize("name,config", [("tiny-random-mistral", {}), ("tiny-random-gemma2", CAPPED),
-                                         ("tiny-random-gemma3", {})])
+                                         ("tiny-random-gemma3", {}), ("tiny-random-qwen3", QWEN_WINDOWS)])
 def test_invariant_attention_attends_within_the_window(name, config):
     """The batch-invariant kernels (bf16, the default) take the window and Gemma 2's soft-capping:
     contexts past the window match transformers' models as the mask path does."""
     hf = tiny_random_model(name, sliding_window=WINDOW, **config)
-    if config:
+    if config is CAPPED:
         seq = list(range(3, 3 + 2 * WINDOW))  # the cap matters
         uncapped = tiny_random_model(name, sliding_window=WINDOW)
         assert (full_logits(hf, seq) - full_logits(uncapped, seq)).abs().max() > 0.1
@@ -119,12 +154,40 @@ def test_invariant_attention_attends_within_the_window(name, config):
     check_ragged_schedule(hf, runner, atol=TOLERANCE[torch.bfloat16])
 
 
+def tiny_gemma3_vision(text) -> Gemma3ForConditionalGeneration:
+    """A Gemma 3 vision-language model (how gemma-3-4b-it ships) around the text decoder ``text``."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text.config.to_dict(), vision_config=vision,
+                                                        mm_tokens_per_image=4)).eval()
+    model.model.language_model.load_state_dict(text.model.state_dict())
+    model.tie_weights()
+    return model
+
+
+def test_gemma3_vision_checkpoint_serves_its_text_decoder(tmp_path):
+    """A Gemma3ForConditionalGeneration directory loads its text decoder (the vision tower and
+    projector left out): text logits equal transformers' multimodal model's, in fp32 and through the
+    invariant kernels in bf16."""
+    text = tiny_random_model("tiny-random-gemma3", sliding_window=WINDOW)
+    vision = tiny_gemma3_vision(text)
+    assert any(k.startswith("model.vision_tower.") for k in vision.state_dict())
+    vision.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), dtype=torch.float32)
+    assert loaded.runner.cfg == ModelConfig.from_hf(text.config)
+    seq = list(range(3, 3 + 2 * WINDOW))
+    torch.testing.assert_close(loaded.runner.forward([0], [seq], [len(seq)]), full_logits(vision, seq),
+                               atol=1e-4, rtol=0)
+    check_ragged_schedule(vision, Transformer.from_hf(vision, max_batch=5, max_len=64),
+                          atol=TOLERANCE[torch.bfloat16])
+
+
 @pytest.mark.parametrize("model_type,config,message", [
-    ("qwen2", dict(use_sliding_window=True, sliding_window=16), "use_sliding_window=True"),
     ("llama", dict(attention_bias=True), "attention_bias=True"),
     ("llama", dict(mlp_bias=True), "mlp_bias=True"),
     ("llama", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
-    ("gemma3", {}, "model_type 'gemma3' is not one of"),
+    ("gemma3n", {}, "model_type 'gemma3n' is not one of"),
     ("gemma2", dict(hidden_activation="gelu"), "hidden_act 'gelu' is not one of"),
 ])
 def test_unimplemented_configs_are_refused_by_name(model_type, config, message):

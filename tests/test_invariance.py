@@ -105,12 +105,14 @@ def test_rms_norm_matches_its_twin_and_is_row_invariant(d, gemma):
         assert torch.equal(invariant_ops.rms_norm(x[i, 1], w, 1e-6, gemma), y[i, 1])
 
 
-@pytest.mark.parametrize("h,d", [(14, 64), (2, 128), (3, 40)])
-def test_rope_is_bitwise_its_twin(h, d):
-    gen = torch.Generator().manual_seed(h * d)
+@pytest.mark.parametrize("h,d,r", [(14, 64, 64), (2, 128, 128), (3, 40, 40), (3, 40, 30), (2, 128, 96)])
+def test_rope_is_bitwise_its_twin(h, d, r):
+    """Full and partial rotary (r of d dims rotated, the rest passed through)."""
+    gen = torch.Generator().manual_seed(h * d + r)
     x = (4 * torch.randn(19, h, d, generator=gen)).to(BF16)
-    cos, sin = torch.randn(19, 1, d, generator=gen), torch.randn(19, 1, d, generator=gen)
-    assert torch.equal(invariant_ops.rope(x, cos, sin), invariant_ops.rope_reference(x, cos, sin))
+    cos, sin = torch.randn(19, 1, r, generator=gen), torch.randn(19, 1, r, generator=gen)
+    y = invariant_ops.rope(x, cos, sin)
+    assert torch.equal(y, invariant_ops.rope_reference(x, cos, sin)) and torch.equal(y[..., r:], x[..., r:])
     assert torch.equal(invariant_ops.rope(x[5:6], cos[5:6], sin[5:6])[0], invariant_ops.rope(x, cos, sin)[5])
 
 
@@ -160,6 +162,8 @@ def test_kernels_refuse_bad_input():
         invariant_ops.rms_norm(torch.zeros(2, 7, dtype=BF16), torch.zeros(8, dtype=BF16), 1e-6, False)
     with pytest.raises(ValueError, match="cos and sin must hold"):
         invariant_ops.rope(torch.zeros(2, 1, 8, dtype=BF16), torch.zeros(1, 1, 8), torch.zeros(1, 1, 8))
+    with pytest.raises(ValueError, match="an even number of dims <= 8"):
+        invariant_ops.rope(torch.zeros(1, 1, 8, dtype=BF16), torch.zeros(1, 1, 5), torch.zeros(1, 1, 5))
     cache = torch.zeros(2, 1, 8, 16, dtype=BF16)
     q = torch.zeros(1, 2, 16, dtype=BF16)
     with pytest.raises(IndexError, match="out of range"):
@@ -269,13 +273,18 @@ GEMMA_CFG = replace(CFG, qkv_bias=False, qk_norm=True, gemma=True, activation="g
                     attention_scale=256 ** -0.5, attn_softcap=50.0, final_softcap=30.0)
 # A sliding window on the second layer, shorter than the 20 .. 40-token sequences (Mistral, Gemma).
 WINDOWED_CFG = replace(CFG, sliding_window=7, sliding_layers=(1,))
+# Phi-4-mini's longrope over 3/4 of each head (MAX_LEN past its context: the long factors).
+PHI4_CFG = replace(CFG, qkv_bias=False, rotary_dim=48, rope_scaling=RopeScaling(
+    rope_type="longrope", factor=4.0, original_max_position_embeddings=32, attention_factor=1.2,
+    short_factor=tuple(1.0 + 0.1 * i for i in range(24)), long_factor=tuple(1.0 + i for i in range(24))))
 
 
 def test_runner_is_bitwise_invariant_under_any_schedule():
     check_schedules(random_model(), range(6))
 
 
-@pytest.mark.parametrize("cfg", [FAMILY_CFG, GEMMA_CFG, WINDOWED_CFG], ids=["qwen3-llama3", "gemma", "windowed"])
+@pytest.mark.parametrize("cfg", [FAMILY_CFG, GEMMA_CFG, WINDOWED_CFG, PHI4_CFG],
+                         ids=["qwen3-llama3", "gemma", "windowed", "phi4"])
 def test_other_families_are_bitwise_invariant(cfg):
     check_schedules(random_model(cfg=cfg), range(6))
 

@@ -94,9 +94,10 @@ def test_exit_depth_logits_and_kv_equal_the_full_model(tiny, depths, thresholds)
         assert catch_ups > 0 and all(drafter.exits), (catch_ups, drafter.exits)
 
 
-@pytest.mark.parametrize("name", ["tiny-random-qwen3", "tiny-random-llama3"])
+@pytest.mark.parametrize("name", ["tiny-random-qwen3", "tiny-random-llama3", "tiny-random-phi4"])
 def test_exit_depths_of_other_families(tiny_models, name):
-    """Qwen3's q/k norms and Llama 3's scaled RoPE in the early-exit views, bit for bit."""
+    """Qwen3's q/k norms, Llama 3's scaled RoPE and Phi-4-mini's partial longrope in the early-exit
+    views, bit for bit."""
     (loaded,) = tiny_models([name], max_batch=SLOTS + 1, max_len=160)
     drafter = NestedDrafter(loaded.runner, [1, 2], [0.6], max_batch=SLOTS)
     assert check_against_full_model(loaded.runner, drafter, seed=7) > 0 and all(drafter.exits), drafter.exits

@@ -10,7 +10,7 @@ from se_engine.model import Transformer
 from se_engine.sources import TINY_VOCAB
 
 TINY = ["tiny-random-llama", "tiny-random-qwen2", "tiny-random-qwen2-deep", "tiny-random-llama3",
-        "tiny-random-qwen3", "tiny-random-mistral", "tiny-random-phi3",
+        "tiny-random-qwen3", "tiny-random-mistral", "tiny-random-phi3", "tiny-random-phi4",
         "tiny-random-gemma3"]
 
 

@@ -21,15 +21,14 @@ from se_engine.model import ModelConfig
 from se_engine.runner import load_model
 from se_engine.sources import resolve, tiny_random_model, tiny_tokenizer
 
-FAMILIES = ["tiny-random-llama", "tiny-random-llama3", "tiny-random-qwen2", "tiny-random-qwen3",
-            "tiny-random-mistral", "tiny-random-phi3", "tiny-random-gemma2", "tiny-random-gemma3"]
+WRITTEN = ["tiny-random-llama", "tiny-random-llama3", "tiny-random-qwen2", "tiny-random-qwen3",
+           "tiny-random-mistral", "tiny-random-phi3", "tiny-random-gemma2", "tiny-random-gemma3"]
 SEQ = list(range(3, 23))
 TEXT = "def f(x):\n  return x<|im_end|>"
 
-ROPE_SCALING = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "transformers' GGUF loader reads no RoPE scaling: GGUF_CONFIG_MAPPING has no rope.scaling.* key "
-    "(only gpt-oss reads them) and llama3's rope_freqs.weight is dropped, so the model loads with "
-    "default RoPE (llama3: 0.1 logit error at 20 tokens, gemma3's linear x8: 1.4)"))
+# transformers' GGUF loader reads no RoPE scaling (GGUF_CONFIG_MAPPING has no rope.scaling.* key,
+# llama3's rope_freqs.weight is dropped): se_engine refuses these files rather than run default RoPE.
+SCALED_ROPE = ["tiny-random-llama3", "tiny-random-gemma3"]
 QWEN3_HEAD_DIM = pytest.mark.xfail(strict=True, raises=ModelSourceError, reason=(
     "GGUF_CONFIG_MAPPING['qwen3'] maps neither attention.key_length nor rope.dimension_count to "
     "head_dim, so Qwen3Config's default head_dim=128 applies and q/k/v/o_proj, q/k_norm do not fit "
@@ -41,8 +40,6 @@ GEMMA_TOKENIZER = pytest.mark.xfail(strict=True, raises=Exception, reason=(
     "encoding raises 'Unk token `None` not found in the vocabulary'"))
 # What cannot round-trip, as the GGUF loader reads no key for it; everything else must.
 NOT_STORED = {
-    "tiny-random-llama3": {"rope_scaling"},
-    "tiny-random-gemma3": {"rope_scaling"},
     # no sliding_window key for phi3 (Phi-3-mini-4k's 2047 is lost); a 20-token prefill is inside it
     "tiny-random-phi3": {"sliding_window"},
 }
@@ -52,7 +49,9 @@ NOT_STORED = {
 
 
 def families(xfails: dict[str, pytest.MarkDecorator]) -> list:
-    return [pytest.param(name, marks=xfails[name]) if name in xfails else name for name in FAMILIES]
+    """The files that load, with their expected failures."""
+    return [pytest.param(name, marks=xfails[name]) if name in xfails else name
+            for name in WRITTEN if name not in SCALED_ROPE]
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +93,7 @@ def loaded(written, tmp_path_factory):
     return load
 
 
-@pytest.mark.parametrize("name", families({"tiny-random-llama3": ROPE_SCALING, "tiny-random-gemma3": ROPE_SCALING,
-                                           "tiny-random-qwen3": QWEN3_HEAD_DIM}))
+@pytest.mark.parametrize("name", families({"tiny-random-qwen3": QWEN3_HEAD_DIM}))
 def test_logits_match_the_model_written(loaded, name):
     hf, _, model = loaded(name)
     err = (model.runner.forward([0], [SEQ], [len(SEQ)]) - full_logits(hf, SEQ)).abs().max().item()
@@ -114,14 +112,19 @@ def test_model_config_round_trips(loaded, name):
     assert all(got[k] != expected[k] for k in lost), "a field listed as lost round-trips: update NOT_STORED"
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", SCALED_ROPE)
+def test_a_gguf_with_scaled_rope_is_refused(loaded, name):
+    with pytest.raises(ModelSourceError, match="scales its RoPE.*transformers' GGUF loader drops"):
+        loaded(name)
+
+
+@pytest.mark.parametrize("name", WRITTEN)
 def test_the_gguf_tokenizer_matches(written, name):
     _, path = written(name)
     check_tokenizer(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
 
 
-@pytest.mark.parametrize("name", families({"tiny-random-qwen3": QWEN3_HEAD_DIM, "tiny-random-gemma2": GEMMA_TOKENIZER,
-                                           "tiny-random-gemma3": GEMMA_TOKENIZER}))
+@pytest.mark.parametrize("name", families({"tiny-random-qwen3": QWEN3_HEAD_DIM, "tiny-random-gemma2": GEMMA_TOKENIZER}))
 def test_the_loaded_tokenizer_matches(loaded, name):
     check_tokenizer(loaded(name)[2].tokenizer)
 

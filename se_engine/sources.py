@@ -32,9 +32,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ModelSourceError, UnknownModelError
+from .gguf_rope import rope_parameters
 from .token_text import bytes_to_unicode
 
-CONVERTED_FORMAT = 1  # bump when the converted layout changes: older copies are rebuilt
+CONVERTED_FORMAT = 2  # bump when the converted layout changes: older copies are rebuilt
 TINY_FORMAT = 2
 
 
@@ -360,10 +361,13 @@ def _convert_gguf(gguf: Path, dtype: torch.dtype, out: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype, **kwargs)
     except Exception as e:  # transformers raises many kinds for a damaged file
         raise ModelSourceError(f"cannot load GGUF {gguf}: {type(e).__name__}: {e}") from e
-    rope = model.config.rope_parameters or {}
-    if (scaling := _gguf_rope_scaling(gguf)) and rope.get("full_attention", rope).get("rope_type", "default") == "default":
-        raise ModelSourceError(f"GGUF {gguf} scales its RoPE ({scaling}), which transformers' GGUF loader drops "
-                               "(the model would run with default RoPE); load a transformers directory instead")
+    try:
+        scaling = rope_parameters(gguf)
+    except ValueError as e:
+        raise ModelSourceError(f"cannot load GGUF {gguf}: {e}; load a transformers directory instead") from e
+    if scaling:  # transformers' GGUF loader reads none of it
+        rope = model.config.rope_parameters
+        rope.get("full_attention", rope).update(scaling)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # shared with the embedding; safetensors refuses aliases
@@ -374,18 +378,6 @@ def _convert_gguf(gguf: Path, dtype: torch.dtype, out: Path) -> None:
     config.dtype = dtype
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-
-
-def _gguf_rope_scaling(gguf: Path) -> str | None:
-    """What in a GGUF scales RoPE (a ``*.rope.scaling.type`` other than none, or llama3's
-    ``rope_freqs`` tensor), else None."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(gguf)
-    for name, field in reader.fields.items():
-        if name.endswith(".rope.scaling.type") and bytes(field.parts[-1]).decode() != "none":
-            return f"{name} = {bytes(field.parts[-1]).decode()}"
-    return "rope_freqs.weight" if any(t.name == "rope_freqs.weight" for t in reader.tensors) else None
 
 
 # ---------------------------------------------------------------- tiny random models

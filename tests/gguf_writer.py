@@ -80,6 +80,10 @@ def _add_config(writer: gguf.GGUFWriter, config) -> None:
         writer.add_rope_scaling_factor(rope["factor"])
         if rope.get("original_max_position_embeddings"):
             writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for name, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                          ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+            if rope.get(name) is not None:
+                add(rope[name])
     if getattr(config, "sliding_window", None) is not None:
         writer.add_sliding_window(config.sliding_window)
     if getattr(config, "attn_logit_softcapping", None) is not None:

@@ -122,18 +122,21 @@ __attribute__((target("avx512f"))) inline __m512 reduce16(const __m512* a) {
 
 // One 32-wide step of an R x C tile: acc[r][c] += x[r, k0 : k0 + 32] . w[c, k0 : k0 + 32] by lane pairs.
 // FULL: a whole block (plain loads, and a prefetch of the weights PREFETCH elements ahead, since the
-// weights stream from memory while x stays in cache); else the masked tail of K.
+// weights stream from memory while x stays in cache); else the masked tail of K. Past a row's end
+// the prefetch goes on in the next tile's row c (w is [N, ldw]), so each of the C streams is read
+// ahead without a gap across tiles.
 constexpr int64_t PREFETCH = 512;
 
 template <int R, int C, bool FULL>
 __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline void tile_step(
     __m512 (&acc)[R][C], const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t k0, __mmask32 mask) {
   __m512bh wv[C];
+  const int64_t ahead = k0 + PREFETCH < ldw ? k0 + PREFETCH : k0 + PREFETCH + (COL_TILE - 1) * ldw;
 #pragma GCC unroll 4
   for (int c = 0; c < C; ++c) {
     if constexpr (FULL) {
       wv[c] = (__m512bh)_mm512_loadu_si512(w + c * ldw + k0);
-      _mm_prefetch(reinterpret_cast<const char*>(w + c * ldw + k0 + PREFETCH), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + c * ldw + ahead), _MM_HINT_T0);
     } else {
       wv[c] = load_bf16(w + c * ldw + k0, mask);
     }
@@ -172,7 +175,7 @@ void tile_avx512(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t
     return;
   }
   // Place p = r * COL_TILE + c; 16 places per reduce16, whose 16 sums take the biases c = p % 4.
-  constexpr int PLACES = ROW_TILE * COL_TILE, GROUPS = (PLACES + 15) / 16;
+  constexpr int PLACES = R * COL_TILE, GROUPS = (PLACES + 15) / 16;  // R <= 4 rows: one reduce16, not two
   __m512 all[GROUPS * 16];
 #pragma GCC unroll 32
   for (int i = 0; i < GROUPS * 16; ++i)

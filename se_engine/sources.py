@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ModelSourceError, UnknownModelError
-from .gguf_rope import rope_parameters
+from .gguf_config import restore
 from .token_text import bytes_to_unicode
 
 CONVERTED_FORMAT = 2  # bump when the converted layout changes: older copies are rebuilt
@@ -347,7 +347,7 @@ def _meta_matches(directory: Path, meta: dict) -> bool:
 
 def _convert_gguf(gguf: Path, dtype: torch.dtype, out: Path) -> None:
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {}
     try:  # transformers >= 5.2x keeps GGUF weights packed unless told otherwise
@@ -358,16 +358,14 @@ def _convert_gguf(gguf: Path, dtype: torch.dtype, out: Path) -> None:
     print(f"se_engine: converting {gguf.name} to {dtype_name(dtype)} safetensors (once)", file=sys.stderr)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype, **kwargs)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        restore(config, gguf)  # what transformers' GGUF loader drops, before the weights take their shapes
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config, dtype=dtype,
+                                                     **kwargs)
+    except ModelSourceError:
+        raise
     except Exception as e:  # transformers raises many kinds for a damaged file
         raise ModelSourceError(f"cannot load GGUF {gguf}: {type(e).__name__}: {e}") from e
-    try:
-        scaling = rope_parameters(gguf)
-    except ValueError as e:
-        raise ModelSourceError(f"cannot load GGUF {gguf}: {e}; load a transformers directory instead") from e
-    if scaling:  # transformers' GGUF loader reads none of it
-        rope = model.config.rope_parameters
-        rope.get("full_attention", rope).update(scaling)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # shared with the embedding; safetensors refuses aliases

@@ -9,6 +9,7 @@ on load; metadata keys that transformers does not read are written anyway, as ll
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import gguf
@@ -84,6 +85,11 @@ def _add_config(writer: gguf.GGUFWriter, config) -> None:
                           ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
             if rope.get(name) is not None:
                 add(rope[name])
+    if rope.get("rope_type") == "longrope":  # llama.cpp's Phi-3: the pretraining context and cos / sin scale
+        original = rope["original_max_position_embeddings"]
+        scale = config.max_position_embeddings / original
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
     if getattr(config, "sliding_window", None) is not None:
         writer.add_sliding_window(config.sliding_window)
     if getattr(config, "attn_logit_softcapping", None) is not None:
@@ -155,5 +161,9 @@ def _add_tensors(writer: gguf.GGUFWriter, hf_model: torch.nn.Module, spec: dict)
         if name.endswith("norm.weight"):
             tensor = tensor + spec.get("norm_offset", 0.0)
         writer.add_tensor(name, tensor.numpy())
-    if _rope(config)[0].get("rope_type") == "llama3":  # llama.cpp's form; transformers ignores it
+    rope = _rope(config)[0]
+    if rope.get("rope_type") == "llama3":  # llama.cpp's form; transformers ignores it
         writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(config).float().numpy())
+    if rope.get("rope_type") == "longrope":  # llama.cpp's Phi-3: both factor sets, as tensors
+        for which in ("short", "long"):
+            writer.add_tensor(f"rope_factors_{which}.weight", torch.tensor(rope[f"{which}_factor"]).float().numpy())

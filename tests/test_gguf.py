@@ -3,12 +3,14 @@
 they were written from: the same logits, ModelConfig and tokenizer.
 
 For these architectures transformers uses its legacy loader (modeling_gguf_pytorch_utils.py, with
-the metadata keys of integrations/ggml.py's GGUF_CONFIG_MAPPING); what it cannot carry is marked
-below, each with the one field that, restored, makes the loaded model equal the original exactly.
+the metadata keys of integrations/ggml.py's GGUF_CONFIG_MAPPING); se_engine.gguf_config restores
+what it drops (RoPE scaling, Qwen3's head_dim, Phi-3's window and rotary width, Gemma's attention
+fields). What still cannot round-trip is marked below as an expected failure with its reason.
 """
 
 import re
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -18,34 +20,25 @@ from gguf_writer import ARCHS, write_gguf
 from test_runner import full_logits
 from transformers import AutoConfig, AutoTokenizer
 
+from se_engine import gguf_config
 from se_engine.errors import ModelSourceError
-from se_engine.gguf_rope import llama3_parameters, rope_parameters
+from se_engine.gguf_config import llama3_parameters, rope_scaling
 from se_engine.model import ModelConfig
 from se_engine.runner import load_model
 from se_engine.sources import resolve, tiny_random_model, tiny_tokenizer
 
 WRITTEN = ["tiny-random-llama", "tiny-random-llama3", "tiny-random-qwen2", "tiny-random-qwen3",
-           "tiny-random-mistral", "tiny-random-phi3", "tiny-random-gemma2", "tiny-random-gemma3"]
+           "tiny-random-mistral", "tiny-random-phi3", "tiny-random-phi4", "tiny-random-gemma2", "tiny-random-gemma3"]
 SEQ = list(range(3, 23))
 TEXT = "def f(x):\n  return x<|im_end|>"
 
-QWEN3_HEAD_DIM = pytest.mark.xfail(strict=True, raises=ModelSourceError, reason=(
-    "GGUF_CONFIG_MAPPING['qwen3'] maps neither attention.key_length nor rope.dimension_count to "
-    "head_dim, so Qwen3Config's default head_dim=128 applies and q/k/v/o_proj, q/k_norm do not fit "
-    "the file's (head_dim 32); Qwen3-0.6B..32B load only because their head_dim is 128"))
 GEMMA_TOKENIZER = pytest.mark.xfail(strict=True, raises=Exception, reason=(
     "the GGUF's tokenizer is right (test_the_gguf_tokenizer_matches), but se_engine saves it and "
     "reloads it as its class, GemmaTokenizer, which transformers 5 rebuilds from the vocabulary "
     "with its own SentencePiece pipeline (' ' -> '\u2581', byte fallback, unk_token str(None)): "
     "encoding raises 'Unk token `None` not found in the vocabulary'"))
-# What cannot round-trip, as the GGUF loader reads no key for it; everything else must.
-NOT_STORED = {
-    # no sliding_window key for phi3 (Phi-3-mini-4k's 2047 is lost); a 20-token prefill is inside it
-    "tiny-random-phi3": {"sliding_window"},
-}
-# gemma2's query_pre_attn_scalar (256), soft-capping (50, 30) and gemma3's local RoPE base (10000),
-# query_pre_attn_scalar and 5:1 layer pattern are not read either: they round-trip only because the
-# tiny models use the config classes' defaults (those of Gemma-2-2b and Gemma-3-4b).
+# Gemma 3's 5:1 layer pattern is stored by no key (llama.cpp fixes it too): it round-trips as the
+# tiny model keeps Gemma3TextConfig's default.
 
 
 def families(xfails: dict[str, pytest.MarkDecorator]) -> list:
@@ -92,43 +85,83 @@ def loaded(written, tmp_path_factory):
     return load
 
 
-@pytest.mark.parametrize("name", families({"tiny-random-qwen3": QWEN3_HEAD_DIM}))
+@pytest.mark.parametrize("name", WRITTEN)
 def test_logits_match_the_model_written(loaded, name):
     hf, _, model = loaded(name)
     err = (model.runner.forward([0], [SEQ], [len(SEQ)]) - full_logits(hf, SEQ)).abs().max().item()
     assert err < 1e-4, f"max abs logit error {err}"  # measured: 1e-5
 
 
-@pytest.mark.parametrize("name", families({"tiny-random-qwen3": QWEN3_HEAD_DIM}))
+def expected_config(hf_config) -> dict:
+    """The ModelConfig a GGUF of this model must give, as a dict: GGUF stores rms_norm_eps and
+    longrope's factors as float32."""
+    def f32(values: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(float(np.float32(v)) for v in values)
+
+    expected = ModelConfig.from_hf(hf_config)
+    rope = replace(expected.rope_scaling, short_factor=f32(expected.rope_scaling.short_factor),
+                   long_factor=f32(expected.rope_scaling.long_factor))
+    return asdict(replace(expected, rms_norm_eps=float(np.float32(expected.rms_norm_eps)), rope_scaling=rope))
+
+
+@pytest.mark.parametrize("name", WRITTEN)
 def test_model_config_round_trips(loaded, name):
     hf, converted, _ = loaded(name)
-    # GGUF stores rms_norm_eps as a float32
-    expected = ModelConfig.from_hf(hf.config)
-    expected = asdict(replace(expected, rms_norm_eps=float(np.float32(expected.rms_norm_eps))))
-    got = asdict(ModelConfig.from_hf(converted))
-    lost = NOT_STORED.get(name, set())
-    assert {k: v for k, v in got.items() if k not in lost} == {k: v for k, v in expected.items() if k not in lost}
-    assert all(got[k] != expected[k] for k in lost), "a field listed as lost round-trips: update NOT_STORED"
+    assert asdict(ModelConfig.from_hf(converted)) == expected_config(hf.config)
 
 
-# transformers' GGUF loader reads no RoPE scaling; se_engine.gguf_rope does. tiny-random-llama3
-# (llama.cpp's rope_freqs tensor) and tiny-random-gemma3 (linear, full-attention layers only) above;
-# YaRN and linear on a Qwen2 here, with betas other than transformers' defaults.
-SCALINGS = {"yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=16.0,
-                         beta_slow=2.0),
-            "linear": dict(rope_type="linear", factor=2.5)}
+# Fields transformers' loader drops, at values other than the tiny models' (which are the config
+# classes' defaults, so that dropping them would go unseen there): YaRN with its betas and linear
+# RoPE on a Qwen2, Gemma-2-27b's query_pre_attn_scalar with other soft-caps, a Gemma 3 local base.
+VARIANTS = {
+    "qwen2 yarn": ("tiny-random-qwen2", dict(rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=16.0, beta_slow=2.0,
+        rope_theta=10000.0))),
+    "qwen2 linear": ("tiny-random-qwen2", dict(rope_scaling=dict(rope_type="linear", factor=2.5, rope_theta=10000.0))),
+    "gemma2 scale, caps": ("tiny-random-gemma2", dict(query_pre_attn_scalar=144, attn_logit_softcapping=40.0,
+                                                      final_logit_softcapping=20.0)),
+    "gemma3 local base": ("tiny-random-gemma3", dict(query_pre_attn_scalar=144, rope_parameters=dict(
+        full_attention=dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+        sliding_attention=dict(rope_type="default", rope_theta=20000.0)))),
+}
 
 
-@pytest.mark.parametrize("kind", SCALINGS)
-def test_a_scaled_rope_loads(tmp_path, monkeypatch, kind):
-    hf = tiny_random_model("tiny-random-qwen2", rope_scaling={**SCALINGS[kind], "rope_theta": 10000.0})
-    write_gguf(hf, tiny_tokenizer(), tmp_path / "scaled.gguf")
+def write_variant(tmp_path, monkeypatch, kind: str) -> tuple[torch.nn.Module, str]:
+    name, fields = VARIANTS[kind]
+    hf = tiny_random_model(name, **fields)
+    assert expected_config(hf.config) != expected_config(tiny_random_model(name).config)
+    write_gguf(hf, tiny_tokenizer(), tmp_path / "variant.gguf")
     monkeypatch.setenv("SE_ENGINE_CACHE", str(tmp_path / "cache"))
-    model = load_model(str(tmp_path / "scaled.gguf"), dtype=torch.float32, max_len=64)
-    assert model.runner.cfg.rope_scaling == ModelConfig.from_hf(hf.config).rope_scaling
-    assert model.runner.cfg.rope_scaling.rope_type == kind
+    return hf, str(tmp_path / "variant.gguf")
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_a_field_the_loader_drops_is_restored(tmp_path, monkeypatch, kind):
+    hf, path = write_variant(tmp_path, monkeypatch, kind)
+    model = load_model(path, dtype=torch.float32, max_len=64)
+    assert asdict(ModelConfig.from_hf(AutoConfig.from_pretrained(resolve(path, torch.float32)))) == \
+        expected_config(hf.config)
     err = (model.runner.forward([0], [SEQ], [len(SEQ)]) - full_logits(hf, SEQ)).abs().max().item()
     assert err < 1e-4, f"max abs logit error {err}"  # SEQ's 20 tokens pass yarn's original 16
+
+
+@pytest.mark.parametrize("layers, scalar", [(46, 16), (4, 32)])  # Gemma-2-27b's count: hidden / heads; else head_dim
+def test_a_gemma_file_without_attention_scale_takes_llama_cpps(tmp_path, monkeypatch, layers, scalar):
+    monkeypatch.setattr(gguf.GGUFWriter, "add_attention_scale", lambda self, value: None)
+    monkeypatch.setitem(VARIANTS, "gemma2 unscaled", ("tiny-random-gemma2", dict(
+        num_hidden_layers=layers, query_pre_attn_scalar=scalar, layer_types=None)))
+    hf, path = write_variant(tmp_path, monkeypatch, "gemma2 unscaled")
+    load_model(path, dtype=torch.float32, max_len=64)
+    assert asdict(ModelConfig.from_hf(AutoConfig.from_pretrained(resolve(path, torch.float32)))) == \
+        expected_config(hf.config)
+
+
+def test_a_scaling_that_cannot_be_expressed_is_refused_on_load(tmp_path, monkeypatch):
+    """Through load_model: a YaRN knob transformers has no place for (here beta_fast, made one)."""
+    monkeypatch.setattr(gguf_config, "YARN_DEFAULTS", {"yarn_beta_fast": 32.0})
+    _, path = write_variant(tmp_path, monkeypatch, "qwen2 yarn")
+    with pytest.raises(ModelSourceError, match=re.escape("YaRN sets {'yarn_beta_fast': 16.0}, which transformers")):
+        load_model(path, dtype=torch.float32, max_len=64)
 
 
 # Llama-3.1-8B's and Llama-3.2-1B's RoPE (head_dim 128 / 64), and the same with other ratios.
@@ -166,41 +199,29 @@ def test_a_rope_freqs_tensor_llama3_cannot_give_is_refused():
         llama3_parameters(np.where(divisors > 1, divisors.max(), 1.0), 500000.0)
 
 
-def scaling_gguf(path, keys: dict, tensors: dict) -> None:
-    """A GGUF of nothing but rope metadata and tensors: all that gguf_rope reads."""
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_rope_freq_base(10000.0)
-    for add, value in keys.items():
-        getattr(writer, f"add_rope_scaling_{add}")(value)
-    for name, value in tensors.items():
-        writer.add_tensor(name, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+def tensor(values) -> SimpleNamespace:
+    return SimpleNamespace(data=np.asarray(values, np.float32))
 
 
-UNREAD = {  # scalings se_engine cannot express: refused by name
-    "longrope": ({}, {"rope_factors_long.weight": np.ones(8, np.float32)}, "rope_factors_long.weight"),
-    "yarn attn_factor": ({"type": gguf.RopeScalingType.YARN, "factor": 4.0, "orig_ctx_len": 64,
-                          "attn_factors": 0.5}, {}, "YaRN sets {'attn_factor': 0.5}"),
-    "type longrope": ({"type": gguf.RopeScalingType.LONGROPE, "factor": 4.0}, {}, "'longrope' is not linear or yarn"),
-    "type and rope_freqs": ({"type": gguf.RopeScalingType.LINEAR, "factor": 4.0},
-                            {"rope_freqs.weight": np.ones(8, np.float32)}, "both rope.scaling.type"),
+FREQ = {"rope.freq_base": 10000.0}
+UNREAD = {  # RoPE metadata (keys after "{arch}.") and tensors that cannot be expressed: refused by name
+    "one longrope set": (FREQ, {"rope_factors_long.weight": tensor(np.ones(8))}, "without the other longrope set"),
+    "yarn attn_factor": ({**FREQ, "rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
+                          "rope.scaling.original_context_length": 64, "rope.scaling.attn_factor": 0.5}, {},
+                         "YaRN sets {'attn_factor': 0.5}"),
+    "type longrope": ({**FREQ, "rope.scaling.type": "longrope", "rope.scaling.factor": 4.0}, {},
+                      "'longrope' is not linear or yarn"),
+    "type and rope_freqs": ({**FREQ, "rope.scaling.type": "linear", "rope.scaling.factor": 4.0},
+                            {"rope_freqs.weight": tensor(np.ones(8))}, "both rope.scaling.type"),
 }
 
 
 @pytest.mark.parametrize("kind", UNREAD)
-def test_a_rope_scaling_se_engine_cannot_read_is_refused(tmp_path, kind):
-    keys, tensors, message = UNREAD[kind]
-    scaling_gguf(tmp_path / "f.gguf", keys, tensors)
+def test_a_rope_scaling_that_cannot_be_expressed_is_refused(kind):
+    meta, tensors, message = UNREAD[kind]
     with pytest.raises(ValueError, match=re.escape(message)):
-        rope_parameters(tmp_path / "f.gguf")
-
-
-def test_an_unscaled_gguf_has_no_rope_parameters(tmp_path):
-    scaling_gguf(tmp_path / "f.gguf", {"type": gguf.RopeScalingType.NONE}, {})
-    assert rope_parameters(tmp_path / "f.gguf") is None
+        rope_scaling(meta, tensors)
+    assert rope_scaling({**FREQ, "rope.scaling.type": "none"}, {}) is None
 
 
 @pytest.mark.parametrize("name", WRITTEN)
@@ -209,8 +230,8 @@ def test_the_gguf_tokenizer_matches(written, name):
     check_tokenizer(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
 
 
-@pytest.mark.parametrize("name", families({"tiny-random-qwen3": QWEN3_HEAD_DIM, "tiny-random-gemma2": GEMMA_TOKENIZER,
-                                            "tiny-random-gemma3": GEMMA_TOKENIZER}))
+@pytest.mark.parametrize("name", families({"tiny-random-gemma2": GEMMA_TOKENIZER,
+                                           "tiny-random-gemma3": GEMMA_TOKENIZER}))
 def test_the_loaded_tokenizer_matches(loaded, name):
     check_tokenizer(loaded(name)[2].tokenizer)
 

@@ -5,8 +5,9 @@ rope_theta; the conversion to a transformers directory (``sources``) reads the r
 on the config before the weights load, so that the converted model is the file's:
 
 - ``FIELDS``: per architecture, the metadata keys transformers does not map (Qwen3's head_dim,
-  Phi-3's window and rotary width, Gemma's soft-capping, attention scale and local RoPE base; a
-  Gemma file without an attention scale takes llama.cpp's);
+  Phi-3's window and rotary width, Gemma's soft-capping and local RoPE base), and Gemma's
+  query_pre_attn_scalar by llama.cpp's rule (its converter writes no attention.scale; one a file
+  has is taken);
 - RoPE scaling: ``{arch}.rope.scaling.type`` linear or yarn, with its factor, pretraining context
   and YaRN betas; llama.cpp's ``rope_freqs`` (Llama 3.x: a divisor per frequency, from which the
   llama3 parameters are recovered and checked to give the same divisors); Phi-3's
@@ -29,13 +30,18 @@ from .errors import ModelSourceError
 # The divisors are float32; the recovered llama3 parameters must give them to about that precision.
 LLAMA3_RTOL = 1e-5
 # llama.cpp's YaRN knobs that transformers' yarn has no place for, and the values that mean "unused".
-YARN_DEFAULTS = {"attn_factor": 1.0, "yarn_attn_factor": 1.0, "yarn_log_multiplier": 0.0, "yarn_ext_factor": -1.0}
+YARN_UNUSED = {"attn_factor": (1.0,), "yarn_attn_factor": (1.0,), "yarn_log_multiplier": (0.0,),
+               "yarn_ext_factor": (-1.0, 1.0)}
 
 
 def _attribute(name: str) -> Callable:
     def set_attribute(config, value) -> None:
         setattr(config, name, value)
     return set_attribute
+
+
+def _window(config, window: int) -> None:
+    config.sliding_window = window or None  # llama.cpp writes 0 for none (Phi-4)
 
 
 def _rotary_dims(config, dims: int) -> None:
@@ -58,16 +64,17 @@ def _sliding_rope_theta(config, theta: float) -> None:
 # general.architecture -> {metadata key after "{arch}.": what sets it on the config}
 FIELDS: dict[str, dict[str, Callable]] = {
     "qwen3": {"attention.key_length": _attribute("head_dim")},
-    "phi3": {"attention.sliding_window": _attribute("sliding_window"), "rope.dimension_count": _rotary_dims},
+    "phi3": {"attention.sliding_window": _window, "rope.dimension_count": _rotary_dims},
     "gemma2": {"attn_logit_softcapping": _attribute("attn_logit_softcapping"),
                "final_logit_softcapping": _attribute("final_logit_softcapping"),
                "attention.scale": _attention_scale},
-    "gemma3": {"attention.scale": _attention_scale, "rope.freq_base_swa": _sliding_rope_theta},
+    "gemma3": {"final_logit_softcapping": _attribute("final_logit_softcapping"), "attention.scale": _attention_scale,
+               "rope.freq_base_swa": _sliding_rope_theta},
 }
 
 
-# Gemma's 27B models scale attention by hidden / heads, not head_dim; llama.cpp tells them by their
-# layer count where a file has no attention.scale, and so does restore.
+# Gemma's 27B models scale attention by hidden / heads, the others by head_dim: llama.cpp tells them
+# by their layer count.
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
@@ -92,6 +99,9 @@ def restore(config, path: Path) -> None:
         raise ModelSourceError(f"cannot load GGUF {path}: {e}; load a transformers directory instead") from e
     if scaling:
         _full_rope(config).update(scaling)
+        if "original_max_position_embeddings" in scaling and hasattr(config, "original_max_position_embeddings"):
+            # Phi3Config's own attribute: transformers takes it over the rope parameters' on reload.
+            config.original_max_position_embeddings = scaling["original_max_position_embeddings"]
 
 
 def rope_scaling(meta: dict, tensors: dict) -> dict | None:
@@ -100,38 +110,46 @@ def rope_scaling(meta: dict, tensors: dict) -> dict | None:
     keys = {k.removeprefix("rope.scaling."): v for k, v in meta.items() if k.startswith("rope.scaling.")}
     kind = keys.get("type", "none")
     factors = [n for n in ("rope_factors_short.weight", "rope_factors_long.weight") if n in tensors]
-    if factors or "rope_freqs.weight" in tensors:
-        if kind != "none":
-            raise ValueError(f"it has both rope.scaling.type {kind!r} and RoPE factor tensors")
+
+    def required(name: str):
+        if name not in keys:
+            raise ValueError(f"its RoPE scaling ({kind}) has no rope.scaling.{name}")
+        return keys[name]
+
+    if "rope_freqs.weight" in tensors:
+        if kind != "none" or factors:
+            raise ValueError(f"it has a rope_freqs tensor beside rope.scaling.type {kind!r} or longrope factors")
+        return llama3_parameters(_floats(tensors["rope_freqs.weight"]), float(meta["rope.freq_base"]))
     if factors:
+        if kind not in ("none", "longrope"):
+            raise ValueError(f"it has longrope factor tensors beside rope.scaling.type {kind!r}")
         if len(factors) < 2:
             raise ValueError(f"it has {factors[0]} without the other longrope set")
-        params = {"rope_type": "longrope", "original_max_position_embeddings": int(keys["original_context_length"])}
-        for which in ("short", "long"):
-            params[f"{which}_factor"] = [float(f) for f in _floats(tensors[f"rope_factors_{which}.weight"])]
-        scale = meta["context_length"] / params["original_max_position_embeddings"]
-        default = math.sqrt(1 + math.log(scale) / math.log(params["original_max_position_embeddings"])) \
-            if scale > 1 else 1.0
+        kind, original = "longrope", int(required("original_context_length"))
+        params = {"rope_type": "longrope", "original_max_position_embeddings": original,
+                  **{f"{w}_factor": [float(f) for f in _floats(tensors[f"rope_factors_{w}.weight"])]
+                     for w in ("short", "long")}}
+        scale = meta["context_length"] / original
+        default = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
         # The file's is a float32: transformers' own where it is that one, so that configs compare equal.
         if "attn_factor" in keys and not math.isclose(keys["attn_factor"], default, rel_tol=1e-6):
             params["attention_factor"] = float(keys["attn_factor"])
         return params
-    if "rope_freqs.weight" in tensors:
-        return llama3_parameters(_floats(tensors["rope_freqs.weight"]), float(meta["rope.freq_base"]))
     if kind == "none":
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(keys["factor"])}
+        return {"rope_type": "linear", "factor": float(required("factor"))}
     if kind == "yarn":
-        if changed := {k: keys[k] for k, default in YARN_DEFAULTS.items() if k in keys and keys[k] != default}:
+        if changed := {k: keys[k] for k, unused in YARN_UNUSED.items() if k in keys and keys[k] not in unused}:
             raise ValueError(f"its YaRN sets {changed}, which transformers' yarn cannot express")
-        params = {"rope_type": "yarn", "factor": float(keys["factor"]),
-                  "original_max_position_embeddings": int(keys["original_context_length"])}
+        params = {"rope_type": "yarn", "factor": float(required("factor"))}
+        if "original_context_length" in keys:  # else transformers takes max_position_embeddings, as llama.cpp does
+            params["original_max_position_embeddings"] = int(keys["original_context_length"])
         for name in ("beta_fast", "beta_slow"):
             if f"yarn_{name}" in keys:
                 params[name] = float(keys[f"yarn_{name}"])
         return params
-    raise ValueError(f"its rope.scaling.type {kind!r} is not linear or yarn")
+    raise ValueError(f"its rope.scaling.type {kind!r} is not linear or yarn (nor longrope with its factor tensors)")
 
 
 def llama3_parameters(divisors: np.ndarray, theta: float) -> dict:

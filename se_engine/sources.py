@@ -16,6 +16,7 @@ name and renamed when complete, so an interrupted run leaves nothing that a late
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -396,9 +397,9 @@ def tiny_random_model(name: str, vocab_size: int = TINY_VOCAB, **fields):
 
     model_type, overrides, seed = TINY_MODELS[name]
     eos = min(256, vocab_size - 1)  # <|endoftext|> in the tiny tokenizer
-    config = AutoConfig.for_model(model_type, **{
+    config = AutoConfig.for_model(model_type, **copy.deepcopy({  # the config standardizes its rope dicts in place
         **dict(vocab_size=vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-6, initializer_range=0.15,
-               bos_token_id=0, eos_token_id=eos, pad_token_id=eos), **overrides, **fields})
+               bos_token_id=0, eos_token_id=eos, pad_token_id=eos), **overrides, **fields}))
     gen = torch.Generator().manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

@@ -92,10 +92,14 @@ def _add_config(writer: gguf.GGUFWriter, config) -> None:
         writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
     if getattr(config, "sliding_window", None) is not None:
         writer.add_sliding_window(config.sliding_window)
+    elif config.model_type == "phi3":  # llama.cpp's Phi-3 writes 0 for no window (Phi-4)
+        writer.add_sliding_window(0)
     if getattr(config, "attn_logit_softcapping", None) is not None:
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
     if getattr(config, "final_logit_softcapping", None) is not None:
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    # llama.cpp writes no attention.scale for Gemma (its loader fixes the scale by model size); it is
+    # written here so that the tiny models' query_pre_attn_scalar, which that rule cannot give, loads.
     if getattr(config, "query_pre_attn_scalar", None) is not None:
         writer.add_attention_scale(config.query_pre_attn_scalar ** -0.5)
 

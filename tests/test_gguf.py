@@ -112,7 +112,8 @@ def test_model_config_round_trips(loaded, name):
 
 # Fields transformers' loader drops, at values other than the tiny models' (which are the config
 # classes' defaults, so that dropping them would go unseen there): YaRN with its betas and linear
-# RoPE on a Qwen2, Gemma-2-27b's query_pre_attn_scalar with other soft-caps, a Gemma 3 local base.
+# RoPE on a Qwen2, Gemma-2-27b's query_pre_attn_scalar with other soft-caps, a Gemma 3 local base,
+# a longrope pretraining context other than Phi3Config's 4096.
 VARIANTS = {
     "qwen2 yarn": ("tiny-random-qwen2", dict(rope_scaling=dict(
         rope_type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=16.0, beta_slow=2.0,
@@ -123,6 +124,8 @@ VARIANTS = {
     "gemma3 local base": ("tiny-random-gemma3", dict(query_pre_attn_scalar=144, rope_parameters=dict(
         full_attention=dict(rope_type="linear", factor=8.0, rope_theta=1e6),
         sliding_attention=dict(rope_type="default", rope_theta=20000.0)))),
+    # Phi3Config keeps the longrope context as an attribute too, which transformers prefers on reload.
+    "phi4 original 8192": ("tiny-random-phi4", dict(original_max_position_embeddings=8192)),
 }
 
 
@@ -158,7 +161,7 @@ def test_a_gemma_file_without_attention_scale_takes_llama_cpps(tmp_path, monkeyp
 
 def test_a_scaling_that_cannot_be_expressed_is_refused_on_load(tmp_path, monkeypatch):
     """Through load_model: a YaRN knob transformers has no place for (here beta_fast, made one)."""
-    monkeypatch.setattr(gguf_config, "YARN_DEFAULTS", {"yarn_beta_fast": 32.0})
+    monkeypatch.setattr(gguf_config, "YARN_UNUSED", {"yarn_beta_fast": (32.0,)})
     _, path = write_variant(tmp_path, monkeypatch, "qwen2 yarn")
     with pytest.raises(ModelSourceError, match=re.escape("YaRN sets {'yarn_beta_fast': 16.0}, which transformers")):
         load_model(path, dtype=torch.float32, max_len=64)
@@ -204,6 +207,7 @@ def tensor(values) -> SimpleNamespace:
 
 
 FREQ = {"rope.freq_base": 10000.0}
+LONGROPE = {f"rope_factors_{w}.weight": tensor(np.arange(1, 9)) for w in ("short", "long")}
 UNREAD = {  # RoPE metadata (keys after "{arch}.") and tensors that cannot be expressed: refused by name
     "one longrope set": (FREQ, {"rope_factors_long.weight": tensor(np.ones(8))}, "without the other longrope set"),
     "yarn attn_factor": ({**FREQ, "rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
@@ -212,7 +216,9 @@ UNREAD = {  # RoPE metadata (keys after "{arch}.") and tensors that cannot be ex
     "type longrope": ({**FREQ, "rope.scaling.type": "longrope", "rope.scaling.factor": 4.0}, {},
                       "'longrope' is not linear or yarn"),
     "type and rope_freqs": ({**FREQ, "rope.scaling.type": "linear", "rope.scaling.factor": 4.0},
-                            {"rope_freqs.weight": tensor(np.ones(8))}, "both rope.scaling.type"),
+                            {"rope_freqs.weight": tensor(np.ones(8))}, "rope_freqs tensor beside rope.scaling.type"),
+    "yarn, no factor": ({**FREQ, "rope.scaling.type": "yarn"}, {}, "RoPE scaling (yarn) has no rope.scaling.factor"),
+    "longrope, no context": ({**FREQ, "context_length": 131072}, LONGROPE, "has no rope.scaling.original_context"),
 }
 
 
@@ -222,6 +228,16 @@ def test_a_rope_scaling_that_cannot_be_expressed_is_refused(kind):
     with pytest.raises(ValueError, match=re.escape(message)):
         rope_scaling(meta, tensors)
     assert rope_scaling({**FREQ, "rope.scaling.type": "none"}, {}) is None
+
+
+def test_the_forms_llama_cpp_writes_are_read():
+    """yarn_ext_factor 1.0 is standard YaRN; a longrope type beside its tensors (llama.cpp's generic
+    writer) is longrope; a YaRN file without its original context takes max_position_embeddings."""
+    yarn = {**FREQ, "rope.scaling.type": "yarn", "rope.scaling.factor": 4.0, "rope.scaling.yarn_ext_factor": 1.0}
+    assert rope_scaling(yarn, {}) == {"rope_type": "yarn", "factor": 4.0}
+    longrope = {**FREQ, "context_length": 131072, "rope.scaling.type": "longrope",
+                "rope.scaling.original_context_length": 4096}
+    assert rope_scaling(longrope, LONGROPE)["rope_type"] == "longrope"
 
 
 @pytest.mark.parametrize("name", WRITTEN)

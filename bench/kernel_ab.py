@@ -1,14 +1,15 @@
-"""The invariant GEMV of two builds side by side (CPU, bf16): a kernel change's speed, and the same bits.
+"""The batch-invariant CPU kernels of two builds side by side (bf16): a kernel change's speed, same bits.
 
-    python -m bench.gemv_ab BASE NEW [--model qwen2.5-coder-0.5b-instruct] [--rows 1 8] [--rounds 8]
+    python -m bench.kernel_ab BASE NEW [--model qwen2.5-coder-0.5b-instruct] [--rows 1 8] [--rounds 8]
 
 BASE and NEW are source trees with the extension built (``python setup.py build_ext --inplace``),
 such as a git worktree of main and one with the change. Each round runs one process per build, in
-turn, that times se_inv::linear on the model's linear-layer shapes [N, K] (random bf16 weights and
-inputs of ``--rows`` rows, fixed seeds; the median of --repeats calls, under bench.env.run_alone);
-the result is each shape's median over the rounds, so that the machine's drifting memory bandwidth
-falls on both builds alike, NEW / BASE, and whether both builds give the same output bits.
--> bench/results/gemv-ab-<device>.{md,json}
+turn, that times the se_inv ops on one decode layer of the model: ``linear`` on each linear layer's
+weight shape [N, K], ``rms_norm`` of the hidden state, ``rope`` of q and k, and ``attention`` over
+a --context-token cache, for ``--rows`` tokens (random bf16 inputs, fixed seeds; the median of
+--repeats calls, under bench.env.run_alone). The result is each op's median over the rounds, so that
+the machine's drifting memory bandwidth falls on both builds alike, NEW / BASE, and whether both
+builds give the same output bits. -> bench/results/kernel-ab-<device>.{md,json}
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import json
 import statistics
 import subprocess
 import sys
+import zlib
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,22 +29,26 @@ import torch
 from bench.env import header, header_markdown, run_alone, write_result
 
 
-def linear_shapes(model: str) -> dict[str, tuple[int, int]]:
-    """Each linear layer group of ``model`` -> its weight shape [N, K]."""
+def layer_cases(model: str) -> dict[str, list]:
+    """Each op of one decode layer of ``model`` -> [op, its sizes]: linear [N, K], rms_norm [D],
+    rope [H, D] (q, then k), attention [Hq, Hkv, D]."""
     from transformers import AutoConfig
 
     from se_engine.model import ModelConfig
     from se_engine.sources import resolve
 
     cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(resolve(model, torch.bfloat16)))
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    return {"q/k/v": (q + 2 * kv, cfg.hidden_size), "o": (cfg.hidden_size, q),
-            "gate/up": (2 * cfg.intermediate_size, cfg.hidden_size), "down": (cfg.hidden_size, cfg.intermediate_size),
-            "LM head": (cfg.vocab_size, cfg.hidden_size)}
+    hidden, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    return {"q/k/v": ["linear", q + 2 * kv, hidden], "o": ["linear", hidden, q],
+            "gate/up": ["linear", 2 * cfg.intermediate_size, hidden], "down": ["linear", hidden, cfg.intermediate_size],
+            "LM head": ["linear", cfg.vocab_size, hidden], "rms_norm": ["rms_norm", hidden],
+            "rope q": ["rope", cfg.num_heads, d], "rope k": ["rope", cfg.num_kv_heads, d],
+            "attention": ["attention", cfg.num_heads, cfg.num_kv_heads, d]}
 
 
-def worker(tree: str, shapes: dict[str, list[int]], rows: list[int], repeats: int) -> list[dict]:
-    """In a process of its own: se_engine from ``tree``, each shape's median ms and output digest."""
+def worker(tree: str, cases: dict[str, list], rows: list[int], context: int, repeats: int) -> list[dict]:
+    """In a process of its own: se_engine from ``tree``, each case's median ms and output digest."""
     sys.path.insert(0, tree)
     import se_engine
     from se_engine import invariant_ops
@@ -51,12 +58,30 @@ def worker(tree: str, shapes: dict[str, list[int]], rows: list[int], repeats: in
     assert Path(se_engine.__file__).resolve().is_relative_to(Path(tree).resolve()), se_engine.__file__
     out = []
     for r in rows:
-        for label, (n, k) in shapes.items():
-            gen = torch.Generator().manual_seed(n * k + r)
-            w, x = (torch.randn(shape, generator=gen).to(torch.bfloat16) for shape in ((n, k), (r, k)))
-            y = invariant_ops.linear(x, w)
-            ms, _ = run_alone(lambda: median_ms(lambda: invariant_ops.linear(x, w), repeats))
-            out.append({"shape": label, "rows": r, "ms": ms,
+        for label, (op, *sizes) in cases.items():
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{label} {r}".encode()))
+
+            def rand(*shape: int) -> torch.Tensor:
+                return torch.randn(shape, generator=gen).to(torch.bfloat16)
+
+            if op == "linear":
+                x, w = rand(r, sizes[1]), rand(*sizes)
+                call = partial(invariant_ops.linear, x, w)
+            elif op == "rms_norm":
+                x, w = rand(r, sizes[0]), rand(sizes[0])
+                call = partial(invariant_ops.rms_norm, x, w, 1e-6, False)
+            elif op == "rope":
+                x, angles = rand(r, *sizes), torch.rand(r, 1, sizes[1] // 2, generator=gen) * 100
+                cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+                call = partial(invariant_ops.rope, x, cos, sin)
+            else:  # attention: one slot, the rows' keys written after a context-token prefix
+                hq, hkv, d = sizes
+                q, k_cache, v_cache = rand(r, hq, d), rand(1, hkv, context + r, d), rand(1, hkv, context + r, d)
+                slots, positions = torch.zeros(r, dtype=torch.long), torch.arange(context, context + r)
+                call = partial(invariant_ops.attention, q, k_cache, v_cache, slots, positions)
+            y = call()
+            ms, _ = run_alone(lambda: median_ms(call, repeats))
+            out.append({"case": label, "op": op, "sizes": sizes, "rows": r, "ms": ms,
                         "digest": hashlib.sha256(y.view(torch.int16).numpy().tobytes()).hexdigest()[:16]})
     return out
 
@@ -68,6 +93,7 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # JSON arguments of one timing process
@@ -75,33 +101,34 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(**json.loads(args.worker))))
         return
-    shapes = linear_shapes(args.model)
+    cases = layer_cases(args.model)
     runs: dict[str, list[list[dict]]] = {"base": [], "new": []}
     for i in range(args.rounds):
         for build in runs:
-            job = json.dumps({"tree": getattr(args, build), "shapes": shapes, "rows": args.rows,
-                              "repeats": args.repeats})
-            done = subprocess.run([sys.executable, "-m", "bench.gemv_ab", "-", "-", "--worker", job],
+            job = json.dumps({"tree": getattr(args, build), "cases": cases, "rows": args.rows,
+                              "context": args.context, "repeats": args.repeats})
+            done = subprocess.run([sys.executable, "-m", "bench.kernel_ab", "-", "-", "--worker", job],
                                   capture_output=True, text=True, check=True)
             runs[build].append(json.loads(done.stdout.splitlines()[-1]))
         print(f"round {i + 1} of {args.rounds}", file=sys.stderr)
     rows = []
     for j, cell in enumerate(runs["base"][0]):
         base, new = (statistics.median(run[j]["ms"] for run in runs[b]) for b in ("base", "new"))
-        n, k = shapes[cell["shape"]]
         same = len({run[j]["digest"] for b in runs for run in runs[b]}) == 1
-        rows.append({"shape": cell["shape"], "rows": cell["rows"], "n": n, "k": k, "base_ms": base, "new_ms": new,
-                     "new_over_base": new / base, "new_gb_s": n * k * 2 / new / 1e6, "same_bits": same})
+        rows.append({**{k: cell[k] for k in ("case", "op", "sizes", "rows")}, "base_ms": base, "new_ms": new,
+                     "new_over_base": new / base, "same_bits": same})
     h = header()
-    md = [f"# The invariant GEMV, two builds side by side: {args.model}\n", header_markdown(h),
+    md = [f"# The invariant CPU kernels, two builds side by side: one decode layer of {args.model}\n",
+          header_markdown(h),
           f"- base: `{args.base}`, new: `{args.new}`; the median over {args.rounds} rounds of one process per "
-          f"build in turn, each timing the median of {args.repeats} calls per shape (random bf16 weights)\n",
-          "| rows | shape | N x K | base ms | new ms | new / base | new GB/s | same bits |",
-          "|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['rows']} | {r['shape']} | {r['n']} x {r['k']} | {r['base_ms']:.3f} | {r['new_ms']:.3f} | "
-           f"{r['new_over_base']:.2f} | {r['new_gb_s']:.1f} | {'yes' if r['same_bits'] else '**no**'} |" for r in rows]
+          f"build in turn, each timing the median of {args.repeats} calls per op (random bf16 inputs; "
+          f"attention over a {args.context}-token cache; linear sizes N x K)\n",
+          "| rows | op | sizes | base ms | new ms | new / base | same bits |", "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['rows']} | {r['case']} | {' x '.join(map(str, r['sizes']))} | {r['base_ms']:.4f} | "
+           f"{r['new_ms']:.4f} | {r['new_over_base']:.2f} | {'yes' if r['same_bits'] else '**no**'} |" for r in rows]
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    write_result(args.out, f"gemv-ab-{device}", {**h, "model": args.model, "rows": rows}, "\n".join(md) + "\n")
+    write_result(args.out, f"kernel-ab-{device}", {**h, "model": args.model, "context": args.context, "rows": rows},
+                 "\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

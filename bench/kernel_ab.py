@@ -9,7 +9,7 @@ weight shape [N, K], ``rms_norm`` of the hidden state, ``rope`` of q and k, and 
 a --context-token cache, for ``--rows`` tokens (random bf16 inputs, fixed seeds; the median of
 --repeats calls, under bench.env.run_alone). The result is each op's median over the rounds, so that
 the machine's drifting memory bandwidth falls on both builds alike, NEW / BASE, and whether both
-builds give the same output bits. -> bench/results/kernel-ab-<device>.{md,json}
+builds give the same output bits. -> bench/results/kernel-ab-cpu.{md,json}
 """
 
 from __future__ import annotations
@@ -126,8 +126,7 @@ def main() -> None:
           "| rows | op | sizes | base ms | new ms | new / base | same bits |", "|---|---|---|---|---|---|---|"]
     md += [f"| {r['rows']} | {r['case']} | {' x '.join(map(str, r['sizes']))} | {r['base_ms']:.4f} | "
            f"{r['new_ms']:.4f} | {r['new_over_base']:.2f} | {'yes' if r['same_bits'] else '**no**'} |" for r in rows]
-    device = "gpu" if torch.cuda.is_available() else "cpu"
-    write_result(args.out, f"kernel-ab-{device}", {**h, "model": args.model, "context": args.context, "rows": rows},
+    write_result(args.out, "kernel-ab-cpu", {**h, "model": args.model, "context": args.context, "rows": rows},
                  "\n".join(md) + "\n")
 
 

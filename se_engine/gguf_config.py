@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelSourceError
+from .model import longrope_attention_factor
 
 # The divisors are float32; the recovered llama3 parameters must give them to about that precision.
 LLAMA3_RTOL = 1e-5
@@ -129,8 +130,7 @@ def rope_scaling(meta: dict, tensors: dict) -> dict | None:
         params = {"rope_type": "longrope", "original_max_position_embeddings": original,
                   **{f"{w}_factor": [float(f) for f in _floats(tensors[f"rope_factors_{w}.weight"])]
                      for w in ("short", "long")}}
-        scale = meta["context_length"] / original
-        default = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+        default = longrope_attention_factor(meta["context_length"] / original, original)
         # The file's is a float32: transformers' own where it is that one, so that configs compare equal.
         if "attn_factor" in keys and not math.isclose(keys["attn_factor"], default, rel_tol=1e-6):
             params["attention_factor"] = float(keys["attn_factor"])

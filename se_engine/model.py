@@ -93,11 +93,15 @@ class RopeScaling:
                            attention_factor=float(_yarn_attention_factor(rope, factor)))
         if rope_type == "longrope":
             given = rope.get("attention_factor")
-            attention = given if given is not None else \
-                1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+            attention = given if given is not None else longrope_attention_factor(factor, original)
             return replace(scaling, attention_factor=float(attention), short_factor=tuple(map(float, rope["short_factor"])),
                            long_factor=tuple(map(float, rope["long_factor"])))
         return scaling
+
+
+def longrope_attention_factor(factor: float, original: int) -> float:
+    """longrope's default cos / sin scale for a context ``factor`` times the pretraining one."""
+    return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 def _yarn_attention_factor(rope: dict, factor: float) -> float:

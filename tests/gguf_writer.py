@@ -9,11 +9,12 @@ on load; metadata keys that transformers does not read are written anyway, as ll
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import gguf
 import torch
+
+from se_engine.model import longrope_attention_factor
 
 # model_type -> what differs from a plain decoder:
 #   arch: general.architecture; name: general.name; permute_qk: llama.cpp's LlamaModel
@@ -87,9 +88,9 @@ def _add_config(writer: gguf.GGUFWriter, config) -> None:
                 add(rope[name])
     if rope.get("rope_type") == "longrope":  # llama.cpp's Phi-3: the pretraining context and cos / sin scale
         original = rope["original_max_position_embeddings"]
-        scale = config.max_position_embeddings / original
         writer.add_rope_scaling_orig_ctx_len(original)
-        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+        scale = longrope_attention_factor(config.max_position_embeddings / original, original)
+        writer.add_rope_scaling_attn_factors(scale)
     if getattr(config, "sliding_window", None) is not None:
         writer.add_sliding_window(config.sliding_window)
     elif config.model_type == "phi3":  # llama.cpp's Phi-3 writes 0 for no window (Phi-4)
@@ -137,7 +138,7 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _llama3_rope_factors(config) -> torch.Tensor:
+def llama3_rope_factors(config) -> torch.Tensor:
     """llama.cpp's ``rope_freqs`` tensor for llama3 RoPE: default / scaled inverse frequency."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -167,7 +168,7 @@ def _add_tensors(writer: gguf.GGUFWriter, hf_model: torch.nn.Module, spec: dict)
         writer.add_tensor(name, tensor.numpy())
     rope = _rope(config)[0]
     if rope.get("rope_type") == "llama3":  # llama.cpp's form; transformers ignores it
-        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(config).float().numpy())
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config).float().numpy())
     if rope.get("rope_type") == "longrope":  # llama.cpp's Phi-3: both factor sets, as tensors
         for which in ("short", "long"):
             writer.add_tensor(f"rope_factors_{which}.weight", torch.tensor(rope[f"{which}_factor"]).float().numpy())

@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_writer import ARCHS, write_gguf
+from gguf_writer import ARCHS, llama3_rope_factors, write_gguf
 from test_runner import full_logits
 from transformers import AutoConfig, AutoTokenizer
 
@@ -174,15 +174,11 @@ LLAMA3 = [(500000.0, 128, dict(factor=8.0, high_freq_factor=4.0, original_max_po
 
 
 def llama3_divisors(theta: float, dim: int, params: dict) -> np.ndarray:
-    """llama.cpp's rope_freqs for these llama3 parameters, from transformers' llama3 frequencies."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
+    """llama.cpp's rope_freqs for these llama3 parameters (head_dim ``dim``)."""
     config = AutoConfig.for_model("llama", hidden_size=dim, num_attention_heads=1, max_position_embeddings=131072,
                                   rope_scaling={"rope_type": "llama3", "rope_theta": theta, "low_freq_factor": 1.0,
                                                 **params})
-    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
-    default = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    return (default / scaled).float().numpy()
+    return llama3_rope_factors(config).float().numpy()
 
 
 @pytest.mark.parametrize("theta, dim, params", LLAMA3)

@@ -4,10 +4,13 @@
 
 BASE and NEW are source trees with the extension built (``python setup.py build_ext --inplace``),
 such as a git worktree of main and one with the change. Each round runs one process per build, in
-turn, that times the se_inv ops on one decode layer of the model: ``linear`` on each linear layer's
-weight shape [N, K], ``rms_norm`` of the hidden state, ``rope`` of q and k, and ``attention`` over
+turn (which goes first alternates), that times the se_inv ops on one decode layer of the model:
+``linear`` on each linear layer's weight shape [N, K], ``rms_norm`` of the hidden state, ``rope`` of q and k, and ``attention`` over
 a --context-token cache, for ``--rows`` tokens (random bf16 inputs, fixed seeds; the median of
---repeats calls, under bench.env.run_alone). The result is each op's median over the rounds, so that
+--repeats calls, under bench.env.run_alone); then the model's whole forward (real weights, the
+native runner), where the ops run among each other as in decoding: one slot given ``rows`` tokens
+and, for rows > 1, ``rows`` slots given one token each, every slot on a --context-token prefix, with
+its logits' bits as the digest. The result is each op's median over the rounds, so that
 the machine's drifting memory bandwidth falls on both builds alike, NEW / BASE, and whether both
 builds give the same output bits. -> bench/results/kernel-ab-cpu.{md,json}
 """
@@ -47,7 +50,7 @@ def layer_cases(model: str) -> dict[str, list]:
             "attention": ["attention", cfg.num_heads, cfg.num_kv_heads, d]}
 
 
-def worker(tree: str, cases: dict[str, list], rows: list[int], context: int, repeats: int) -> list[dict]:
+def worker(tree: str, model: str, cases: dict[str, list], rows: list[int], context: int, repeats: int) -> list[dict]:
     """In a process of its own: se_engine from ``tree``, each case's median ms and output digest."""
     sys.path.insert(0, tree)
     import se_engine
@@ -81,9 +84,30 @@ def worker(tree: str, cases: dict[str, list], rows: list[int], context: int, rep
                 call = partial(invariant_ops.attention, q, k_cache, v_cache, slots, positions)
             y = call()
             ms, _ = run_alone(lambda: median_ms(call, repeats))
-            out.append({"case": label, "op": op, "sizes": sizes, "rows": r, "ms": ms,
-                        "digest": hashlib.sha256(y.view(torch.int16).numpy().tobytes()).hexdigest()[:16]})
+            out.append({"case": label, "op": op, "sizes": sizes, "rows": r, "ms": ms, "digest": digest(y)})
+    runner = se_engine.load_model(model, max_batch=max(rows), max_len=context + max(rows)).runner
+    gen = torch.Generator().manual_seed(0)
+    for slot in range(max(rows)):
+        runner.forward([slot], [torch.randint(0, runner.vocab_size, (context,), generator=gen).tolist()], [1])
+    for r in rows:
+        for slots, width in sorted({(1, r), (r, 1)}):
+            feed = torch.randint(0, runner.vocab_size, (slots, width), generator=gen).tolist()
+
+            def once() -> torch.Tensor:
+                logits = runner.forward(list(range(slots)), feed, [width] * slots)
+                runner.truncate(list(range(slots)), [context] * slots)
+                return logits
+
+            y = once()
+            ms, _ = run_alone(lambda: median_ms(once, repeats))
+            out.append({"case": "forward", "op": "forward", "sizes": [slots, width], "rows": r, "ms": ms,
+                        "digest": digest(y)})
     return out
+
+
+def digest(y: torch.Tensor) -> str:
+    """The first 16 hex digits of the sha256 of y's bits."""
+    return hashlib.sha256(y.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
 def main() -> None:
@@ -104,8 +128,8 @@ def main() -> None:
     cases = layer_cases(args.model)
     runs: dict[str, list[list[dict]]] = {"base": [], "new": []}
     for i in range(args.rounds):
-        for build in runs:
-            job = json.dumps({"tree": getattr(args, build), "cases": cases, "rows": args.rows,
+        for build in ("base", "new") if i % 2 == 0 else ("new", "base"):  # neither build always runs first
+            job = json.dumps({"tree": getattr(args, build), "model": args.model, "cases": cases, "rows": args.rows,
                               "context": args.context, "repeats": args.repeats})
             done = subprocess.run([sys.executable, "-m", "bench.kernel_ab", "-", "-", "--worker", job],
                                   capture_output=True, text=True, check=True)
@@ -122,7 +146,8 @@ def main() -> None:
           header_markdown(h),
           f"- base: `{args.base}`, new: `{args.new}`; the median over {args.rounds} rounds of one process per "
           f"build in turn, each timing the median of {args.repeats} calls per op (random bf16 inputs; "
-          f"attention over a {args.context}-token cache; linear sizes N x K)\n",
+          f"attention over a {args.context}-token cache; linear sizes N x K; forward sizes slots x tokens "
+          f"each, logits of every token)\n",
           "| rows | op | sizes | base ms | new ms | new / base | same bits |", "|---|---|---|---|---|---|---|"]
     md += [f"| {r['rows']} | {r['case']} | {' x '.join(map(str, r['sizes']))} | {r['base_ms']:.4f} | "
            f"{r['new_ms']:.4f} | {r['new_over_base']:.2f} | {'yes' if r['same_bits'] else '**no**'} |" for r in rows]

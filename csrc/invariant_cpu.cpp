@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -63,14 +64,19 @@ bool has_avx512_bf16() {
 
 inline float bf16_to_float(const bf16* p) { return static_cast<float>(*p); }
 
+// Items of `size` elements (or multiply-adds) each per thread, at least 64 Ki per thread: small
+// calls (a decode step's rope, a tiny model's layers) run inline, since waking the other
+// threads costs more than that work.
+int64_t grain(int64_t size) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(size, 1)); }
+
 // ------------------------------------------------------------------------------------------ linear
 
 // Portable twin of the register tile below: R x C dot products with the same lane structure over the
 // whole of K (it takes the first chunk's call and skips the others); writes
-// y[r * ldy + c] = bf16(x[r, :] . w[c, :] + bias[c]).
+// y[r * ldy + c] = bf16(x[r, :] . w[c, :] + bias[c]) (bias null: + 0).
 template <int R, int C>
 void tile_portable(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t K, int64_t k0, int64_t,
-                   float*, const float* bias, bf16* y, int64_t ldy) {
+                   float*, const bf16* bias, bf16* y, int64_t ldy) {
   if (k0 != 0) return;
   float acc[R][C][LANES] = {};
   for (int64_t k0 = 0; k0 < K; k0 += KBLOCK) {
@@ -93,7 +99,7 @@ void tile_portable(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64
       for (int64_t width = LANES / 2; width >= 1; width /= 2) {
         for (int64_t i = 0; i < width; ++i) lanes[i] += lanes[i + width];
       }
-      y[r * ldy + c] = bf16(lanes[0] + bias[c]);
+      y[r * ldy + c] = bf16(lanes[0] + (bias ? static_cast<float>(bias[c]) : 0.f));
     }
   }
 }
@@ -151,13 +157,13 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline voi
 
 // An R x C tile over k in [k0, k1): acc[r][c] += x[r, k0:k1] . w[c, k0:k1] by 32-wide steps. The
 // accumulators start from zero (k0 == 0) or from ``spill`` (a previous chunk of K), and go back to
-// ``spill`` unless k1 == K, where y[r * ldy + c] = bf16(acc's lane sum + bias[c]) (RNE). Chunking K
+// ``spill`` unless k1 == K, where y[r * ldy + c] = bf16(acc's lane sum + bias[c]) (RNE; bias null: + 0). Chunking K
 // keeps a weight tile in L1 across the row tiles of a block; since the accumulators are stored and
 // reloaded exactly, every output's sequence of operations is the same for any chunking.
 template <int R, int C>
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 void tile_avx512(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t K, int64_t k0, int64_t k1,
-                 float* spill, const float* bias, bf16* y, int64_t ldy) {
+                 float* spill, const bf16* bias, bf16* y, int64_t ldy) {
   // Fully unrolled so that the R x C accumulators live in registers.
   __m512 acc[R][C];
 #pragma GCC unroll 8
@@ -180,7 +186,9 @@ void tile_avx512(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t
 #pragma GCC unroll 32
   for (int i = 0; i < GROUPS * 16; ++i)
     all[i] = i / COL_TILE < R && i % COL_TILE < C ? acc[i / COL_TILE][i % COL_TILE] : _mm512_setzero_ps();
-  const __m512 biases = _mm512_broadcast_f32x4(_mm_loadu_ps(bias));
+  float b[COL_TILE] = {};
+  for (int c = 0; c < C && bias; ++c) b[c] = static_cast<float>(bias[c]);
+  const __m512 biases = _mm512_broadcast_f32x4(_mm_loadu_ps(b));
   bf16 rounded[GROUPS * 16];
 #pragma GCC unroll 2
   for (int g = 0; g < GROUPS; ++g)
@@ -191,7 +199,7 @@ void tile_avx512(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t
 }
 #endif
 
-using TileFn = void (*)(const bf16*, int64_t, const bf16*, int64_t, int64_t, int64_t, int64_t, float*, const float*,
+using TileFn = void (*)(const bf16*, int64_t, const bf16*, int64_t, int64_t, int64_t, int64_t, float*, const bf16*,
                         bf16*, int64_t);
 
 template <int R, int C>
@@ -228,13 +236,13 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
   const at::Tensor x = x_in.reshape({-1, K}).contiguous();
   const at::Tensor w = w_in.contiguous();
   const int64_t M = x.size(0);
-  std::vector<float> b(N + COL_TILE, 0.f);  // padded: a tile reads COL_TILE biases
+  at::Tensor b;
   if (bias.has_value()) {
     check_bf16_matrix(*bias, "bias");
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "], got ", bias->sizes());
-    const at::Tensor bc = bias->contiguous();
-    for (int64_t n = 0; n < N; ++n) b[n] = static_cast<float>(bc.data_ptr<bf16>()[n]);
+    b = bias->contiguous();
   }
+  const bf16* bp = b.defined() ? b.data_ptr<bf16>() : nullptr;
   std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
   out_shape.back() = N;
   at::Tensor y = at::empty({M, N}, x.options());
@@ -243,12 +251,13 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
   bf16* yp = y.data_ptr<bf16>();
   // Rows of x per block: a block stays in cache while every output tile of a thread streams past it.
   const int64_t row_block = std::max<int64_t>(ROW_TILE, (L2_BYTES / (K * 2)) / ROW_TILE * ROW_TILE);
+  // Accumulators of every row tile of a block between K chunks (none when K is one chunk).
+  const int64_t spill_size = K > K_CHUNK ? (std::min(row_block, M) + ROW_TILE) * COL_TILE * LANES : 0;
   const int64_t col_tiles = (N + COL_TILE - 1) / COL_TILE;
   const auto& table = tiles();
   // Threads split the outputs, never a sum: each output's order is the same for any thread count.
-  at::parallel_for(0, col_tiles, 1, [&](int64_t t0, int64_t t1) {
-    // Accumulators of every row tile of a block between K chunks.
-    std::vector<float> spill((row_block / ROW_TILE + 1) * ROW_TILE * COL_TILE * LANES);
+  at::parallel_for(0, col_tiles, grain(M * COL_TILE * K), [&](int64_t t0, int64_t t1) {
+    std::unique_ptr<float[]> spill(new float[spill_size]);  // not zeroed: a tile starts from 0 at k0 == 0
     for (int64_t m0 = 0; m0 < M; m0 += row_block) {
       const int64_t m1 = std::min(M, m0 + row_block);
       for (int64_t t = t0; t < t1; ++t) {
@@ -257,7 +266,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
           for (int64_t m = m0; m < m1; m += ROW_TILE) {
             const int64_t rows = std::min<int64_t>(ROW_TILE, m1 - m);
             table[rows - 1][cols - 1](xp + m * K, K, wp + n0 * K, K, K, k0, std::min(K, k0 + K_CHUNK),
-                                      spill.data() + (m - m0) * COL_TILE * LANES, b.data() + n0, yp + m * N + n0, N);
+                                      spill.get() + (m - m0) * COL_TILE * LANES, bp ? bp + n0 : nullptr, yp + m * N + n0, N);
           }
         }
       }
@@ -292,64 +301,83 @@ __attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// q . key by 32-wide steps in order (the lanes of one score's sum).
+template <int BLOCKS>
+__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline __m512 key_dot(
+    const __m512bh (&qv)[BLOCKS], const __mmask32 (&masks)[BLOCKS], const bf16* key) {
+  __m512 acc = _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int b = 0; b < BLOCKS; ++b) acc = _mm512_dpbf16_ps(acc, qv[b], load_bf16(key + b * KBLOCK, masks[b]));
+  return acc;
+}
+
+// BLOCKS = ceil(D / 32) <= 8 at compile time, so that q, the 16 keys' sums and the value sums live in
+// registers.
+template <int BLOCKS>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 void attend_avx512(const bf16* q, const bf16* keys, const bf16* values, int64_t n_keys, int64_t D, float scale,
-                   float softcap, float* scores, bf16* out) {
-  // D <= 256 in 32-wide blocks (checked by the caller).
-  const int64_t blocks = (D + KBLOCK - 1) / KBLOCK;
-  __m512bh qv[8];
-  for (int64_t b = 0; b < blocks; ++b) {
+                   float softcap, float* scores, bf16* weights, bf16* out) {
+  __mmask32 masks[BLOCKS];
+  __m512bh qv[BLOCKS];
+#pragma GCC unroll 8
+  for (int b = 0; b < BLOCKS; ++b) {
     const int64_t left = D - b * KBLOCK;
-    qv[b] = load_bf16(q + b * KBLOCK, left >= KBLOCK ? ~__mmask32(0) : (__mmask32(1) << left) - 1);
+    masks[b] = left >= KBLOCK ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
+    qv[b] = load_bf16(q + b * KBLOCK, masks[b]);
   }
   for (int64_t j0 = 0; j0 < n_keys; j0 += LANES) {  // 16 keys' dot products, summed together
     const int64_t count = std::min<int64_t>(LANES, n_keys - j0);
     __m512 acc[LANES];
-    for (int64_t i = 0; i < LANES; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < count; ++i) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t left = D - b * KBLOCK;
-        acc[i] = _mm512_dpbf16_ps(acc[i], qv[b], load_bf16(keys + (j0 + i) * D + b * KBLOCK,
-                                                           left >= KBLOCK ? ~__mmask32(0) : (__mmask32(1) << left) - 1));
-      }
+    if (count == LANES) {
+#pragma GCC unroll 16
+      for (int i = 0; i < LANES; ++i) acc[i] = key_dot<BLOCKS>(qv, masks, keys + (j0 + i) * D);
+    } else {
+      for (int i = 0; i < LANES; ++i) acc[i] = i < count ? key_dot<BLOCKS>(qv, masks, keys + (j0 + i) * D) : _mm512_setzero_ps();
     }
     const __mmask16 mask = count == LANES ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
     _mm512_mask_storeu_ps(scores + j0, mask, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
   }
   cap_scores(scores, n_keys, softcap);
-  float top = -INFINITY;
-  for (int64_t j = 0; j < n_keys; ++j) top = std::max(top, scores[j]);
-  // Weights e_j = exp(s_j - top), rounded to bf16 (as the value products below take them), summed.
+  __m512 tops = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n_keys; j += LANES) {
+    const __mmask16 mask = n_keys - j >= LANES ? __mmask16(0xFFFF) : __mmask16((1u << (n_keys - j)) - 1);
+    tops = _mm512_mask_max_ps(tops, mask, tops, _mm512_maskz_loadu_ps(mask, scores + j));
+  }
+  const float top = _mm512_reduce_max_ps(tops);
+  // Weights e_j = exp(s_j - top), rounded to bf16 (as the value products below take them) into
+  // `weights` (and a zero after them), summed.
   __m512 total = _mm512_setzero_ps();
   for (int64_t j = 0; j < n_keys; j += LANES) {
     const __mmask16 mask = n_keys - j >= LANES ? __mmask16(0xFFFF) : __mmask16((1u << (n_keys - j)) - 1);
     const __m512 s = _mm512_maskz_loadu_ps(mask, scores + j);
-    const __m512 e = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(exp_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(top)))));
-    _mm512_mask_storeu_ps(scores + j, mask, e);
-    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mask, e));
+    const __m256bh rounded = _mm512_cvtneps_pbh(exp_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(top))));
+    _mm256_mask_storeu_epi16(weights + j, mask, (__m256i)rounded);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mask, _mm512_cvtpbh_ps(rounded)));
   }
+  weights[n_keys] = bf16(0.f);
   const float inv = 1.0f / _mm512_reduce_add_ps(total);
   // out = sum_j e_j v_j over key pairs (j, j + 1) in order, by bf16 dot products: interleaving the two
   // value rows (unpacklo / unpackhi) puts (v_j[d], v_j+1[d]) in one lane; lane 4l + i of lo / hi of
-  // 32-wide block b holds dimension 32b + 8l + i / 32b + 8l + 4 + i.
-  __m512 lo[8], hi[8];
-  for (int64_t b = 0; b < blocks; ++b) lo[b] = hi[b] = _mm512_setzero_ps();
+  // 32-wide block b holds dimension 32b + 8l + i / 32b + 8l + 4 + i. An odd count's last key pairs
+  // with a zero row and weight.
+  __m512 lo[BLOCKS], hi[BLOCKS];
+#pragma GCC unroll 8
+  for (int b = 0; b < BLOCKS; ++b) lo[b] = hi[b] = _mm512_setzero_ps();
   for (int64_t j = 0; j < n_keys; j += 2) {
     const bool pair = j + 1 < n_keys;
-    uint32_t bits[2] = {0, 0};
-    std::memcpy(bits, scores + j, (pair ? 2 : 1) * sizeof(float));  // bf16-exact: the high halves
-    const __m512bh weights = (__m512bh)_mm512_set1_epi32(static_cast<int>((bits[0] >> 16) | (bits[1] & 0xFFFF0000u)));
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t left = D - b * KBLOCK;
-      const __mmask32 mask = left >= KBLOCK ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
-      const __m512i first = _mm512_maskz_loadu_epi16(mask, values + j * D + b * KBLOCK);
-      const __m512i second = pair ? _mm512_maskz_loadu_epi16(mask, values + (j + 1) * D + b * KBLOCK)
-                                  : _mm512_setzero_si512();
-      lo[b] = _mm512_dpbf16_ps(lo[b], (__m512bh)_mm512_unpacklo_epi16(first, second), weights);
-      hi[b] = _mm512_dpbf16_ps(hi[b], (__m512bh)_mm512_unpackhi_epi16(first, second), weights);
+    int32_t both;
+    std::memcpy(&both, weights + j, sizeof(both));
+    const __m512bh w = (__m512bh)_mm512_set1_epi32(both);
+#pragma GCC unroll 8
+    for (int b = 0; b < BLOCKS; ++b) {
+      const __m512i first = _mm512_maskz_loadu_epi16(masks[b], values + j * D + b * KBLOCK);
+      const __m512i second = _mm512_maskz_loadu_epi16(pair ? masks[b] : 0, values + (j + 1) * D + b * KBLOCK);
+      lo[b] = _mm512_dpbf16_ps(lo[b], (__m512bh)_mm512_unpacklo_epi16(first, second), w);
+      hi[b] = _mm512_dpbf16_ps(hi[b], (__m512bh)_mm512_unpackhi_epi16(first, second), w);
     }
   }
-  for (int64_t b = 0; b < blocks; ++b) {
+#pragma GCC unroll 8
+  for (int b = 0; b < BLOCKS; ++b) {
     float l[LANES], h[LANES];
     _mm512_storeu_ps(l, _mm512_mul_ps(lo[b], _mm512_set1_ps(inv)));
     _mm512_storeu_ps(h, _mm512_mul_ps(hi[b], _mm512_set1_ps(inv)));
@@ -365,7 +393,7 @@ void attend_avx512(const bf16* q, const bf16* keys, const bf16* values, int64_t 
 #endif
 
 void attend_portable(const bf16* q, const bf16* keys, const bf16* values, int64_t n_keys, int64_t D, float scale,
-                     float softcap, float* scores, bf16* out) {
+                     float softcap, float* scores, bf16*, bf16* out) {
   for (int64_t j = 0; j < n_keys; ++j) {
     float lanes[LANES] = {};
     for (int64_t d = 0; d < D; ++d) lanes[(d % KBLOCK) / 2] += bf16_to_float(q + d) * bf16_to_float(keys + j * D + d);
@@ -382,6 +410,20 @@ void attend_portable(const bf16* q, const bf16* keys, const bf16* values, int64_
   for (int64_t j = 0; j < n_keys; ++j)
     for (int64_t d = 0; d < D; ++d) acc[d] += scores[j] * bf16_to_float(values + j * D + d);
   for (int64_t d = 0; d < D; ++d) out[d] = bf16(acc[d] / total);
+}
+
+// Both take scratch for n_keys scores and n_keys + 1 bf16 weights.
+using AttendFn = void (*)(const bf16*, const bf16*, const bf16*, int64_t, int64_t, float, float, float*, bf16*, bf16*);
+
+AttendFn attend_fn(int64_t D) {
+#ifdef SE_X86
+  if (has_avx512_bf16()) {
+    static const AttendFn by_blocks[8] = {&attend_avx512<1>, &attend_avx512<2>, &attend_avx512<3>, &attend_avx512<4>,
+                                          &attend_avx512<5>, &attend_avx512<6>, &attend_avx512<7>, &attend_avx512<8>};
+    return by_blocks[(D + KBLOCK - 1) / KBLOCK - 1];
+  }
+#endif
+  return &attend_portable;
 }
 
 at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -420,21 +462,17 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at
   bf16* op = out.data_ptr<bf16>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t group = Hq / Hkv;
-  const bool fast = has_avx512_bf16();
-  at::parallel_for(0, N * Hq, 1, [&](int64_t i0, int64_t i1) {
+  const AttendFn attend = attend_fn(D);
+  int64_t keys = 0;  // (query, head) items of the average key count per thread: see grain
+  for (int64_t t = 0; t < N; ++t) keys += window > 0 ? std::min<int64_t>(pp[t] + 1, window) : pp[t] + 1;
+  at::parallel_for(0, N * Hq, grain(2 * D * keys / std::max<int64_t>(N, 1)), [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(S);
+    std::vector<bf16> weights(S + 1);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i / Hq, h = i % Hq;
       const int64_t first = window > 0 ? std::max<int64_t>(0, pp[t] - window + 1) : 0;
       const int64_t cache_at = ((sp[t] * Hkv + h / group) * S + first) * D, n_keys = pp[t] + 1 - first;
-      const bf16* qi = qp + i * D;
-#ifdef SE_X86
-      if (fast) {
-        attend_avx512(qi, kp + cache_at, vp + cache_at, n_keys, D, scale, cap, scores.data(), op + i * D);
-        continue;
-      }
-#endif
-      attend_portable(qi, kp + cache_at, vp + cache_at, n_keys, D, scale, cap, scores.data(), op + i * D);
+      attend(qp + i * D, kp + cache_at, vp + cache_at, n_keys, D, scale, cap, scores.data(), weights.data(), op + i * D);
     }
   });
   return out;
@@ -456,6 +494,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight_in, double 
   const bf16* wp = weight.data_ptr<bf16>();
   bf16* yp = y.data_ptr<bf16>();
   const float epsf = static_cast<float>(eps);
+  // One row per task: a row costs a few microseconds (its sum of squares is one serial chain).
   at::parallel_for(0, x.numel() / std::max<int64_t>(D, 1), 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const bf16* xr = xp + r * D;
@@ -492,7 +531,7 @@ at::Tensor rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tens
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   bf16* op = out.data_ptr<bf16>();
-  at::parallel_for(0, N * H, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, N * H, grain(D), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const bf16* xi = xp + i * D;
       const float* c = cp + (i / H) * R;
@@ -509,6 +548,82 @@ at::Tensor rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tens
   return out;
 }
 
+// ------------------------------------------------------------------------------------------ gated
+
+// The gated MLP's middle: y[m, i] = bf16(bf16(act(g)) * u), g = x[m, i], u = x[m, I + i], in fp32 (the
+// activation rounded before the product, as transformers' act(gate) * up in bf16): silu(g) =
+// g sigmoid(g), gelu_tanh(g) = g / 2 (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))); sigmoid and tanh
+// from e = exp(-|.|), so that exp's argument is never positive.
+enum class Activation { silu, gelu_tanh };
+
+inline float activate_portable(float g, Activation act) {
+  if (act == Activation::silu) {
+    const float e = std::exp(-std::fabs(g));
+    return g * (g >= 0.f ? 1.f / (1.f + e) : e / (1.f + e));
+  }
+  const float y = 0.7978845608028654f * (g + 0.044715f * g * g * g), e = std::exp(-2.f * std::fabs(y));
+  return 0.5f * g * (1.f + std::copysign((1.f - e) / (1.f + e), y));
+}
+
+#ifdef SE_X86
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void gated_avx512(const bf16* gate, const bf16* up, int64_t n, Activation act, bf16* out) {
+  const __m512 one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += LANES) {
+    const __mmask16 mask = n - i >= LANES ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 g = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(mask, gate + i));
+    const __m512 u = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(mask, up + i));
+    __m512 a;
+    if (act == Activation::silu) {
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(zero, _mm512_abs_ps(g)));
+      const __mmask16 positive = _mm512_cmp_ps_mask(g, zero, _CMP_GE_OQ);
+      a = _mm512_mul_ps(g, _mm512_div_ps(_mm512_mask_blend_ps(positive, e, one), _mm512_add_ps(one, e)));
+    } else {
+      const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), g), g), g);
+      const __m512 y = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f), _mm512_add_ps(g, cube));
+      const __m512 e = exp_nonpositive(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(y)));
+      const __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+      const __m512i sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(INT32_MIN));
+      const __m512 signed_t = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign));  // copysign
+      a = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), g), _mm512_add_ps(one, signed_t));
+    }
+    const __m512 rounded = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(a));
+    _mm256_mask_storeu_epi16(out + i, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(rounded, u)));
+  }
+}
+#endif
+
+__attribute__((optimize("fp-contract=off")))  // the same roundings as the AVX512 loop's separate ops
+void gated_portable(const bf16* gate, const bf16* up, int64_t n, Activation act, bf16* out) {
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = bf16(static_cast<float>(bf16(activate_portable(static_cast<float>(gate[i]), act))) *
+                  static_cast<float>(up[i]));
+}
+
+at::Tensor gated(const at::Tensor& x_in, c10::string_view activation) {
+  check_bf16_matrix(x_in, "x");
+  const Activation act = activation == "silu" ? Activation::silu : Activation::gelu_tanh;
+  TORCH_CHECK_VALUE(activation == "silu" || activation == "gelu_pytorch_tanh",
+                    "activation must be silu or gelu_pytorch_tanh, got ", activation);
+  TORCH_CHECK_VALUE(x_in.dim() >= 1 && x_in.size(-1) % 2 == 0, "x must be [..., 2 I] (gate | up), got ", x_in.sizes());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t I = x.size(-1) / 2, M = x.numel() / std::max<int64_t>(2 * I, 1);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = I;
+  at::Tensor y = at::empty(shape, x.options());
+  const bf16* xp = x.data_ptr<bf16>();
+  bf16* yp = y.data_ptr<bf16>();
+#ifdef SE_X86
+  const auto row = has_avx512_bf16() ? &gated_avx512 : &gated_portable;
+#else
+  const auto row = &gated_portable;
+#endif
+  at::parallel_for(0, M, grain(I), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) row(xp + r * 2 * I, xp + r * 2 * I + I, I, act, yp + r * I);
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(se_inv, m) {
@@ -517,6 +632,7 @@ TORCH_LIBRARY(se_inv, m) {
         "float softcap=0.0) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps, bool gemma) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("gated(Tensor x, str activation) -> Tensor");
   m.def("has_avx512_bf16() -> bool", &has_avx512_bf16);
 }
 
@@ -525,6 +641,7 @@ TORCH_LIBRARY_IMPL(se_inv, CPU, m) {
   m.impl("attention", &attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("rope", &rope);
+  m.impl("gated", &gated);
 }
 
 }  // namespace se_inv

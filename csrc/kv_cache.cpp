@@ -1,5 +1,6 @@
-// torch ops se_kv::compact and se_kv::fork over all layers' K and V caches: validation, the CPU
-// implementation and, in the CUDA build (SE_KV_CUDA), the glue to the kernels of kv_cache_kernels.cu.
+// torch ops se_kv::compact and se_kv::fork over all layers' K and V caches (validation, the CPU
+// implementation and, in the CUDA build (SE_KV_CUDA), the glue to the kernels of kv_cache_kernels.cu),
+// and se_kv::write of one layer's new entries (CPU).
 #include <Python.h>
 
 #include <algorithm>
@@ -123,6 +124,39 @@ void fork_cpu(at::Tensor k, at::Tensor v, int64_t src_slot, const at::Tensor& ds
   run_cpu(ForkStep{view_of(k, v), src_slot, index.data_ptr<int64_t>(), index.numel(), length});
 }
 
+// One layer's K, V of n new tokens into its caches [B, Hkv, S, D]: token t's heads at (slots[t], positions[t]).
+// k, v: [n, Hkv, D], any strides but a contiguous last dim (v is a view into the fused q/k/v output).
+void write_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots_in, const at::Tensor& positions_in,
+               const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+                    "k_cache and v_cache must be one layer's [B, Hkv, S, D], got ", k_cache.sizes(), " and ",
+                    v_cache.sizes());
+  TORCH_CHECK_VALUE(k_cache.is_contiguous() && v_cache.is_contiguous(), "k_cache and v_cache must be contiguous");
+  const at::Tensor slots = host_index(slots_in, "slots"), positions = host_index(positions_in, "positions");
+  const int64_t n = slots.numel(), B = k_cache.size(0), H = k_cache.size(1), S = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK_VALUE(positions.numel() == n, "slots and positions differ in length: ", n, ", ", positions.numel());
+  for (const at::Tensor* t : {&k, &v}) {
+    TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == n && t->size(1) == H && t->size(2) == D && t->stride(2) == 1,
+                      "k and v must be [", n, ", ", H, ", ", D, "] with a contiguous last dim, got ", t->sizes(),
+                      " strides ", t->strides());
+    TORCH_CHECK_TYPE(t->scalar_type() == k_cache.scalar_type() && t->device().is_cpu(), "k and v must be ",
+                     k_cache.scalar_type(), " CPU tensors like the caches");
+  }
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  check_range(sp, n, "slots", B, "cache slots");
+  check_range(pp, n, "positions", S, "cache positions");
+  const int64_t row = D * static_cast<int64_t>(k.element_size());
+  const at::Tensor* src[2] = {&k, &v};
+  char* dst[2] = {static_cast<char*>(k_cache.data_ptr()), static_cast<char*>(v_cache.data_ptr())};
+  for (int c = 0; c < 2; ++c) {
+    const char* base = static_cast<const char*>(src[c]->data_ptr());
+    const int64_t st = src[c]->stride(0) * src[c]->element_size(), sh = src[c]->stride(1) * src[c]->element_size();
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t h = 0; h < H; ++h) std::memcpy(dst[c] + ((sp[t] * H + h) * S + pp[t]) * row, base + t * st + h * sh, row);
+  }
+}
+
 #ifdef SE_KV_CUDA
 void compact_cuda(at::Tensor k, at::Tensor v, const at::Tensor& slots, const at::Tensor& src, const at::Tensor& dst) {
   const at::Tensor host = compact_index(k, v, slots, src, dst);
@@ -153,11 +187,13 @@ void fork_cuda(at::Tensor k, at::Tensor v, int64_t src_slot, const at::Tensor& d
 TORCH_LIBRARY(se_kv, m) {
   m.def("compact(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor src, Tensor dst) -> ()");
   m.def("fork(Tensor(a!) k_cache, Tensor(b!) v_cache, int src_slot, Tensor dst_slots, int length) -> ()");
+  m.def("write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor positions, Tensor k, Tensor v) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(se_kv, CPU, m) {
   m.impl("compact", &compact_cpu);
   m.impl("fork", &fork_cpu);
+  m.impl("write", &write_cpu);
 }
 
 #ifdef SE_KV_CUDA

@@ -12,17 +12,23 @@ keys after the query's causal limit) is invariant.
 ``linear`` / ``attention`` run the extension (se_engine._kv) on CPU tensors and the Triton kernels
 (imported on first use) on CUDA tensors; ``*_reference`` are their fp32 PyTorch twins, which the
 tests hold both to within bf16 rounding (the kernels' sums are fp32 in a fixed order, not the twins'
-order, so equality is not expected; invariance is tested bitwise). ``rms_norm`` / ``rope`` fuse the
-per-token ops around them on the CPU in bf16 (the twins elsewhere): fewer ops, less dispatch.
+order, so equality is not expected; invariance is tested bitwise). ``rms_norm`` / ``rope`` / ``gated``
+fuse the per-token ops around them on the CPU in bf16 (the twins elsewhere): fewer ops, less dispatch.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import kv_ops
+
+
+# The gated MLP's activations, by transformers' hidden_act names.
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
 
 def _gpu():
@@ -71,6 +77,15 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rope_reference(x, cos, sin)
 
 
+def gated(x: Tensor, activation: str) -> Tensor:
+    """act(gate) * up of x [..., 2I] = gate | up -> [..., I], the activation (a key of ACTIVATIONS)
+    rounded to x's dtype before the product, as transformers computes it. bf16 on the CPU: one fused
+    op (fp32 inside, exp by the attention kernel's polynomial); else the twin."""
+    if x.dtype == torch.bfloat16 and not x.is_cuda:
+        return kv_ops.ops("se_inv").gated(x, activation)
+    return gated_reference(x, activation)
+
+
 def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """The fp32 specification of ``linear``."""
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
@@ -108,6 +123,12 @@ def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = rotary // 2
     rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
     return torch.cat([(xf * cos + rotated * sin).to(x.dtype), passed], dim=-1)
+
+
+def gated_reference(x: Tensor, activation: str) -> Tensor:
+    """The specification of ``gated``."""
+    gate, up = x.chunk(2, dim=-1)
+    return ACTIVATIONS[activation](gate) * up
 
 
 def has_fast_path() -> bool:

@@ -1,12 +1,13 @@
-"""KV-cache compaction and fork over all layers in one call (the C++/CUDA extension in csrc/).
+"""KV-cache compaction and fork over all layers in one call, and a layer's writes (the C++/CUDA
+extension in csrc/).
 
 Caches are the model's ``k_cache`` and ``v_cache``: contiguous [L, B, Hkv, S, D] tensors (layers,
 cache slots, kv heads, capacity, head dim) of one dtype on one device. Index lists are int64 CPU
 tensors or Python int sequences: they are host metadata, validated without a device sync.
 
-``compact`` / ``fork`` run the extension; ``compact_reference`` / ``fork_reference`` are their
-PyTorch twins and the specification the tests hold the extension to, bit for bit. Rollback needs no
-op: it is ``Transformer.truncate`` on the host lengths.
+``compact`` / ``fork`` / ``write`` run the extension (``write``: on the CPU; its twin elsewhere);
+``*_reference`` are their PyTorch twins and the specification the tests hold the extension to, bit
+for bit. Rollback needs no op: it is ``Transformer.truncate`` on the host lengths.
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ def fork(k_cache: Tensor, v_cache: Tensor, src_slot: int, dst_slots: Index, leng
     ops().fork(k_cache, v_cache, src_slot, _index(dst_slots), length)
 
 
+def write(k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
+    """Writes n new tokens' entries into one layer's caches [B, Hkv, S, D] (contiguous), in place:
+    k[t], v[t] ([n, Hkv, D], last dim contiguous) at slot slots[t], position positions[t] ([n] int64,
+    on the caches' device; (slot, position) pairs distinct). One op instead of two index_puts."""
+    if k_cache.is_cuda:
+        write_reference(k_cache, v_cache, slots, positions, k, v)
+    else:
+        ops().write(k_cache, v_cache, slots, positions, k, v)
+
+
 def compact_reference(k_cache: Tensor, v_cache: Tensor, slots: Index, src: Index, dst: Index) -> None:
     """The specification of ``compact`` (valid input only; it validates nothing)."""
     slots, src, dst = _index(slots), _index(src), _index(dst)
@@ -73,3 +84,10 @@ def fork_reference(k_cache: Tensor, v_cache: Tensor, src_slot: int, dst_slots: I
     dst_slots = _index(dst_slots)
     for cache in (k_cache, v_cache):
         cache[:, dst_slots, :, :length] = cache[:, src_slot:src_slot + 1, :, :length]
+
+
+def write_reference(k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
+    """The specification of ``write``."""
+    # Advanced indices [n] around a full slice put n first: the value is [n, Hkv, D].
+    k_cache[slots, :, positions] = k
+    v_cache[slots, :, positions] = v

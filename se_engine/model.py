@@ -47,7 +47,6 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family(sliding_window=True, gemma=True),
     "gemma3_text": Family(sliding_window=True, gemma=True, qk_norm=True),
 }
-ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 # Multimodal model_types whose text decoder the runner serves, text in and text out: the config's
 # text_config, the weights under this prefix (the vision tower and projector are not loaded).
 TEXT_DECODERS = {"gemma3": "model.language_model."}
@@ -137,7 +136,7 @@ class ModelConfig:
     sliding_layers: tuple[int, ...] | None = None  # the layers the window applies to; None: all
     fused_projections: bool = False
     gemma: bool = False
-    activation: str = "silu"  # a key of ACTIVATIONS
+    activation: str = "silu"  # a key of invariant_ops.ACTIVATIONS
     attention_scale: float | None = None  # of q k^T; None: head_dim ** -0.5
     attn_softcap: float | None = None  # attention scores s -> cap tanh(s / cap)
     final_softcap: float | None = None  # logits likewise
@@ -158,8 +157,9 @@ class ModelConfig:
             config = config.text_config
         family = FAMILIES[config.model_type]
         activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
-        if activation not in ACTIVATIONS:
-            raise UnsupportedModelError(f"{name}: hidden_act {activation!r} is not one of {tuple(ACTIVATIONS)}")
+        if activation not in invariant_ops.ACTIVATIONS:
+            raise UnsupportedModelError(
+                f"{name}: hidden_act {activation!r} is not one of {tuple(invariant_ops.ACTIVATIONS)}")
         rope = getattr(config, "rope_parameters", None) or {}
         # RoPE per layer type (Gemma 3): full_attention's is the model's, sliding_attention's the windowed layers'.
         sliding_rope, rope = rope.get("sliding_attention"), rope.get("full_attention", rope)
@@ -308,9 +308,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = invariant_ops.rope(q, cos, sin), invariant_ops.rope(k, cos, sin)
-        # Advanced indices [N] around a full slice put N first: the value is [N, Hkv, D].
-        k_cache[batch.slots, :, batch.positions] = k
-        v_cache[batch.slots, :, batch.positions] = v.view(N, cfg.num_kv_heads, cfg.head_dim)
+        kv_ops.write(k_cache, v_cache, batch.slots, batch.positions, k, v.view(N, cfg.num_kv_heads, cfg.head_dim))
         if batch.invariant:
             if cfg.attention_scale is not None:  # the kernel scales by head_dim ** -0.5
                 q = q * (cfg.attention_scale * cfg.head_dim ** 0.5)
@@ -348,11 +346,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.activation = ACTIVATIONS[cfg.activation]
+        self.activation = cfg.activation
 
     def forward(self, x: Tensor, invariant: bool) -> Tensor:
-        gate, up = project(self.w13, x, invariant).chunk(2, dim=-1)
-        return project(self.w2, self.activation(gate) * up, invariant)
+        return project(self.w2, invariant_ops.gated(project(self.w13, x, invariant), self.activation), invariant)
 
 
 class Block(nn.Module):

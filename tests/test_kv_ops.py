@@ -100,8 +100,34 @@ def test_large_copy(device):
     assert torch.equal(k, ref_k) and torch.equal(v, ref_v)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_write_matches_reference(shape, dtype, device):
+    """A layer's new entries at distinct random (slot, position) pairs; v a strided view, as the fused
+    q/k/v projection's output is."""
+    k_cache, v_cache = random_caches(shape, dtype, seed=8, device=device)
+    _, B, H, S, D = shape
+    g = torch.Generator().manual_seed(9)
+    for n in (1, 5, B * S // 2):
+        places = torch.randperm(B * S, generator=g)[:n]
+        slots, positions = (places // S).to(device), (places % S).to(device)
+        k = torch.randn(n, H, D, generator=g).to(device, dtype)
+        v = torch.randn(n, H, 3 * D, generator=g).to(device, dtype)[..., D:2 * D]
+        layer = n % shape[0]
+        ref_k, ref_v = k_cache.clone(), v_cache.clone()
+        kv_ops.write_reference(ref_k[layer], ref_v[layer], slots, positions, k, v)
+        kv_ops.write(k_cache[layer], v_cache[layer], slots, positions, k, v)
+        assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+
+
 def idx(*xs: int, dtype=torch.long) -> torch.Tensor:
     return torch.tensor(xs, dtype=dtype)
+
+
+def rows(n: int, dtype=torch.float32) -> torch.Tensor:
+    """n new tokens' entries for the caches of test_invalid_input_raises_and_leaves_caches_intact."""
+    return torch.zeros(n, 3, 6, dtype=dtype)
 
 
 @pytest.mark.parametrize("call, error, match", [
@@ -124,6 +150,19 @@ def idx(*xs: int, dtype=torch.long) -> torch.Tensor:
     (lambda k, v: kv_ops.fork(k, v, 0, [1], -1), IndexError, "length -1"),
     (lambda k, v: kv_ops.fork(k, v, 0, idx(1, dtype=torch.int32), 3), TypeError, "dst_slots must be int64"),
     (lambda k, v: kv_ops.fork(k, v.half(), 0, [1], 3), TypeError, "v_cache Half"),
+    (lambda k, v: kv_ops.write(k[0], v[0], idx(4), idx(0), rows(1), rows(1)), IndexError, r"slots\[0\] = 4"),
+    (lambda k, v: kv_ops.write(k[0], v[0], idx(0, 1), idx(2, 8), rows(2), rows(2)), IndexError,
+     r"positions\[1\] = 8"),
+    (lambda k, v: kv_ops.write(k[0], v[0], idx(0, 1), idx(2), rows(2), rows(2)), ValueError, "differ in length"),
+    (lambda k, v: kv_ops.write(k[0], v[0], idx(0), idx(2), rows(2), rows(1)), ValueError, r"must be \[1, 3, 6\]"),
+    (lambda k, v: kv_ops.write(k[0], v[0], idx(0), idx(2), rows(1), rows(1).transpose(1, 2).contiguous()),
+     ValueError, r"must be \[1, 3, 6\]"),
+    (lambda k, v: kv_ops.write(k[0], v[0], idx(0), idx(2), rows(1), torch.zeros(1, 6, 3).transpose(1, 2)),
+     ValueError, "contiguous last dim"),
+    (lambda k, v: kv_ops.write(k[0], v[0], idx(0), idx(2), rows(1), rows(1, torch.float64)), TypeError, "Float"),
+    (lambda k, v: kv_ops.write(k, v, idx(0), idx(2), rows(1), rows(1)), ValueError, r"\[B, Hkv, S, D\]"),
+    (lambda k, v: kv_ops.write(k[0], v[0], idx(0, dtype=torch.int32), idx(2), rows(1), rows(1)), TypeError,
+     "slots must be int64"),
 ])
 def test_invalid_input_raises_and_leaves_caches_intact(call, error, match):
     k, v = random_caches((2, 4, 3, 8, 6), torch.float32, seed=7)

@@ -5,8 +5,8 @@
 BASE and NEW are source trees with the extension built (``python setup.py build_ext --inplace``),
 such as a git worktree of main and one with the change. Each round runs one process per build, in
 turn (which goes first alternates), that times the se_inv ops on one decode layer of the model:
-``linear`` on each linear layer's weight shape [N, K], ``rms_norm`` of the hidden state, ``rope`` of q and k, and ``attention`` over
-a --context-token cache, for ``--rows`` tokens (random bf16 inputs, fixed seeds; the median of
+``linear`` on each linear layer's weight shape [N, K], ``rms_norm`` of the hidden state, ``rope``
+of q and k, and ``attention`` over a --context-token cache, for ``--rows`` tokens (random bf16 inputs, fixed seeds; the median of
 --repeats calls, under bench.env.run_alone); then the model's whole forward (real weights, the
 native runner), where the ops run among each other as in decoding: one slot given ``rows`` tokens
 and, for rows > 1, ``rows`` slots given one token each, every slot on a --context-token prefix, with

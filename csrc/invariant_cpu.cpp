@@ -157,8 +157,8 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline voi
 
 // An R x C tile over k in [k0, k1): acc[r][c] += x[r, k0:k1] . w[c, k0:k1] by 32-wide steps. The
 // accumulators start from zero (k0 == 0) or from ``spill`` (a previous chunk of K), and go back to
-// ``spill`` unless k1 == K, where y[r * ldy + c] = bf16(acc's lane sum + bias[c]) (RNE; bias null: + 0). Chunking K
-// keeps a weight tile in L1 across the row tiles of a block; since the accumulators are stored and
+// ``spill`` unless k1 == K, where y[r * ldy + c] = bf16(acc's lane sum + bias[c]) (RNE; bias null: + 0).
+// Chunking K keeps a weight tile in L1 across the row tiles of a block; since the accumulators are stored and
 // reloaded exactly, every output's sequence of operations is the same for any chunking.
 template <int R, int C>
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
@@ -266,7 +266,8 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
           for (int64_t m = m0; m < m1; m += ROW_TILE) {
             const int64_t rows = std::min<int64_t>(ROW_TILE, m1 - m);
             table[rows - 1][cols - 1](xp + m * K, K, wp + n0 * K, K, K, k0, std::min(K, k0 + K_CHUNK),
-                                      spill.get() + (m - m0) * COL_TILE * LANES, bp ? bp + n0 : nullptr, yp + m * N + n0, N);
+                                      spill.get() + (m - m0) * COL_TILE * LANES, bp ? bp + n0 : nullptr,
+                                      yp + m * N + n0, N);
           }
         }
       }
@@ -332,7 +333,8 @@ void attend_avx512(const bf16* q, const bf16* keys, const bf16* values, int64_t 
 #pragma GCC unroll 16
       for (int i = 0; i < LANES; ++i) acc[i] = key_dot<BLOCKS>(qv, masks, keys + (j0 + i) * D);
     } else {
-      for (int i = 0; i < LANES; ++i) acc[i] = i < count ? key_dot<BLOCKS>(qv, masks, keys + (j0 + i) * D) : _mm512_setzero_ps();
+      for (int i = 0; i < LANES; ++i)
+        acc[i] = i < count ? key_dot<BLOCKS>(qv, masks, keys + (j0 + i) * D) : _mm512_setzero_ps();
     }
     const __mmask16 mask = count == LANES ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
     _mm512_mask_storeu_ps(scores + j0, mask, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
@@ -441,8 +443,8 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at
   TORCH_CHECK_VALUE(k_cache.is_contiguous() && v_cache.is_contiguous(), "k_cache and v_cache must be contiguous");
   const int64_t N = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
   const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), S = k_cache.size(2);
-  TORCH_CHECK_VALUE(k_cache.size(3) == D && D <= 256, "head dim ", D, " must match the cache's ", k_cache.size(3),
-                    " and be at most 256");
+  TORCH_CHECK_VALUE(k_cache.size(3) == D && D >= 1 && D <= 256, "head dim ", D, " must match the cache's ",
+                    k_cache.size(3), " and be 1 .. 256");
   TORCH_CHECK_VALUE(Hq % Hkv == 0, Hq, " query heads are not a multiple of ", Hkv, " kv heads");
   for (const at::Tensor* t : {&slots_in, &positions_in}) {
     TORCH_CHECK_TYPE(t->scalar_type() == at::kLong && t->device().is_cpu() && t->dim() == 1 && t->size(0) == N,
@@ -463,7 +465,7 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t group = Hq / Hkv;
   const AttendFn attend = attend_fn(D);
-  int64_t keys = 0;  // (query, head) items of the average key count per thread: see grain
+  int64_t keys = 0;  // over all queries: a (query, head) item costs 2 D multiply-adds per key
   for (int64_t t = 0; t < N; ++t) keys += window > 0 ? std::min<int64_t>(pp[t] + 1, window) : pp[t] + 1;
   at::parallel_for(0, N * Hq, grain(2 * D * keys / std::max<int64_t>(N, 1)), [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(S);
@@ -472,7 +474,8 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at
       const int64_t t = i / Hq, h = i % Hq;
       const int64_t first = window > 0 ? std::max<int64_t>(0, pp[t] - window + 1) : 0;
       const int64_t cache_at = ((sp[t] * Hkv + h / group) * S + first) * D, n_keys = pp[t] + 1 - first;
-      attend(qp + i * D, kp + cache_at, vp + cache_at, n_keys, D, scale, cap, scores.data(), weights.data(), op + i * D);
+      attend(qp + i * D, kp + cache_at, vp + cache_at, n_keys, D, scale, cap, scores.data(), weights.data(),
+             op + i * D);
     }
   });
   return out;
@@ -602,9 +605,9 @@ void gated_portable(const bf16* gate, const bf16* up, int64_t n, Activation act,
 
 at::Tensor gated(const at::Tensor& x_in, c10::string_view activation) {
   check_bf16_matrix(x_in, "x");
-  const Activation act = activation == "silu" ? Activation::silu : Activation::gelu_tanh;
   TORCH_CHECK_VALUE(activation == "silu" || activation == "gelu_pytorch_tanh",
                     "activation must be silu or gelu_pytorch_tanh, got ", activation);
+  const Activation act = activation == "silu" ? Activation::silu : Activation::gelu_tanh;
   TORCH_CHECK_VALUE(x_in.dim() >= 1 && x_in.size(-1) % 2 == 0, "x must be [..., 2 I] (gate | up), got ", x_in.sizes());
   const at::Tensor x = x_in.contiguous();
   const int64_t I = x.size(-1) / 2, M = x.numel() / std::max<int64_t>(2 * I, 1);

@@ -124,8 +124,8 @@ void fork_cpu(at::Tensor k, at::Tensor v, int64_t src_slot, const at::Tensor& ds
   run_cpu(ForkStep{view_of(k, v), src_slot, index.data_ptr<int64_t>(), index.numel(), length});
 }
 
-// One layer's K, V of n new tokens into its caches [B, Hkv, S, D]: token t's heads at (slots[t], positions[t]).
-// k, v: [n, Hkv, D], any strides but a contiguous last dim (v is a view into the fused q/k/v output).
+// One layer's K, V of n new tokens into its caches [B, Hkv, S, D]: token t's heads at (slots[t],
+// positions[t]). k, v: [n, Hkv, D], any strides but a contiguous last dim (v is a view into the fused q/k/v output).
 void write_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots_in, const at::Tensor& positions_in,
                const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
@@ -146,14 +146,16 @@ void write_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots_i
   const int64_t* pp = positions.data_ptr<int64_t>();
   check_range(sp, n, "slots", B, "cache slots");
   check_range(pp, n, "positions", S, "cache positions");
-  const int64_t row = D * static_cast<int64_t>(k.element_size());
+  // The layer as a one-layer cache: CacheView's addressing.
+  const CacheView cache{static_cast<char*>(k_cache.data_ptr()), static_cast<char*>(v_cache.data_ptr()), 1, B, H, S,
+                        D * static_cast<int64_t>(k_cache.element_size())};
   const at::Tensor* src[2] = {&k, &v};
-  char* dst[2] = {static_cast<char*>(k_cache.data_ptr()), static_cast<char*>(v_cache.data_ptr())};
   for (int c = 0; c < 2; ++c) {
     const char* base = static_cast<const char*>(src[c]->data_ptr());
     const int64_t st = src[c]->stride(0) * src[c]->element_size(), sh = src[c]->stride(1) * src[c]->element_size();
     for (int64_t t = 0; t < n; ++t)
-      for (int64_t h = 0; h < H; ++h) std::memcpy(dst[c] + ((sp[t] * H + h) * S + pp[t]) * row, base + t * st + h * sh, row);
+      for (int64_t h = 0; h < H; ++h)
+        std::memcpy(cache.row(c, 0, sp[t], h, pp[t]), base + t * st + h * sh, cache.row_bytes);
   }
 }
 

@@ -8,7 +8,9 @@ import os
 import platform
 import shlex
 import sys
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -63,6 +65,20 @@ def write_result(out: str | Path, stem: str, result: dict, markdown: str, echo: 
     (out / f"{stem}.md").write_text(markdown)
     if echo:
         print(markdown)
+
+
+def alternating_ms(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """The median wall ms of each of ``runs`` over ``repeats`` rounds, each round running every one
+    in turn after a first round that warms up: runs compared side by side share the machine's
+    conditions (its memory bandwidth drifts from minute to minute)."""
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for i in range(repeats + 1):
+        for label, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            if i:
+                times[label].append((time.perf_counter() - start) * 1e3)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def others_cpu_s() -> float:

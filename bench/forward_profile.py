@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.env import header, header_markdown, run_alone, write_result
+from bench.env import alternating_ms, header, header_markdown, run_alone, write_result
 from bench.invariance import streaming_ops, weight_bytes
 from se_engine import load_model
 from se_engine.model import Transformer
@@ -58,14 +57,7 @@ def breakdown(model: Transformer, streams: dict[str, Callable[[], object]], batc
         model.forward(rows, feeds, [width] * batch)
         model.truncate(rows, [context] * batch)
 
-    runs = {"forward": once, **streams}
-    times: dict[str, list[float]] = {label: [] for label in runs}
-    for i in range(repeats + 1):
-        for label, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            if i:  # the first round warms up
-                times[label].append((time.perf_counter() - start) * 1e3)
+    medians = alternating_ms({"forward": once, **streams}, repeats)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         start = time.perf_counter()
         for _ in range(repeats):
@@ -82,7 +74,6 @@ def breakdown(model: Transformer, streams: dict[str, Callable[[], object]], batc
             group = "other ops"
         ms[group] += event.self_cpu_time_total / 1e3 / repeats
     ms["Python, dispatch, allocation"] = profiled - sum(ms.values())
-    medians = {label: statistics.median(t) for label, t in times.items()}
     return {"wall_ms": medians.pop("forward"), "stream_ms": medians, "profiled_ms": profiled, "group_ms": dict(ms)}
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench.env import header, header_markdown, run_alone, write_result
+from bench.env import alternating_ms, header, header_markdown, run_alone, write_result
 from se_engine import invariant_ops, load_model
 from se_engine.model import Transformer
 
@@ -63,18 +63,15 @@ def forward_ms(model: Transformer, batch: int, width: int, context: int, repeats
     rows = list(range(batch))
     gen = torch.Generator().manual_seed(width)
     feeds = torch.randint(100, 10000, (batch, width), generator=gen).tolist()
-    times: dict[str, list[float]] = {"invariant": [], "torch": []}
-    for i in range(2 * repeats + 2):
-        label = "invariant" if i % 2 == 0 else "torch"
-        model.invariant = label == "invariant"
-        start = time.perf_counter()
+
+    def once(invariant: bool) -> None:
+        model.invariant = invariant
         model.forward(rows, feeds, [width] * batch)
-        elapsed = time.perf_counter() - start
         model.truncate(rows, [context] * batch)
-        if i >= 2:  # one warm-up each
-            times[label].append(elapsed)
+
+    ms = alternating_ms({"invariant": lambda: once(True), "torch": lambda: once(False)}, repeats)
     model.invariant = True
-    return {label: statistics.median(t) * 1e3 for label, t in times.items()}
+    return ms
 
 
 def prefill_ms(model: Transformer, length: int, repeats: int) -> dict[str, float]:

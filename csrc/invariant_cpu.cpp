@@ -129,9 +129,10 @@ __attribute__((target("avx512f"))) inline __m512 reduce16(const __m512* a) {
 // One 32-wide step of an R x C tile: acc[r][c] += x[r, k0 : k0 + 32] . w[c, k0 : k0 + 32] by lane pairs.
 // FULL: a whole block (plain loads, and a prefetch of the weights PREFETCH elements ahead, since the
 // weights stream from memory while x stays in cache); else the masked tail of K. Past a row's end
-// the prefetch goes on in the next tile's row c (w is [N, ldw]), so each of the C streams is read
-// ahead without a gap across tiles.
-constexpr int64_t PREFETCH = 512;
+// the prefetch goes on in the next tile's rows (w is [N, ldw]), so each of the C streams is read
+// ahead without a gap across tiles. Into L2 (T1): 8 KiB ahead per stream covers the memory latency,
+// and lines that early in L1 would evict the x rows and weights the tile still reads.
+constexpr int64_t PREFETCH = 4096;
 
 template <int R, int C, bool FULL>
 __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline void tile_step(
@@ -142,7 +143,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline voi
   for (int c = 0; c < C; ++c) {
     if constexpr (FULL) {
       wv[c] = (__m512bh)_mm512_loadu_si512(w + c * ldw + k0);
-      _mm_prefetch(reinterpret_cast<const char*>(w + c * ldw + ahead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + c * ldw + ahead), _MM_HINT_T1);
     } else {
       wv[c] = load_bf16(w + c * ldw + k0, mask);
     }

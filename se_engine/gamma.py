@@ -57,24 +57,29 @@ class ForwardCost:
 
 def measure_costs(runners: list[Runner], slot: int, max_k: int, context: int = 64, reps: int = 5) -> list[ForwardCost]:
     """Times each model over 1 and max_k query tokens after a context-token prefix, in cache slot
-    ``slot`` (left empty afterwards); medians of ``reps`` runs."""
-    costs = []
-    for runner in runners:
-        prefix = [i % runner.vocab_size for i in range(1, context + 1)]
-        times = {}
-        for k in (1, max_k):
-            runner.truncate([slot], [0])
-            runner.forward([slot], [prefix], [1])  # also warms the runner up
-            samples = []
-            for _ in range(reps):
-                runner.truncate([slot], [context])
-                start = time.perf_counter()
-                runner.forward([slot], [prefix[:k]], [k])
-                samples.append(time.perf_counter() - start)
-            times[k] = statistics.median(samples)
+    ``slot`` (left empty afterwards); medians of ``reps`` rounds after a warm-up round, each round
+    timing every model in turn, so that the machine's drifting speed falls on all models alike (the
+    cycle model reads their cost ratios)."""
+    if max_k < 2:
+        raise ValueError(f"max_k must be >= 2 (the per-token cost is the slope from 1 to max_k), got {max_k}")
+    prefixes = [[i % runner.vocab_size for i in range(1, context + 1)] for runner in runners]
+    for runner, prefix in zip(runners, prefixes):
         runner.truncate([slot], [0])
-        per_token = max(0.0, (times[max_k] - times[1]) / (max_k - 1))
-        costs.append(ForwardCost(times[1] - per_token, per_token))
+        runner.forward([slot], [prefix], [1])
+    samples: dict[tuple[int, int], list[float]] = {(m, k): [] for m in range(len(runners)) for k in (1, max_k)}
+    for round_ in range(reps + 1):
+        for (m, k), times in samples.items():
+            runners[m].truncate([slot], [context])
+            start = time.perf_counter()
+            runners[m].forward([slot], [prefixes[m][:k]], [k])
+            if round_:
+                times.append(time.perf_counter() - start)
+    costs = []
+    for m, runner in enumerate(runners):
+        runner.truncate([slot], [0])
+        one, many = statistics.median(samples[m, 1]), statistics.median(samples[m, max_k])
+        per_token = max(0.0, (many - one) / (max_k - 1))
+        costs.append(ForwardCost(one - per_token, per_token))
     return costs
 
 

@@ -7,8 +7,8 @@ import json
 import os
 import platform
 import shlex
-import sys
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path

@@ -82,6 +82,7 @@ def bench_model(name: str, new_tokens: int, repeats: int, dtype: torch.dtype) ->
                 hf(draft, past_key_values=cache, use_cache=True)
             cache.crop(-k)
 
+        @torch.inference_mode()
         def linears_k():
             for m in linears:
                 project(m, rows[m.in_features], native.invariant)

@@ -70,6 +70,8 @@ def test_measure_costs_leaves_the_slot_empty(tiny):
     costs = measure_costs([m.runner for m in tiny[:2]], slot=1, max_k=5, context=16, reps=2)
     assert all(c(1) > 0 and c(5) >= c(1) for c in costs)
     assert all(m.runner.lengths[1] == 0 for m in tiny[:2])
+    with pytest.raises(ValueError, match="max_k must be >= 2"):
+        measure_costs([tiny[0].runner], slot=1, max_k=1)
 
 
 @pytest.mark.parametrize("method", ["se", "ensemble_sd"])

@@ -2,7 +2,8 @@
 
 Builds the extension se_engine._kv from csrc/: the KV-cache ops se_kv::compact and se_kv::fork (CPU
 always, CUDA kernels too where torch was built with CUDA and a CUDA toolkit is found) and the
-batch-invariant bf16 CPU kernels se_inv::linear and se_inv::attention. It imports
+batch-invariant bf16 CPU kernels se_inv::linear and se_inv::attention, and the int4 drafter's
+se_q::int4_linear. It imports
 the installed torch (the extension must match its ABI), so install torch first and build without
 isolation: pip install --no-build-isolation --use-pep517 -e . (--use-pep517: pip < 25.3 otherwise
 picks `setup.py develop`, which recent setuptools re-runs as an isolated pip build that lacks torch).
@@ -25,11 +26,12 @@ def kv_extension():
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx = ["-O3", *openmp]
     if torch.version.cuda and CUDA_HOME:
-        return CUDAExtension("se_engine._kv", ["csrc/kv_cache.cpp", "csrc/invariant_cpu.cpp", "csrc/kv_cache_kernels.cu"],
+        return CUDAExtension("se_engine._kv", ["csrc/kv_cache.cpp", "csrc/invariant_cpu.cpp", "csrc/quant_cpu.cpp",
+                              "csrc/kv_cache_kernels.cu"],
                              define_macros=[("SE_KV_CUDA", None)],
                              extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=openmp)
-    return CppExtension("se_engine._kv", ["csrc/kv_cache.cpp", "csrc/invariant_cpu.cpp"], extra_compile_args={"cxx": cxx},
-                        extra_link_args=openmp)
+    return CppExtension("se_engine._kv", ["csrc/kv_cache.cpp", "csrc/invariant_cpu.cpp", "csrc/quant_cpu.cpp"],
+                        extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
 
 
 SERVER = ["fastapi>=0.110", "uvicorn>=0.23", "jinja2"]  # se-engine serve (jinja2: chat templates); not the engine

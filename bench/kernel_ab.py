@@ -1,6 +1,7 @@
 """The batch-invariant CPU kernels of two builds side by side (bf16): a kernel change's speed, same bits.
 
     python -m bench.kernel_ab BASE NEW [--model qwen2.5-coder-0.5b-instruct] [--rows 1 8] [--rounds 8]
+                              [--quantize int4]
 
 BASE and NEW are source trees with the extension built (``python setup.py build_ext --inplace``),
 such as a git worktree of main and one with the change. Each round runs one process per build, in
@@ -12,7 +13,9 @@ native runner), where the ops run among each other as in decoding: one slot give
 and, for rows > 1, ``rows`` slots given one token each, every slot on a --context-token prefix, with
 its logits' bits as the digest. The result is each op's median over the rounds, so that
 the machine's drifting memory bandwidth falls on both builds alike, NEW / BASE, and whether both
-builds give the same output bits. -> bench/results/kernel-ab-cpu.{md,json}
+builds give the same output bits. --quantize: the model's quantized copy (``se_engine.quant``, a
+drafter's) instead: its linear layers in place of ``linear``, and its whole forward; drafters need not
+be bitwise the same across builds. -> bench/results/kernel-ab-cpu.{md,json}
 """
 
 from __future__ import annotations
@@ -50,11 +53,12 @@ def layer_cases(model: str) -> dict[str, list]:
             "attention": ["attention", cfg.num_heads, cfg.num_kv_heads, d]}
 
 
-def worker(tree: str, model: str, cases: dict[str, list], rows: list[int], context: int, repeats: int) -> list[dict]:
+def worker(tree: str, model: str, cases: dict[str, list], rows: list[int], context: int, repeats: int,
+           quantize: str | None) -> list[dict]:
     """In a process of its own: se_engine from ``tree``, each case's median ms and output digest."""
     sys.path.insert(0, tree)
     import se_engine
-    from se_engine import invariant_ops
+    from se_engine import invariant_ops, quant
 
     from bench.invariance import median_ms
 
@@ -69,7 +73,12 @@ def worker(tree: str, model: str, cases: dict[str, list], rows: list[int], conte
 
             if op == "linear":
                 x, w = rand(r, sizes[1]), rand(*sizes)
-                call = partial(invariant_ops.linear, x, w)
+                if quantize:
+                    layer = torch.nn.Linear(sizes[1], sizes[0], bias=False, dtype=torch.bfloat16)
+                    layer.weight.data = w
+                    call = partial(quant.LAYERS[quantize](layer), x)
+                else:
+                    call = partial(invariant_ops.linear, x, w)
             elif op == "rms_norm":
                 x, w = rand(r, sizes[0]), rand(sizes[0])
                 call = partial(invariant_ops.rms_norm, x, w, 1e-6, False)
@@ -85,7 +94,7 @@ def worker(tree: str, model: str, cases: dict[str, list], rows: list[int], conte
             y = call()
             ms, _ = run_alone(lambda: median_ms(call, repeats))
             out.append({"case": label, "op": op, "sizes": sizes, "rows": r, "ms": ms, "digest": digest(y)})
-    runner = se_engine.load_model(model, max_batch=max(rows), max_len=context + max(rows)).runner
+    runner = se_engine.load_model(model, max_batch=max(rows), max_len=context + max(rows), quantize=quantize).runner
     gen = torch.Generator().manual_seed(0)
     for slot in range(max(rows)):
         runner.forward([slot], [torch.randint(0, runner.vocab_size, (context,), generator=gen).tolist()], [1])
@@ -119,6 +128,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--quantize", choices=["int8", "int4"], help="time the model's quantized copy (a drafter)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # JSON arguments of one timing process
     args = ap.parse_args()
@@ -130,7 +140,7 @@ def main() -> None:
     for i in range(args.rounds):
         for build in ("base", "new") if i % 2 == 0 else ("new", "base"):  # neither build always runs first
             job = json.dumps({"tree": getattr(args, build), "model": args.model, "cases": cases, "rows": args.rows,
-                              "context": args.context, "repeats": args.repeats})
+                              "context": args.context, "repeats": args.repeats, "quantize": args.quantize})
             done = subprocess.run([sys.executable, "-m", "bench.kernel_ab", "-", "-", "--worker", job],
                                   capture_output=True, text=True, check=True)
             runs[build].append(json.loads(done.stdout.splitlines()[-1]))
@@ -142,7 +152,8 @@ def main() -> None:
         rows.append({**{k: cell[k] for k in ("case", "op", "sizes", "rows")}, "base_ms": base, "new_ms": new,
                      "new_over_base": new / base, "same_bits": same})
     h = header()
-    md = [f"# The invariant CPU kernels, two builds side by side: one decode layer of {args.model}\n",
+    subject = f"{args.quantize} copy of {args.model}" if args.quantize else args.model
+    md = [f"# The invariant CPU kernels, two builds side by side: one decode layer of {subject}\n",
           header_markdown(h),
           f"- base: `{args.base}`, new: `{args.new}`; the median over {args.rounds} rounds of one process per "
           f"build in turn, each timing the median of {args.repeats} calls per op (random bf16 inputs; "
@@ -151,7 +162,8 @@ def main() -> None:
           "| rows | op | sizes | base ms | new ms | new / base | same bits |", "|---|---|---|---|---|---|---|"]
     md += [f"| {r['rows']} | {r['case']} | {' x '.join(map(str, r['sizes']))} | {r['base_ms']:.4f} | "
            f"{r['new_ms']:.4f} | {r['new_over_base']:.2f} | {'yes' if r['same_bits'] else '**no**'} |" for r in rows]
-    write_result(args.out, "kernel-ab-cpu", {**h, "model": args.model, "context": args.context, "rows": rows},
+    write_result(args.out, "kernel-ab-cpu", {**h, "model": args.model, "quantize": args.quantize,
+                                             "context": args.context, "rows": rows},
                  "\n".join(md) + "\n")
 
 

@@ -33,10 +33,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define SE_X86 1
-#endif
+#include "cpu_features.h"
 
 namespace se_inv {
 namespace {
@@ -50,24 +47,10 @@ constexpr int64_t COL_TILE = 4;   // rows of w (outputs) per register tile
 constexpr int64_t L2_BYTES = 768 * 1024;  // one block of x rows, kept in L2 (1 MiB here) while the weights stream past
 constexpr int64_t K_CHUNK = 2048;         // a 4-row weight tile of one K chunk (16 KiB) stays in L1
 
-// SE_ENGINE_PORTABLE_KERNELS=1 forces the portable loops (tests of the path other CPUs take).
-bool has_avx512_bf16() {
-#ifdef SE_X86
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") &&
-                         std::getenv("SE_ENGINE_PORTABLE_KERNELS") == nullptr;
-  return ok;
-#else
-  return false;
-#endif
-}
+using se_cpu::grain;
+using se_cpu::has_avx512_bf16;
 
 inline float bf16_to_float(const bf16* p) { return static_cast<float>(*p); }
-
-// Items of `size` elements (or multiply-adds) each per thread, at least 64 Ki per thread: small
-// calls (a decode step's rope, a tiny model's layers) run inline, since waking the other
-// threads costs more than that work.
-int64_t grain(int64_t size) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(size, 1)); }
 
 // ------------------------------------------------------------------------------------------ linear
 
@@ -203,25 +186,16 @@ void tile_avx512(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t
 using TileFn = void (*)(const bf16*, int64_t, const bf16*, int64_t, int64_t, int64_t, int64_t, float*, const bf16*,
                         bf16*, int64_t);
 
-template <int R, int C>
-TileFn tile_fn() {
+// Tails of M and N take smaller tiles with the same per-element order.
+struct Tiles {
+  template <int R, int C>
+  static TileFn pick() {
 #ifdef SE_X86
-  if (has_avx512_bf16()) return &tile_avx512<R, C>;
+    if (has_avx512_bf16()) return &tile_avx512<R, C>;
 #endif
-  return &tile_portable<R, C>;
-}
-
-// Tile kernels by (rows - 1, cols - 1): tails of M and N use smaller tiles with the same per-element order.
-template <int R>
-std::array<TileFn, COL_TILE> tile_row() {
-  return {tile_fn<R, 1>(), tile_fn<R, 2>(), tile_fn<R, 3>(), tile_fn<R, 4>()};
-}
-
-const std::array<std::array<TileFn, COL_TILE>, ROW_TILE>& tiles() {
-  static const std::array<std::array<TileFn, COL_TILE>, ROW_TILE> table = {
-      tile_row<1>(), tile_row<2>(), tile_row<3>(), tile_row<4>(), tile_row<5>(), tile_row<6>()};
-  return table;
-}
+    return &tile_portable<R, C>;
+  }
+};
 
 void check_bf16_matrix(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
@@ -255,7 +229,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
   // Accumulators of every row tile of a block between K chunks (none when K is one chunk).
   const int64_t spill_size = K > K_CHUNK ? (std::min(row_block, M) + ROW_TILE) * COL_TILE * LANES : 0;
   const int64_t col_tiles = (N + COL_TILE - 1) / COL_TILE;
-  const auto& table = tiles();
+  const auto& table = se_cpu::tiles<Tiles, ROW_TILE, COL_TILE>();
   // Threads split the outputs, never a sum: each output's order is the same for any thread count.
   at::parallel_for(0, col_tiles, grain(M * COL_TILE * K), [&](int64_t t0, int64_t t1) {
     std::unique_ptr<float[]> spill(new float[spill_size]);  // not zeroed: a tile starts from 0 at k0 == 0

@@ -2,6 +2,9 @@
 against the model, exactness of decoding with a quantized drafter, bad input."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from se_engine.sampling import SamplingParams
 
 NAMES = ["tiny-random-llama", "tiny-random-qwen2"]
 SCHEMES = list(LAYERS)
-KERNELS = ("aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu")
+KERNELS = ("aten::_weight_int8pack_mm", "se_q::int4_linear")
 
 
 def kernel_calls(layer: torch.nn.Module, x: torch.Tensor) -> int:
@@ -29,8 +32,9 @@ def kernel_calls(layer: torch.nn.Module, x: torch.Tensor) -> int:
 @pytest.mark.parametrize("out_features,in_features,bias", [(37, 64, True), (160, 96, False), (5, 160, True)])
 def test_layer_applies_its_dequantized_weight(scheme, dtype, out_features, in_features, bias):
     """Row counts on both sides of the kernel's limit (the kernel up to it, the dequantized matmul
-    beyond; out_features 37 and 5 make int4 pad its outputs) compute x W~^T + b, and W~ is within
-    half a quantization step of W (a little more in bf16, whose scales are rounded)."""
+    beyond; int4's kernel takes bf16 only; in_features 96 and 160 end in a partial block of int4's
+    codes) compute x W~^T + b, and W~ is within half a quantization step of W (a little more in bf16,
+    whose scales are rounded)."""
     gen = torch.Generator().manual_seed(out_features)
     linear = torch.nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
     with torch.no_grad():
@@ -52,7 +56,37 @@ def test_layer_applies_its_dequantized_weight(scheme, dtype, out_features, in_fe
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(layer(x).float(), expected, atol=tol * expected.abs().max(), rtol=0)
         assert layer(x[None]).shape == (1, rows, out_features)
-        assert kernel_calls(layer, x) == (rows <= limit)
+        assert kernel_calls(layer, x) == (rows <= limit and (scheme == "int8" or dtype == torch.bfloat16))
+
+
+INT4_CHECK = """
+import torch
+from se_engine.quant import Int4Linear
+g = torch.Generator().manual_seed(0)
+for out_features, in_features, bias in [(37, 96, True), (5, 160, False), (64, 256, True), (9, 32, False)]:
+    linear = torch.nn.Linear(in_features, out_features, bias=bias, dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=g))
+    layer = Int4Linear(linear)
+    w = layer.dequantized()
+    dequantized = torch.ops.se_q.int4_dequantize(layer.packed, layer.scale_zero, in_features).float()
+    assert ((dequantized - w).abs() <= 2 ** -8 * w.abs() + 1e-6).all()
+    for rows in (1, 2, 3, 4, 5, 9):
+        x = torch.randn(rows, in_features, generator=g).bfloat16()
+        expected = x.float() @ w.T + (linear.bias.float() if bias else 0)
+        y = torch.ops.se_q.int4_linear(x, layer.packed, layer.scale_zero, layer.bias).float()
+        assert (y - expected).abs().max() <= 2e-2 * expected.abs().max(), (out_features, in_features, rows)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["avx512", "portable"])
+def test_int4_kernels_apply_the_dequantized_weight(portable):
+    """se_q's ops on both paths (SE_ENGINE_PORTABLE_KERNELS forces the loops of CPUs without
+    AVX512-VNNI / BF16): partial blocks, tails of the row and output tiles, biases."""
+    env = dict(os.environ, **({"SE_ENGINE_PORTABLE_KERNELS": "1"} if portable else {}))
+    done = subprocess.run([sys.executable, "-c", INT4_CHECK], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_int4_needs_whole_groups():
@@ -110,7 +144,7 @@ def check_quantized_drafter(models, spec, drafter) -> None:
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("case", [0, 2], ids=["weighted", "contrastive-topp"])
 def test_sampled_tokens_follow_the_ensemble_with_a_quantized_drafter(small, scheme, case):
-    """The enumerable models of test_exactness (vocabulary 7: int4 pads its LM head): a quantized
+    """The enumerable models of test_exactness (vocabulary 7: a tail of int4's output tiles): a quantized
     copy of model 0 drafts; the law of the emitted tokens is the ensemble's (chi-square against the
     exact joint)."""
     spec, params = SAMPLING[case]

@@ -41,16 +41,22 @@ constexpr int COL_TILE = 4;  // outputs per register tile
 // they stream a quarter as fast); a thread's tiles are contiguous, so the stream runs on across them.
 constexpr int64_t PREFETCH_BYTES = 8192;
 
+// Input k's code in an output's packed row.
+inline int code_at(const uint8_t* row, int64_t k) {
+  const int64_t j = k % BLOCK;
+  const uint8_t byte = row[k / BLOCK * BLOCK_BYTES + j % BLOCK_BYTES];
+  return j < BLOCK_BYTES ? byte & 0xF : byte >> 4;
+}
+
 // x's rows quantized per group (padded to whole blocks with zeros), and what the sums need of them.
 struct QuantizedRows {
   int64_t K, G;                // padded inputs and groups per row
   std::vector<int8_t> x8;      // [M, K]
-  std::vector<float> d;        // [M, G]: d_g
-  std::vector<float> d_lanes;  // [M, G / 2, 16]: d of a pair of groups, 8 lanes each (vpdpbusd's lanes)
+  std::vector<float> d_lanes;  // [M, G / 2, 16]: d_g of a pair of groups, 8 lanes each (vpdpbusd's lanes)
   std::vector<float> sums;     // [M, 2, G]: X_g, then 8 d_g X8_g
 
   QuantizedRows(const bf16* x, int64_t M, int64_t in_features, int64_t groups)
-      : K(groups * GROUP), G(groups), x8(M * K), d(M * G), d_lanes(M * G * 8), sums(M * 2 * G) {
+      : K(groups * GROUP), G(groups), x8(M * K), d_lanes(M * G * 8), sums(M * 2 * G) {
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t k0 = g * GROUP, k1 = std::min(in_features, k0 + GROUP);
@@ -67,7 +73,6 @@ struct QuantizedRows {
           x8[m * K + k] = q;
           sum8 += q;
         }
-        d[m * G + g] = dg;
         for (int i = 0; i < 8; ++i) d_lanes[(m * G + g) * 8 + i] = dg;
         sums[m * 2 * G + g] = sum;
         sums[m * 2 * G + G + g] = 8.f * dg * static_cast<float>(sum8);
@@ -89,12 +94,8 @@ void tile_portable(const QuantizedRows& x, int64_t m0, const uint8_t* codes, con
       float total = 0.f;
       for (int64_t g = 0; g < G; ++g) {
         int32_t dot = 0;
-        for (int64_t k = g * GROUP; k < (g + 1) * GROUP; ++k) {
-          const int64_t j = k % BLOCK;
-          const uint8_t byte = row[k / BLOCK * BLOCK_BYTES + j % BLOCK_BYTES];
-          dot += (j < BLOCK_BYTES ? byte & 0xF : byte >> 4) * x.x8[m * K + k];
-        }
-        total += static_cast<float>(s[g]) * x.d[m * G + g] * static_cast<float>(dot);
+        for (int64_t k = g * GROUP; k < (g + 1) * GROUP; ++k) dot += code_at(row, k) * x.x8[m * K + k];
+        total += static_cast<float>(s[g]) * x.d_lanes[(m * G + g) * 8] * static_cast<float>(dot);
       }
       for (int64_t g = 0; g < G; ++g)
         total += static_cast<float>(s[G + g]) * x.sums[m * 2 * G + g] -
@@ -200,20 +201,28 @@ void check_cpu(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
 }
 
+// Checks the packed weight (codes and scale_zero, csrc layout) of in_features inputs; returns its groups G.
+int64_t check_packed(const at::Tensor& codes, const at::Tensor& scale_zero, int64_t in_features) {
+  check_cpu(codes, "codes", at::kByte);
+  check_cpu(scale_zero, "scale_zero", at::kBFloat16);
+  TORCH_CHECK_VALUE(in_features > 0 && in_features % GROUP == 0, "the inputs must be a positive multiple of ",
+                    GROUP, ", got ", in_features);
+  const int64_t blocks = (in_features + BLOCK - 1) / BLOCK, G = 4 * blocks;
+  TORCH_CHECK_VALUE(codes.dim() == 2 && codes.size(1) == blocks * BLOCK_BYTES, "codes must be [N, ",
+                    blocks * BLOCK_BYTES, "] for ", in_features, " inputs, got shape ", codes.sizes());
+  const int64_t N = codes.size(0);
+  TORCH_CHECK_VALUE(scale_zero.dim() == 3 && scale_zero.size(0) == N && scale_zero.size(1) == 2 &&
+                        scale_zero.size(2) == G,
+                    "scale_zero must be [", N, ", 2, ", G, "], got shape ", scale_zero.sizes());
+  return G;
+}
+
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scale_zero_in,
                        const std::optional<at::Tensor>& bias) {
   check_cpu(x_in, "x", at::kBFloat16);
-  check_cpu(codes_in, "codes", at::kByte);
-  check_cpu(scale_zero_in, "scale_zero", at::kBFloat16);
-  TORCH_CHECK_VALUE(x_in.dim() >= 1 && x_in.size(-1) % GROUP == 0, "x must be [..., K], K a multiple of ", GROUP,
-                    ", got shape ", x_in.sizes());
-  const int64_t in_features = x_in.size(-1), blocks = (in_features + BLOCK - 1) / BLOCK, G = 4 * blocks;
-  TORCH_CHECK_VALUE(codes_in.dim() == 2 && codes_in.size(1) == blocks * BLOCK_BYTES, "codes must be [N, ",
-                    blocks * BLOCK_BYTES, "] for x [..., ", in_features, "], got shape ", codes_in.sizes());
+  TORCH_CHECK_VALUE(x_in.dim() >= 1, "x must be [..., K], got a scalar");
+  const int64_t in_features = x_in.size(-1), G = check_packed(codes_in, scale_zero_in, in_features);
   const int64_t N = codes_in.size(0);
-  TORCH_CHECK_VALUE(scale_zero_in.dim() == 3 && scale_zero_in.size(0) == N && scale_zero_in.size(1) == 2 &&
-                        scale_zero_in.size(2) == G,
-                    "scale_zero must be [", N, ", 2, ", G, "], got shape ", scale_zero_in.sizes());
   at::Tensor b;
   if (bias.has_value()) {
     check_cpu(*bias, "bias", at::kBFloat16);
@@ -249,10 +258,9 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const
 // One output's weights w[k] = bf16((q_k - 8) s_g + z_g), k < in_features, from its packed row.
 void dequantize_row_portable(const uint8_t* row, const bf16* s, int64_t G, int64_t in_features, bf16* w) {
   for (int64_t k = 0; k < in_features; ++k) {
-    const int64_t g = k / GROUP, j = k % BLOCK;
-    const uint8_t byte = row[k / BLOCK * BLOCK_BYTES + j % BLOCK_BYTES];
-    const int q = j < BLOCK_BYTES ? byte & 0xF : byte >> 4;
-    w[k] = bf16(std::fma(static_cast<float>(q - 8), static_cast<float>(s[g]), static_cast<float>(s[G + g])));
+    const int64_t g = k / GROUP;
+    const float q = static_cast<float>(code_at(row, k) - 8);
+    w[k] = bf16(std::fma(q, static_cast<float>(s[g]), static_cast<float>(s[G + g])));
   }
 }
 
@@ -274,16 +282,7 @@ SE_AVX512 void dequantize_row_avx512(const uint8_t* row, const bf16* s, int64_t 
 
 // W [N, in_features] in bf16, (q - 8) s + z in fp32 rounded once: the weight for a plain matmul over many rows.
 at::Tensor int4_dequantize(const at::Tensor& codes_in, const at::Tensor& scale_zero_in, int64_t in_features) {
-  check_cpu(codes_in, "codes", at::kByte);
-  check_cpu(scale_zero_in, "scale_zero", at::kBFloat16);
-  TORCH_CHECK_VALUE(in_features > 0 && in_features % GROUP == 0, "in_features must be a positive multiple of ", GROUP,
-                    ", got ", in_features);
-  const int64_t blocks = (in_features + BLOCK - 1) / BLOCK, G = 4 * blocks, N = codes_in.size(0);
-  TORCH_CHECK_VALUE(codes_in.dim() == 2 && codes_in.size(1) == blocks * BLOCK_BYTES, "codes must be [N, ",
-                    blocks * BLOCK_BYTES, "], got shape ", codes_in.sizes());
-  TORCH_CHECK_VALUE(scale_zero_in.dim() == 3 && scale_zero_in.size(0) == N && scale_zero_in.size(1) == 2 &&
-                        scale_zero_in.size(2) == G,
-                    "scale_zero must be [", N, ", 2, ", G, "], got shape ", scale_zero_in.sizes());
+  const int64_t G = check_packed(codes_in, scale_zero_in, in_features), N = codes_in.size(0), blocks = G / 4;
   const at::Tensor codes = codes_in.contiguous(), scale_zero = scale_zero_in.contiguous();
   at::Tensor w = at::empty({N, in_features}, scale_zero.options());
   const uint8_t* cp = codes.data_ptr<uint8_t>();
